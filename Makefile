@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` (the tiny pipeline) and `make test` (the suite). Each installs
+# what it needs into .venv: torch==2.13.0 first (a CPU build where one is available; otherwise pip would pull a
+# multi-GB CUDA build through a dependency), then the exact pins of requirements.lock.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock | cksum | cut -d' ' -f1)
+CONFIG ?= configs/tiny.yaml
+
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: install demo test clean-runs
+
+$(STAMP): requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.lock
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pyflyte run workflows/pipeline.py train_video_model --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean-runs:
+	rm -rf runs
+	$(BIN)/pyflyte local-cache clear

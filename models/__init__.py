@@ -1,0 +1,1 @@
+"""PyTorch modules and diffusion math. Imports neither Flyte, MLflow nor TorchX (a test enforces it)."""

@@ -1,0 +1,42 @@
+"""Flyte adapter for registration: Checkpoint + EvalReport -> ModelVersion (alias from config, e.g. candidate)."""
+from __future__ import annotations
+
+from flytekit import task
+
+from common import tracking
+from common.config import PipelineConfig, config_hash
+from common.lineage import hash_values
+from containers.images import curation_image
+from tasks.common import code_version, local_path
+from tasks.types import Checkpoint, ClipManifest, EvalReport, LatentDataset, ModelVersion
+
+
+@task(cache=True, cache_version=code_version("tasks/register", "common"), cache_ignore_input_vars=("parent_run",),
+      container_image=curation_image)
+def register(config: PipelineConfig, manifest: ClipManifest, data: LatentDataset, checkpoint: Checkpoint,
+             report: EvalReport, parent_run: str) -> ModelVersion:
+    """Register the checkpoint under config.register.model_name with alias config.register.alias; tags = lineage."""
+    from tasks.register.registry import register_checkpoint
+
+    cfg, tracking_cfg = config.register, config.tracking
+    root = local_path(checkpoint.folder)
+    step_dir = root / (root / "latest").read_text().strip()
+    tags = {
+        "config_hash": config_hash(config),
+        "stage_config_hash": checkpoint.config_hash,
+        "checkpoint_hash": checkpoint.content_hash,
+        "checkpoint_stage": checkpoint.stage,
+        "checkpoint_step": str(checkpoint.step),
+        "data.latents_hash": data.content_hash,
+        "data.manifest_hash": manifest.content_hash,
+        "data.sources_hash": hash_values(sorted(manifest.source_hashes)),
+        "data.num_sources": str(len(manifest.source_hashes)),
+        "vae_identity": data.vae_identity,
+        "text_encoder_identity": data.text_encoder_identity,
+        **{f"eval.{k}": f"{v:.6g}" for k, v in report.metrics.items()},
+    }
+    with tracking.child_run(tracking_cfg.root, parent_run, "register", tags={"lineage.checkpoint_hash": checkpoint.content_hash}) as run_id:
+        version, uri = register_checkpoint(cfg.model_name, cfg.alias, config.train.dit, step_dir, local_path(data.folder), tags)
+        print(f"[register] {uri} -> version {version}", flush=True)
+    return ModelVersion(name=cfg.model_name, version=version, alias=cfg.alias,
+                        checkpoint_hash=checkpoint.content_hash, mlflow_run_id=run_id)

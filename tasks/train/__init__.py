@@ -1,0 +1,1 @@
+"""Training tasks: each pretraining stage and post-training launch the SPMD trainer (trainer/) through TorchX."""

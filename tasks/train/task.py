@@ -1,0 +1,87 @@
+"""Flyte adapters for pretraining stages and post-training.
+
+Each stage is one task node: it writes a ``StageJob`` JSON, launches ``trainer.train`` with TorchX (``local_cwd``
+here, Volcano on Kubernetes) as torchrun workers, streams their log, and returns the final Checkpoint. A stage
+that was interrupted resumes from its last checkpoint when rerun (its output folder is keyed by its inputs).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from flytekit import Resources, dynamic, task
+
+from common import tracking
+from common.config import DiTConfig, FlowConfig, LaunchConfig, StageConfig, TrackingConfig, TrainConfig, to_dict
+from common.lineage import hash_dir, hash_values
+from containers.images import curation_image
+from tasks.common import artifact_dir, code_version, local_path
+from tasks.types import Checkpoint, FlyteDirectory, LatentDataset
+
+_CACHE = dict(cache=True, cache_version=code_version("tasks/train", "trainer", "models", "common"),
+              cache_ignore_input_vars=("parent_run", "launch"), container_image=curation_image,
+              requests=Resources(cpu="2", mem="4Gi"))
+
+
+def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchConfig, data: LatentDataset,
+           init: Optional[Checkpoint], tracking_cfg: TrackingConfig, parent_run: str) -> Checkpoint:
+    from trainer.job import StageJob
+    from trainer.launch import run_stage
+
+    stage_hash = hash_values(to_dict(stage), to_dict(dit), to_dict(flow))
+    parent_hash = init.content_hash if init is not None else ""
+    out = artifact_dir(tracking_cfg, "train", f"{stage.name}-{hash_values(stage_hash, data.content_hash, parent_hash)}")
+    out.mkdir(parents=True, exist_ok=True)
+    init_path = ""
+    if init is not None:
+        root = local_path(init.folder)
+        init_path = str(root / (root / "latest").read_text().strip())
+    with tracking.child_run(tracking_cfg.root, parent_run, stage.name,
+                            tags={"lineage.data_hash": data.content_hash, "lineage.parent_checkpoint": parent_hash,
+                                  "stage.config_hash": stage_hash}) as run_id:
+        import mlflow
+
+        tracking.log_config("stage", to_dict(stage))
+        tracking.log_config("dit", to_dict(dit))
+        mlflow.log_params({"world_size": stage.world_size, "init_checkpoint": init_path or "scratch"})
+        job = StageJob(stage=stage, dit=dit, flow=flow, latents_dir=str(local_path(data.folder)),
+                       init_checkpoint=init_path, output_dir=str(out), config_hash=stage_hash,
+                       mlflow_tracking_uri=tracking.tracking_uri(tracking_cfg.root), mlflow_run_id=run_id)
+        job_path = out / "job.json"
+        job_path.write_text(job.to_json())
+        run_stage(job, job_path, launch, log_dir=out / "logs", progress=lambda m: print(f"[{stage.name}] {m}", flush=True))
+        latest = out / (out / "latest").read_text().strip()
+        meta = json.loads((latest / "meta.json").read_text())
+        content_hash = hash_dir(latest)
+        mlflow.set_tag("lineage.content_hash", content_hash)
+        mlflow.log_artifact(str(out / "metrics.jsonl"))
+        mlflow.log_artifact(str(latest / "meta.json"), "checkpoint")
+    return Checkpoint(folder=FlyteDirectory(str(out)), stage=stage.name, step=int(meta["step"]),
+                      content_hash=content_hash, config_hash=stage_hash, data_hash=data.content_hash,
+                      parent_hash=parent_hash, mlflow_run_id=run_id, final_loss=float(meta.get("loss", float("nan"))),
+                      config=stage)
+
+
+@task(**_CACHE)
+def train_stage(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchConfig, data: LatentDataset,
+                tracking_cfg: TrackingConfig, parent_run: str, init: Optional[Checkpoint] = None) -> Checkpoint:
+    """One curriculum pretraining stage (its layout, TP x DP, comes from the stage config)."""
+    return _train(stage, dit, flow, launch, data, init, tracking_cfg, parent_run)
+
+
+@task(**_CACHE)
+def post_train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchConfig, data: LatentDataset,
+               init: Checkpoint, tracking_cfg: TrackingConfig, parent_run: str) -> Checkpoint:
+    """Supervised fine-tune on the best-scored clips (stage.top_fraction), resuming from the last pretraining stage."""
+    return _train(stage, dit, flow, launch, data, init, tracking_cfg, parent_run)
+
+
+@dynamic(container_image=curation_image)
+def pretrain(train: TrainConfig, data: LatentDataset, tracking_cfg: TrackingConfig, parent_run: str) -> Checkpoint:
+    """The curriculum: one train_stage node per configured stage, each starting from the previous checkpoint."""
+    ckpt = None
+    for stage in train.stages:
+        ckpt = train_stage(stage=stage, dit=train.dit, flow=train.flow, launch=train.launch, data=data,
+                           tracking_cfg=tracking_cfg, parent_run=parent_run, init=ckpt)
+    return ckpt

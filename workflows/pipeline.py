@@ -1,0 +1,47 @@
+"""The pipeline DAG and its launch plans. No business logic here.
+
+    pyflyte run workflows/pipeline.py train_video_model --config configs/tiny.yaml            # local, in-process
+    pyflyte run --remote workflows/pipeline.py train_video_model --config configs/mugv_10b.yaml  # a Flyte cluster
+
+raw videos -> curate -> compress (VAE + T5) -> pretrain stage 1 -> stage 2 ... -> post_train -> evaluate -> register
+"""
+from __future__ import annotations
+
+import os
+
+from flytekit import CronSchedule, LaunchPlan, workflow
+from flytekit.types.file import FlyteFile
+
+from tasks.compress.task import compress
+from tasks.curate.task import curate, snapshot_inputs
+from tasks.evaluate.task import evaluate
+from tasks.lifecycle import finish_tracking, load_pipeline_config, start_tracking
+from tasks.register.task import register
+from tasks.train.task import post_train, pretrain
+
+
+@workflow
+def train_video_model(config: FlyteFile) -> str:
+    """Raw footage to a registered, evaluated checkpoint. ``config`` is a YAML file (see configs/)."""
+    cfg = load_pipeline_config(config=config)
+    run = start_tracking(config=cfg)
+    manifest = curate(cfg=cfg.curate, inputs_fingerprint=snapshot_inputs(cfg=cfg.curate), tracking_cfg=cfg.tracking,
+                      parent_run=run)
+    latents = compress(cfg=cfg.compress, manifest=manifest, tracking_cfg=cfg.tracking, parent_run=run)
+    pretrained = pretrain(train=cfg.train, data=latents, tracking_cfg=cfg.tracking, parent_run=run)
+    tuned = post_train(stage=cfg.train.post_train, dit=cfg.train.dit, flow=cfg.train.flow, launch=cfg.train.launch,
+                       data=latents, init=pretrained, tracking_cfg=cfg.tracking, parent_run=run)
+    report = evaluate(cfg=cfg.evaluate, dit=cfg.train.dit, flow=cfg.train.flow, data=latents, checkpoint=tuned,
+                      tracking_cfg=cfg.tracking, parent_run=run)
+    model = register(config=cfg, manifest=manifest, data=latents, checkpoint=tuned, report=report, parent_run=run)
+    return finish_tracking(config=cfg, parent_run=run, manifest=manifest, report=report, model=model)
+
+
+# Weekly retraining on a cluster: the config file lives in object storage (VGEN_WEEKLY_CONFIG overrides it at
+# registration). Declared here, activated with `pyflyte register` + `flytectl update launchplan --activate`.
+weekly_retrain = LaunchPlan.get_or_create(
+    train_video_model,
+    name="train_video_model_weekly",
+    schedule=CronSchedule(schedule="0 3 * * 1"),   # Mondays 03:00 UTC
+    default_inputs={"config": FlyteFile(os.environ.get("VGEN_WEEKLY_CONFIG", "s3://video-gen/configs/weekly.yaml"))},
+)
