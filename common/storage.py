@@ -60,7 +60,8 @@ def s3_client():
         raise ValueError(f"AWS_ENDPOINT_URL must look like http(s)://host[:port], got '{endpoint}'")
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not key or not secret:
-        raise ValueError(f"S3 access to {endpoint} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+        raise ValueError(f"S3 access to {endpoint} needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                         "in the environment")
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=5.0, read=120.0), cert_reqs="CERT_REQUIRED",
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
@@ -158,6 +159,8 @@ def fetch(item: InputFile, dest_dir: str | Path) -> Path:
         return path
     bucket, key = _split_object_uri(item.uri)
     dest = Path(dest_dir) / item.name
+    if ".." in PurePosixPath(item.name).parts or PurePosixPath(item.name).is_absolute():
+        raise ValueError(f"refusing to download {item.uri}: its name '{item.name}' leaves the destination folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _S3(f"downloading {item.uri}"):
         s3_client().fget_object(bucket, key, str(dest))

@@ -1,0 +1,106 @@
+"""Clip quality filters, measured on source-resolution frames (MUG-V report §1.1).
+
+- sharpness: mean over sampled frames of the OpenCV Laplacian variance of the grayscale frame; kept in
+  [sharpness_min, sharpness_max] (the upper bound removes noise and over-texture).
+- brightness: mean luma (BT.601 grayscale) in [0, 1]; kept in [brightness_min, brightness_max].
+- score: the ranking score, higher is better: log-sharpness normalised to [0, 1] over the sharpness band
+  (0 at sharpness_min, 1 at sharpness_max, clipped).
+
+Each filter returns a ``FilterResult`` whose ``reason`` names the measured value ("sharpness 12.3 < 200") and whose
+``key`` is the value-free form used to count reasons ("sharpness < 200"). Brightness is checked before sharpness:
+a black frame is also blurry, and "too dark" is the more useful reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List
+
+import cv2
+import numpy as np
+
+from common.config import CurateConfig
+
+NUM_SAMPLED_FRAMES = 5
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """Outcome of one filter: measured value, pass/fail, human reason and countable reason key ("" when passed)."""
+    name: str
+    value: float
+    passed: bool
+    reason: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    """All filters for one clip window, plus the ranking score."""
+    sharpness: float
+    brightness: float
+    score: float
+    results: List[FilterResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def first_failure(self) -> FilterResult | None:
+        return next((r for r in self.results if not r.passed), None)
+
+
+def sample_indices(num_frames: int, k: int = NUM_SAMPLED_FRAMES) -> List[int]:
+    """Up to ``k`` evenly spaced frame indices in [0, num_frames), first and last included."""
+    if num_frames < 1:
+        raise ValueError(f"sample_indices: need num_frames >= 1, got {num_frames}")
+    return sorted({int(round(i)) for i in np.linspace(0, num_frames - 1, min(k, num_frames))})
+
+
+def _gray_HW(frame_HWC: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(frame_HWC), cv2.COLOR_RGB2GRAY)
+
+
+def sharpness(frames_THWC: np.ndarray) -> float:
+    """Mean Laplacian variance of the grayscale sampled frames (uint8 RGB [T,H,W,3])."""
+    return float(np.mean([cv2.Laplacian(_gray_HW(frames_THWC[i]), cv2.CV_64F).var()
+                          for i in sample_indices(len(frames_THWC))]))
+
+
+def brightness(frames_THWC: np.ndarray) -> float:
+    """Mean luma in [0, 1] of the sampled frames."""
+    return float(np.mean([_gray_HW(frames_THWC[i]).mean() for i in sample_indices(len(frames_THWC))]) / 255.0)
+
+
+def _band(name: str, value: float, lo: float, hi: float, fmt: str) -> FilterResult:
+    if value < lo:
+        return FilterResult(name, value, False, f"{name} {value:{fmt}} < {lo:g}", f"{name} < {lo:g}")
+    if value > hi:
+        return FilterResult(name, value, False, f"{name} {value:{fmt}} > {hi:g}", f"{name} > {hi:g}")
+    return FilterResult(name, value, True)
+
+
+def sharpness_filter(value: float, cfg: CurateConfig) -> FilterResult:
+    return _band("sharpness", value, cfg.sharpness_min, cfg.sharpness_max, ".1f")
+
+
+def brightness_filter(value: float, cfg: CurateConfig) -> FilterResult:
+    return _band("brightness", value, cfg.brightness_min, cfg.brightness_max, ".3f")
+
+
+def quality_score(sharpness_value: float, cfg: CurateConfig) -> float:
+    """Log-sharpness normalised over [sharpness_min, sharpness_max] and clipped to [0, 1]."""
+    lo, hi = math.log(max(cfg.sharpness_min, 1e-6)), math.log(max(cfg.sharpness_max, 1e-6))
+    if hi <= lo:
+        return 1.0 if sharpness_value >= cfg.sharpness_min else 0.0
+    return float(min(1.0, max(0.0, (math.log(max(sharpness_value, 1e-6)) - lo) / (hi - lo))))
+
+
+def assess(frames_THWC: np.ndarray, cfg: CurateConfig) -> QualityReport:
+    """Run every filter on source-resolution frames uint8 [T,H,W,3] of one clip window."""
+    if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3 or len(frames_THWC) == 0:
+        raise ValueError(f"assess: need uint8 [T,H,W,3] with T >= 1, got {frames_THWC.shape}")
+    sharp, bright = sharpness(frames_THWC), brightness(frames_THWC)
+    results = [brightness_filter(bright, cfg), sharpness_filter(sharp, cfg)]
+    return QualityReport(sharpness=sharp, brightness=bright, score=quality_score(sharp, cfg), results=results)

@@ -1,0 +1,152 @@
+"""Synthetic test videos with known ground truth (hard-cut positions, which scenes the filters must reject).
+
+Scene kinds:
+- ``texture``: a static blurred-noise texture tinted with the scene's hue, plus a textured square that moves a few
+  pixels per frame. Laplacian variance ~650 (inside the default [200, 2000] band), mean luma 0.2-0.4.
+- ``flat``: a smooth colour gradient with a soft moving blob; Laplacian variance ~0, fails the sharpness filter.
+- ``dark``: a faint texture at ~3 % luma; fails the brightness filter.
+Consecutive scenes differ in hue, brightness and texture, so ContentDetector scores a cut at ~40-50 while
+within-scene frame differences stay ~1-2 (threshold 27).
+
+CLI: ``python -m tasks.curate.synthetic --out DIR [--sample real.mp4]`` writes the demo input set.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import av
+import cv2
+import numpy as np
+
+from tasks.curate.decode import write_clip
+
+KINDS = ("texture", "flat", "dark")
+_PALETTE = ((0.08, 0.55), (0.33, 0.35), (0.60, 0.60), (0.80, 0.40))  # (hue, level) cycled over scenes
+_TEXTURE_AMP = 27.0
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """One scene: ``kind`` in KINDS, length in frames; hue/level in [0, 1] (None: cycled palette)."""
+    kind: str = "texture"
+    frames: int = 20
+    hue: Optional[float] = None
+    level: Optional[float] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"SceneSpec.kind must be one of {KINDS}, got '{self.kind}'")
+        if self.frames < 1:
+            raise ValueError(f"SceneSpec.frames must be >= 1, got {self.frames}")
+
+
+def _unit_noise_HW(rng: np.random.Generator, h: int, w: int, sigma: float) -> np.ndarray:
+    noise_HW = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), sigma)
+    return noise_HW / max(float(noise_HW.std()), 1e-6)
+
+
+def render_scene(spec: SceneSpec, width: int, height: int, index: int = 0) -> np.ndarray:
+    """Frames uint8 [T,H,W,3] of one scene; ``index`` picks the palette entry when hue/level are None."""
+    rng = np.random.default_rng(spec.seed * 1009 + index)
+    hue = spec.hue if spec.hue is not None else _PALETTE[index % len(_PALETTE)][0]
+    level = spec.level if spec.level is not None else _PALETTE[index % len(_PALETTE)][1]
+    amp = _TEXTURE_AMP
+    if spec.kind == "dark":
+        level, amp = 0.05, 2.0
+    colour_C = np.array(colorsys.hsv_to_rgb(hue, 0.7, 1.0), np.float32) * 255.0 * level
+    side = max(4, min(height, width) // 4)
+    if spec.kind == "flat":
+        ramp_W = np.linspace(0.8, 1.2, width, dtype=np.float32)
+        background_HWC = np.broadcast_to(colour_C * ramp_W[:, None], (height, width, 3)).copy()
+        yy, xx = np.mgrid[:side, :side].astype(np.float32) - (side - 1) / 2
+        object_HW = 40.0 * np.exp(-(yy ** 2 + xx ** 2) / (2 * (side / 4) ** 2))
+    else:
+        background_HWC = colour_C + amp * _unit_noise_HW(rng, height, width, 1.2)[..., None]
+        object_HW = amp * _unit_noise_HW(rng, side, side, 1.0) + (60.0 if spec.kind == "texture" else 3.0)
+    span_y, span_x = max(1, height - side), max(1, width - side)
+    frames = []
+    for t in range(spec.frames):
+        frame_HWC = background_HWC.copy()
+        y, x = (2 * t) % span_y, (3 * t) % span_x
+        frame_HWC[y:y + side, x:x + side] += object_HW[..., None]
+        frames.append(np.clip(frame_HWC, 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def make_scenes_video(path: str | Path, scenes: Sequence[SceneSpec], width: int = 128, height: int = 96,
+                      fps: float = 8) -> List[int]:
+    """Write the scenes back to back as H.264 MP4; return the cut frame indices (first frame of scenes 2..n)."""
+    if not scenes:
+        raise ValueError("make_scenes_video: need at least one scene")
+    frames_THWC = np.concatenate([render_scene(s, width, height, i) for i, s in enumerate(scenes)])
+    write_clip(path, frames_THWC, fps)
+    return [int(c) for c in np.cumsum([s.frames for s in scenes])[:-1]]
+
+
+def _reencode(src: Path, dst: Path, width: int, height: int, max_frames: int) -> None:
+    """Downscale a real video (keeps its frame rate) so the shipped copy stays small."""
+    frames = []
+    with av.open(str(src)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate)
+        for frame in container.decode(stream):
+            frames.append(cv2.resize(frame.to_ndarray(format="rgb24"), (width, height), interpolation=cv2.INTER_AREA))
+            if len(frames) == max_frames:
+                break
+    write_clip(dst, np.stack(frames), fps, crf=23)
+
+
+_SAMPLE_CAPTION = ("a woman with long curly dark hair, wearing a white crop top and a tiered white maxi skirt, stands "
+                   "facing the camera against a plain beige studio background; full-body shot, stationary camera")
+_ATTRIBUTION = """# Attribution
+
+`mugv_i2v_sample.mp4` is a downscaled (288x512) re-encode of the image-to-video sample video from the
+Shopee-MUG/MUG-V repository (https://github.com/Shopee-MUG/MUG-V), licensed under the Apache License 2.0.
+`mugv_i2v_sample.txt` is our caption for it.
+
+All other videos here are synthetic, generated by `python -m tasks.curate.synthetic --out data/demo`.
+`empty.mp4` (0 bytes) and `corrupt.mp4` (random bytes) are deliberately broken inputs.
+"""
+
+
+def write_demo_set(out_dir: str | Path, sample: Optional[str | Path] = None, seed: int = 0) -> List[Path]:
+    """Write the demo inputs into ``out_dir``; ``sample`` is an optional real video to ship downscaled."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    make_scenes_video(out / "synthetic_a.mp4", [SceneSpec("texture", 20, seed=seed + i) for i in range(3)])
+    (out / "synthetic_a.txt").write_text("a small textured square drifting over a coloured noise pattern, "
+                                         "three shots in different colours\n")
+    make_scenes_video(out / "synthetic_b.mp4", [SceneSpec("texture", 40, seed=seed), SceneSpec("flat", 20, seed=seed)])
+    (out / "synthetic_b.txt").write_text("a textured square moving diagonally over an orange noise pattern\n")
+    # every scene of synthetic_c is rejected (too dark, too short, too blurry); width 112 takes the PyAV path
+    make_scenes_video(out / "synthetic_c.mp4", [SceneSpec("dark", 20, seed=seed), SceneSpec("texture", 10, seed=seed),
+                                                 SceneSpec("flat", 20, seed=seed)], width=112, height=80)
+    (out / "empty.mp4").write_bytes(b"")
+    (out / "corrupt.mp4").write_bytes(np.random.default_rng(seed).bytes(4096))
+    if sample is not None:
+        _reencode(Path(sample), out / "mugv_i2v_sample.mp4", 288, 512, max_frames=110)
+        (out / "mugv_i2v_sample.txt").write_text(_SAMPLE_CAPTION + "\n")
+        (out / "ATTRIBUTION.md").write_text(_ATTRIBUTION)
+    return sorted(p for p in out.iterdir() if p.is_file())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--sample", default=None, help="optional real video to include (downscaled to 288x512)")
+    parser.add_argument("--clean", action="store_true", help="delete the output folder first")
+    args = parser.parse_args(argv)
+    if args.clean and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    for p in write_demo_set(args.out, args.sample):
+        print(f"{p}  {p.stat().st_size} bytes")
+
+
+if __name__ == "__main__":
+    main()
