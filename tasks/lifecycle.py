@@ -52,6 +52,4 @@ def finish_tracking(config: PipelineConfig, parent_run: str, manifest: ClipManif
         f"  MLflow parent run: {parent_run}",
         f"  browse: {tracking.browse_command(config.tracking.root)}",
     ]
-    summary = "\n".join(lines)
-    print(summary, flush=True)
-    return summary
+    return "\n".join(lines)   # pyflyte prints it; on a cluster it is the execution's output

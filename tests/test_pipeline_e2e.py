@@ -70,7 +70,9 @@ def test_mlflow_parent_with_one_child_per_task(pipeline_run):
     assert all(r.info.status == "FINISHED" for r in children)
     by_name = {r.data.tags["pipeline.task"]: r for r in children}
     # loss logged every step by rank 0 of each stage
-    for stage, steps in (("stage1_dp2", 12), ("stage2_tp2", 8), ("post_train_sft", 6)):
+    cfg = yaml.safe_load(pipeline_run["config"].read_text())["train"]
+    for stage in cfg["stages"] + [cfg["post_train"]]:
+        stage, steps = stage["name"], stage["steps"]
         hist = client.get_metric_history(by_name[stage].info.run_id, "loss")
         assert sorted(m.step for m in hist) == list(range(1, steps + 1)), stage
     ev = by_name["evaluate"].data.metrics

@@ -1,0 +1,232 @@
+"""Unit tests of trainer/: data schedule, checkpoint folder, job JSON, TorchX component and Volcano dry run.
+
+Single process, no torchrun (the multi-process runs are in test_trainer_dist.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import LaunchConfig, StageConfig
+from models.config import DiTConfig
+from trainer import checkpoint
+from trainer.component import train_stage
+from trainer.data import LatentDataset, StepSampler
+from trainer.job import StageJob
+
+TINY_DIT = dict(hidden_size=48, depth=1, num_heads=2, caption_channels=64, max_text_len=16)  # head_dim 24
+
+
+def write_latent_dataset(root: Path, n_clips: int = 6, latent_shape=(24, 3, 8, 8), text_shape=(16, 64),
+                         n_val: int = 0, shapes=None, seed: int = 0) -> Path:
+    """A LatentDataset folder in the documented format (docs/artifacts.md) with learnable, seeded latents."""
+    import pandas as pd
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors, rows = {}, []
+    for i in range(n_clips):
+        cid = f"clip{i:04d}"
+        shape = tuple(shapes[i]) if shapes else tuple(latent_shape)
+        base = torch.linspace(-1, 1, shape[-1]).expand(*shape)        # smooth structure the DiT can fit
+        tensors[f"{cid}/latent"] = (base * (1 + i % 3) + 0.1 * torch.randn(shape, generator=g)).contiguous()
+        tensors[f"{cid}/text"] = torch.randn(text_shape, generator=g)
+        mask = torch.zeros(text_shape[0], dtype=torch.uint8)
+        mask[: 4 + i % 5] = 1
+        tensors[f"{cid}/text_mask"] = mask
+        rows.append(dict(clip_id=cid, shard="shard-00000.safetensors", split="val" if i < n_val else "train",
+                         latent_shape=list(shape), text_len=int(mask.sum()), caption=f"clip {i}", score=float(i),
+                         bucket="x".join(map(str, shape)), source_hash=f"src{i}"))
+    save_file(tensors, str(root / "shard-00000.safetensors"))
+    pd.DataFrame(rows).to_parquet(root / "index.parquet")
+    (root / "meta.json").write_text(json.dumps({"vae": {"config": {"spatial_downsample": 8}},
+                                                "latent_mean": [0.0] * latent_shape[0],
+                                                "latent_std": [1.0] * latent_shape[0], "content_hash": "test"}))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_dataset_reads_train_split_and_top_fraction(tmp_path):
+    root = write_latent_dataset(tmp_path / "lat", n_clips=8, n_val=2)
+    ds = LatentDataset(root)
+    assert len(ds) == 6 and "clip0000" not in ds.clip_ids
+    latent, text, mask = ds.load(0)
+    assert latent.shape == (24, 3, 8, 8) and text.shape == (16, 64) and mask.dtype == torch.bool
+    best = LatentDataset(root, top_fraction=0.5)                      # scores = clip index: best are 5, 6, 7
+    assert sorted(best.clip_ids) == ["clip0005", "clip0006", "clip0007"]
+    b = best.batch([0, 1])
+    assert b.latents_BCTHW.shape == (2, 24, 3, 8, 8) and b.text_mask_BL.shape == (2, 16)
+
+
+def test_dataset_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="latents dir not found"):
+        LatentDataset(tmp_path / "missing")
+    root = write_latent_dataset(tmp_path / "allval", n_clips=2, n_val=2)
+    with pytest.raises(ValueError, match="'train' split is empty"):
+        LatentDataset(root)
+
+
+def test_sampler_is_deterministic_disjoint_and_bucketed():
+    shapes = [(24, 3, 8, 8)] * 7 + [(24, 3, 8, 16)] * 5
+    a, b = StepSampler(shapes, 2, 2, seed=7), StepSampler(shapes, 2, 2, seed=7)
+    assert a.batches_per_epoch == 2 + 2
+    for step in range(12):
+        r0, r1 = a.indices(step, 0), a.indices(step, 1)
+        assert r0 == b.indices(step, 0) and r1 == b.indices(step, 1)       # pure function of (seed, step)
+        assert len(r0) == 2 and not set(r0) & set(r1)                      # DP ranks disjoint
+        assert len({shapes[i] for i in r0 + r1}) == 1                      # one bucket per global batch
+    epoch0 = sorted(i for s in range(4) for i in a.global_indices(s))
+    assert set(epoch0) == set(range(12))                                   # every sample seen each epoch
+    fresh = StepSampler(shapes, 2, 2, seed=7)
+    assert fresh.indices(9, 1) == a.indices(9, 1)                          # resume: same batch without history
+    assert StepSampler(shapes, 2, 2, seed=8).global_indices(0) != a.global_indices(0) or \
+        StepSampler(shapes, 2, 2, seed=8).global_indices(1) != a.global_indices(1)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+
+
+def _save(out: Path, step: int, keep: int = 2):
+    sd = {"w": torch.full((2, 3), float(step))}
+    return checkpoint.save(out, step, rank=0, model_sd=sd, ema_sd={"w": sd["w"] * 0.5},
+                           rank_state={"optimizer": {"state": {}, "param_groups": []}, "rng": torch.get_rng_state()},
+                           meta={"stage": "s", "tensor_parallel": 1, "data_parallel": 1, "loss": 1.0}, keep=keep,
+                           barrier=lambda: None)
+
+
+def test_checkpoint_atomic_layout_keep_n_and_resume_state(tmp_path):
+    out = tmp_path / "ckpt"
+    for step in (3, 6, 9):
+        _save(out, step)
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_00000006", "step_00000009"]
+    last = checkpoint.latest(out)
+    assert last.name == "step_00000009" and not list(out.glob(".tmp-*"))
+    meta = checkpoint.verify(last)
+    assert set(meta["checksums"]) == {"model.safetensors", "ema.safetensors", "optim/rank00000.pt"}
+    assert meta["step"] == 9 and meta["tensor_parallel"] == 1
+    assert torch.equal(checkpoint.load_weights(last)["w"], torch.full((2, 3), 9.0))
+    assert torch.equal(checkpoint.load_weights(last, ema=True)["w"], torch.full((2, 3), 4.5))
+    assert checkpoint.load_rank_state(last, 0, 1, 1)["step"] == 9
+    with pytest.raises(checkpoint.CheckpointError, match="tensor_parallel=1, data_parallel=1.*init_checkpoint"):
+        checkpoint.load_rank_state(last, 0, 2, 1)
+
+
+def test_checkpoint_checksum_mismatch_and_stale_tmp(tmp_path):
+    out = tmp_path / "ckpt"
+    (out / ".tmp-step_00000002").mkdir(parents=True)                    # a crash mid-save left this behind
+    step_dir = _save(out, 3)
+    assert not (out / ".tmp-step_00000002").exists()
+    with open(step_dir / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch for model.safetensors"):
+        checkpoint.load_weights(step_dir)
+    (out / "latest").write_text("step_00000099\n")
+    with pytest.raises(checkpoint.CheckpointError, match="missing or incomplete"):
+        checkpoint.latest(out)
+    assert checkpoint.latest(tmp_path / "never") is None
+
+
+# ------------------------------------------------------------------------------------------------ job
+
+
+def test_job_json_round_trip_and_strictness(tmp_path):
+    job = StageJob(stage=StageConfig(name="s1", tensor_parallel=2, data_parallel=1), dit=DiTConfig(**TINY_DIT),
+                   latents_dir="/data/lat", output_dir="/out", config_hash="abc")
+    path = job.write(tmp_path / "job.json")
+    assert StageJob.read(path) == job
+    data = json.loads(job.to_json())
+    data["stage"]["tensor_paralel"] = 2
+    with pytest.raises(ValueError, match="stage.tensor_paralel: unknown config key"):
+        StageJob.from_json(json.dumps(data))
+    data = json.loads(job.to_json())
+    data["stage"]["steps"] = "10"
+    with pytest.raises(ValueError, match="stage.steps: expected int"):
+        StageJob.from_json(json.dumps(data))
+    with pytest.raises(FileNotFoundError, match="job file not found"):
+        StageJob.read(tmp_path / "nope.json")
+
+
+# ------------------------------------------------------------------------------------------------ component
+
+
+def test_component_builds_torchrun_role():
+    app = train_stage("runs/s/job.json", nnodes=1, nproc_per_node=2, python="/venv/bin/python", rdzv_port=29512)
+    (role,) = app.roles
+    cmd = role.args[1]
+    assert role.entrypoint == "bash" and role.num_replicas == 1
+    assert cmd.startswith("/venv/bin/python -m torch.distributed.run --nnodes 1 --nproc_per_node 2")
+    assert "--rdzv_endpoint localhost:29512" in cmd and cmd.endswith("-m trainer.train --job runs/s/job.json")
+    assert role.env["OMP_NUM_THREADS"] == "1" and role.env["PYTHONUNBUFFERED"] == "1"
+    multi = train_stage("j.json", nnodes=3, nproc_per_node=8, gpu=8, cpu=32).roles[0]
+    assert "${${rank0_env}:=localhost}:29500" in multi.args[1].replace("$$", "$") and multi.num_replicas == 3
+    assert multi.resource.gpu == 8 and multi.env["OMP_NUM_THREADS"] == "4"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(job_path="job.yaml"), "job_path must be the StageJob .json"),
+    (dict(nnodes=0), "nnodes must be >= 1"),
+    (dict(nproc_per_node=0), "nproc_per_node must be >= 1"),
+    (dict(nproc_per_node=4, gpu=2), r"exceeds the GPUs per node \(gpu=2\).*nproc_per_node=2"),
+    (dict(rdzv_port=80), r"rdzv_port must be .*e.g. 29500"),
+    (dict(memMB=10), "memMB >= 256"),
+    (dict(name="Stage_1"), "e.g. stage-1"),
+    (dict(env={"BAD-NAME": "1"}), "env must map variable names"),
+    (dict(max_restarts=-1), "max_restarts must be >= 0"),
+])
+def test_component_validation_names_the_fix(kwargs, message):
+    args = dict(job_path="job.json", **kwargs) if "job_path" not in kwargs else kwargs
+    with pytest.raises(ValueError, match=message):
+        train_stage(**args)
+
+
+def test_kubernetes_dryrun_is_a_volcano_job():
+    from trainer.launch import dryrun_kubernetes
+
+    launch = LaunchConfig(scheduler="kubernetes", image="ghcr.io/acme/trainer:1", queue="gpu-q", namespace="train",
+                          cpu=16, gpu=8, memory_mb=65536)
+    job = dryrun_kubernetes("/shared/run/job.json", launch, nnodes=2, nproc_per_node=8)
+    assert job["kind"] == "Job" and job["apiVersion"].startswith("batch.volcano.sh/")
+    assert job["spec"]["queue"] == "gpu-q" and job["spec"]["schedulerName"] == "volcano"   # namespace: set at submit
+    tasks = job["spec"]["tasks"]
+    assert len(tasks) == 2
+    for task in tasks:
+        (container,) = task["template"]["spec"]["containers"]
+        assert container["image"] == "ghcr.io/acme/trainer:1"
+        limits = container["resources"]["limits"]
+        assert limits == {"cpu": "16000m", "memory": "65536M", "nvidia.com/gpu": "8"}
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["OMP_NUM_THREADS"] == "2" and env["PYTHONUNBUFFERED"] == "1"
+        cmd = " ".join(container["command"])
+        assert "--nnodes 2 --nproc_per_node 8" in cmd
+        assert re.search(r"\$\{(TORCHX_RANK0_HOST|VC_TRAIN_0_HOSTS):=localhost\}:29500", cmd)   # replica 0 / others
+        assert "-m trainer.train --job /shared/run/job.json" in cmd
+
+
+# ------------------------------------------------------------------------------------------------ trainer CLI
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "latents dir not found"),
+    ("empty", "'train' split is empty"),
+    ("tp", r"tensor_parallel=4 must divide dit.num_heads=2"),
+    ("init", "init_checkpoint not found"),
+])
+def test_trainer_rejects_bad_input_before_starting(tmp_path, capsys, case, message):
+    from trainer.train import main
+
+    latents = tmp_path / "missing" if case == "missing" else \
+        write_latent_dataset(tmp_path / "lat", n_clips=2, n_val=2 if case == "empty" else 0)
+    stage = StageConfig(name="s", tensor_parallel=4 if case == "tp" else 1, data_parallel=1)
+    job = StageJob(stage=stage, dit=DiTConfig(**TINY_DIT), latents_dir=str(latents), output_dir=str(tmp_path / "o"),
+                   init_checkpoint=str(tmp_path / "nope") if case == "init" else "")
+    assert main(["--job", str(job.write(tmp_path / "job.json"))]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,154 @@
+"""The Checkpoint folder (docs/artifacts.md): atomic, checksummed, resumable.
+
+``save`` is collective (every rank calls it; the output dir must be on a filesystem all nodes share): rank 0 makes
+``.tmp-step_XXXXXXXX/``; every rank writes ``optim/rank{r:05d}.pt`` (optimizer state, RNG state and the step, which
+is also the data position: batches are a pure function of seed and step); rank 0 writes the full
+``model.safetensors`` / ``ema.safetensors`` and ``meta.json`` with the sha256 of every file, renames the folder to
+``step_XXXXXXXX``, rewrites ``latest`` (atomically) and deletes all but the newest ``keep_checkpoints`` step
+folders. A crash at any point leaves the previous ``latest`` intact.
+
+``verify`` re-hashes a step folder and raises ``CheckpointError`` naming the file on a mismatch. Exact resume
+(``load_rank_state``) requires the same TP/DP layout; weights-only init (``load_weights``) works with any TP size
+because the weights are stored unsharded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dict[str, torch.Tensor]],
+         ema_sd: Optional[Dict[str, torch.Tensor]], rank_state: Dict[str, Any], meta: Dict[str, Any],
+         keep: int, barrier: Callable[[], None] = _barrier) -> Path:
+    """Write step folder ``step`` (collective). ``model_sd``/``ema_sd`` are the full state dicts, needed on rank 0."""
+    from safetensors.torch import save_file
+
+    out = Path(output_dir)
+    final, tmp = out / step_name(step), out / f".tmp-{step_name(step)}"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "optim").mkdir(parents=True)
+    barrier()
+    torch.save({**rank_state, "step": step}, tmp / "optim" / f"rank{rank:05d}.pt")
+    if rank == 0:
+        if model_sd is None or ema_sd is None:
+            raise ValueError("checkpoint.save: rank 0 needs the full model and EMA state dicts")
+        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema_sd.items()}, str(tmp / "ema.safetensors"))
+    barrier()
+    if rank == 0:
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        meta = {**meta, "step": step, "checksums": {f: _sha256(tmp / f) for f in files}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if final.exists():   # a re-run of the same step replaces it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_text_atomic(out / LATEST, final.name + "\n")
+        _prune(out, keep)
+    barrier()
+    return final
+
+
+def _prune(out: Path, keep: int) -> None:
+    steps = sorted(p for p in out.glob("step_*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in out.glob(".tmp-step_*"):   # left behind by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest(output_dir: str | Path) -> Optional[Path]:
+    """The newest complete step folder named by ``latest``, or None when the stage has not saved yet."""
+    out = Path(output_dir)
+    pointer = out / LATEST
+    if not pointer.is_file():
+        return None
+    folder = out / pointer.read_text().strip()
+    if not (folder / "meta.json").is_file():
+        raise CheckpointError(f"{pointer} names {folder.name}, which is missing or incomplete; delete {pointer} to "
+                              "restart the stage from scratch, or point it at an existing step folder")
+    return folder
+
+
+def read_meta(step_dir: str | Path) -> Dict[str, Any]:
+    path = Path(step_dir) / "meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: {step_dir} is not a complete checkpoint step folder")
+    return json.loads(path.read_text())
+
+
+def verify(step_dir: str | Path, only: Optional[list] = None) -> Dict[str, Any]:
+    """Re-hash the folder's files (or just ``only``) against meta.json; returns the meta."""
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir)
+    for name, expected in meta["checksums"].items():
+        if only is not None and name not in only:
+            continue
+        path = step_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {step_dir}: {name} is missing (listed in meta.json)")
+        actual = _sha256(path)
+        if actual != expected:
+            raise CheckpointError(f"checkpoint {step_dir}: checksum mismatch for {name} (expected {expected[:12]}..., "
+                                  f"got {actual[:12]}...); the file is corrupt: delete {step_dir} and resume from an "
+                                  "older step")
+    return meta
+
+
+def load_weights(step_dir: str | Path, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The full (unsharded) model or EMA state dict of a step folder, after verifying its checksum."""
+    from safetensors.torch import load_file
+
+    name = "ema.safetensors" if ema else "model.safetensors"
+    verify(step_dir, only=[name])
+    return load_file(str(Path(step_dir) / name))
+
+
+def load_rank_state(step_dir: str | Path, rank: int, tensor_parallel: int, data_parallel: int) -> Dict[str, Any]:
+    """This rank's optimizer/RNG/step state for an exact resume; the layout must match the one that saved it."""
+    meta = read_meta(step_dir)
+    saved = (meta.get("tensor_parallel"), meta.get("data_parallel"))
+    if saved != (tensor_parallel, data_parallel):
+        raise CheckpointError(f"cannot resume {step_dir}: it was saved with tensor_parallel={saved[0]}, "
+                              f"data_parallel={saved[1]}, this run has {tensor_parallel}/{data_parallel}; use a new "
+                              "output_dir and pass this step folder as init_checkpoint (weights only)")
+    name = f"optim/rank{rank:05d}.pt"
+    verify(step_dir, only=[name])
+    return torch.load(Path(step_dir) / name, map_location="cpu", weights_only=True)

@@ -1,0 +1,110 @@
+"""The one place that decides device, dtype, distributed backend and process groups for training.
+
+``resolve_runtime()`` picks CUDA + NCCL + bf16 autocast when a GPU is present, else CPU + gloo + fp32, and on CPU
+installs the small megatron-core shim (docs: /work/shared/notes/feasibility.md, check 4 and Appendix A) that
+megatron's tensor-parallel layers and RNG tracker need there. Nothing happens at import time.
+
+``init_distributed(tp, seed)`` joins the process group torchrun describes in the environment (RANK, WORLD_SIZE,
+MASTER_ADDR, ...) or, when started as a plain ``python`` process, a one-process group; then builds megatron's
+tensor/data-parallel groups and seeds its RNG tracker. ``destroy()`` undoes both.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_SHIM_INSTALLED = False
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    backend: str              # "nccl" | "gloo"
+    dtype: torch.dtype        # autocast dtype for the forward pass; parameters and optimizer state stay fp32
+
+    @property
+    def autocast(self) -> bool:
+        return self.dtype != torch.float32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this process sits: global rank, and its coordinates in the (data, tensor) parallel grid."""
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    tp_rank: int
+    dp: int
+    dp_rank: int
+
+
+def install_cpu_shim() -> None:
+    """Let megatron-core's TP layers and RNG tracker run without CUDA (idempotent; CPU only).
+
+    Megatron asks ``torch.cuda`` for the current device (used as ``device=``) and for RNG states; here those are
+    answered by the CPU. Only the light shim is needed because the trainer uses neither megatron's
+    DistributedOptimizer nor dist_checkpointing.
+    """
+    global _SHIM_INSTALLED
+    if _SHIM_INSTALLED:
+        return
+    import megatron.core.tensor_parallel.random as mrand
+    import megatron.core.transformer.utils as mtu
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    mrand._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mrand._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    mtu.get_default_causal_mask = lambda sq: torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+    _SHIM_INSTALLED = True
+
+
+def resolve_runtime() -> Runtime:
+    """CUDA (this process's LOCAL_RANK GPU, NCCL, bf16 autocast) when available, else CPU (gloo, fp32 + shim)."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                               "launch with nproc_per_node <= the GPUs per node")
+        torch.cuda.set_device(local_rank)
+        return Runtime(torch.device("cuda", local_rank), "nccl", torch.bfloat16)
+    install_cpu_shim()
+    return Runtime(torch.device("cpu"), "gloo", torch.float32)
+
+
+def init_distributed(tp: int, seed: int = 0, runtime: Runtime | None = None) -> Layout:
+    """Join the process group and build megatron's TP/DP groups (TP ranks are adjacent global ranks)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    rt = runtime or resolve_runtime()
+    timeout = datetime.timedelta(minutes=30)
+    if not dist.is_initialized():
+        if "RANK" in os.environ:   # torchrun: MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE come from the environment
+            dist.init_process_group(rt.backend, timeout=timeout)
+        else:                      # a plain `python -m trainer.train`: a one-process group, no network
+            dist.init_process_group(rt.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if tp < 1 or world % tp:
+        raise ValueError(f"tensor_parallel={tp} must divide the number of processes ({world}): "
+                         f"launch tensor_parallel*data_parallel processes")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return Layout(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), tp=tp,
+                  tp_rank=parallel_state.get_tensor_model_parallel_rank(), dp=world // tp,
+                  dp_rank=parallel_state.get_data_parallel_rank())
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

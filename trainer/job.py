@@ -1,0 +1,58 @@
+"""What one training stage needs, as one JSON file: the contract between the launcher and ``trainer.train``.
+
+``StageJob`` imports no torch, so the Flyte task and the TorchX launcher can write it cheaply; every process that
+torchrun starts reads the same file (``python -m trainer.train --job job.json``). Parsing is strict
+(``common.config.from_dict``): an unknown key or a wrong type is an error naming the key.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import FlowConfig, StageConfig, from_dict, to_dict
+from models.config import DiTConfig
+
+
+@dataclass
+class StageJob:
+    stage: StageConfig = field(default_factory=StageConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    latents_dir: str = ""            # a LatentDataset folder (docs/artifacts.md)
+    init_checkpoint: str = ""        # a step folder of another stage; "" = train from scratch
+    output_dir: str = ""             # the Checkpoint folder this stage writes (and resumes from)
+    config_hash: str = ""            # recorded in every checkpoint's meta.json
+    mlflow_tracking_uri: str = ""    # "" = no MLflow logging
+    mlflow_run_id: str = ""          # an existing run; the trainer never creates runs
+
+    def __post_init__(self) -> None:
+        if not self.latents_dir:
+            raise ValueError("job.latents_dir must name a LatentDataset folder")
+        if not self.output_dir:
+            raise ValueError("job.output_dir must name the folder the stage writes checkpoints to")
+        if bool(self.mlflow_tracking_uri) != bool(self.mlflow_run_id):
+            raise ValueError("job.mlflow_tracking_uri and job.mlflow_run_id must be set together (or both empty)")
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StageJob":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("job file: the top level must be a JSON object")
+        return from_dict(cls, data)
+
+    def write(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(self.to_json())
+        return p
+
+    @classmethod
+    def read(cls, path: str | Path) -> "StageJob":
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"job file not found: {p}")
+        return cls.from_json(p.read_text())

@@ -1,0 +1,154 @@
+"""Run one stage through TorchX and watch it: the bridge between the Flyte task and the torchrun workers.
+
+``run_stage`` builds the ``trainer.component.train_stage`` AppDef for the stage's layout, submits it with TorchX's
+programmatic runner (``local_cwd`` on this machine, ``kubernetes`` = Volcano on a cluster), polls its status, streams
+the new lines of every replica's combined log to ``progress`` while it runs (the loss of every step), stops it after
+``launch.timeout_s`` and raises ``RuntimeError`` with the last 40 log lines if it does not succeed.
+
+For local_cwd, logs are at ``log_dir/torchx/<app_id>/train/<replica>/{stdout,stderr,combined}.log`` (the runner has
+to be this process: ``torchx status`` from another one cannot see a local app). On kubernetes the runner reads pod
+logs through the API instead, and job_path / output_dir must be on a volume every pod mounts.
+
+``dryrun_kubernetes`` renders the Volcano Job offline (no cluster, no image build) for review and tests.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+from common.config import LaunchConfig
+from trainer.component import ROLE, train_stage
+from trainer.job import StageJob
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_TAIL = 40
+_KEEP = 2000          # lines of history kept to pick the workers' last output from
+_LAUNCHER_FAILED = "failed (exitcode"   # torchrun's line before its own traceback and failure summary
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_name(stage_name: str) -> str:
+    """A Kubernetes-safe application name for a stage (``stage1_dp2`` -> ``train-stage1-dp2``)."""
+    return ("train-" + re.sub(r"[^a-z0-9]+", "-", stage_name.lower()).strip("-"))[:52].rstrip("-")
+
+
+def _app(job: StageJob, job_path: Path, launch: LaunchConfig, nnodes: int, nproc_per_node: int):
+    if launch.scheduler == "local_cwd":   # this venv's interpreter; the repo on PYTHONPATH whatever the cwd is
+        return train_stage(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, python=sys.executable,
+                           image=str(_REPO_ROOT), rdzv_port=free_port(), cpu=launch.cpu, gpu=launch.gpu,
+                           memMB=launch.memory_mb, env={"PYTHONPATH": str(_REPO_ROOT)},
+                           name=app_name(job.stage.name))
+    return train_stage(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image,
+                       cpu=launch.cpu, gpu=launch.gpu, memMB=launch.memory_mb, name=app_name(job.stage.name))
+
+
+def _cfg(launch: LaunchConfig, log_dir: Path) -> Dict[str, str]:
+    if launch.scheduler == "local_cwd":
+        return {"log_dir": str(log_dir)}
+    return {"queue": launch.queue, "namespace": launch.namespace}
+
+
+class _LogTail:
+    """Reads only the lines appended since the last call to each replica's combined.log (local_cwd)."""
+
+    def __init__(self, app_dir: Path):
+        self.app_dir, self.offsets, self.partial = app_dir, {}, {}
+        self.history: List[str] = []
+
+    def new_lines(self) -> List[str]:
+        lines = []
+        for path in sorted(self.app_dir.glob(f"{ROLE}/*/combined.log")):
+            with open(path, "rb") as f:
+                f.seek(self.offsets.get(path, 0))
+                chunk = f.read()
+            self.offsets[path] = self.offsets.get(path, 0) + len(chunk)
+            text = self.partial.pop(path, "") + chunk.decode("utf-8", errors="replace")
+            *complete, rest = text.split("\n")
+            if rest:
+                self.partial[path] = rest
+            lines += complete
+        self.history = (self.history + lines)[-_KEEP:]
+        return lines
+
+    def flush(self) -> List[str]:
+        lines = self.new_lines() + [self.partial.pop(p) for p in list(self.partial)]
+        self.history = (self.history + lines)[-_KEEP:]
+        return lines
+
+    def last_lines(self) -> str:
+        """The workers' last 40 lines: up to torchrun's failure line, whose own traceback would hide them."""
+        hist = self.history
+        cut = next((i for i, line in enumerate(hist) if _LAUNCHER_FAILED in line), None)
+        return "\n".join(hist[-_TAIL:] if cut is None else hist[max(0, cut - _TAIL + 1):cut + 1])
+
+
+def run_stage(job: StageJob, job_path: Path, launch: LaunchConfig, log_dir: Path,
+              progress: Callable[[str], None] = print, poll_s: float = 0.5) -> None:
+    """Launch the stage on ``launch.scheduler`` and block until it succeeds (or raise RuntimeError)."""
+    from torchx.runner import get_runner
+    from torchx.specs import AppState, parse_app_handle
+
+    stage = job.stage
+    job_path, log_dir = Path(job_path).resolve(), Path(log_dir).resolve()
+    if not job_path.is_file():
+        raise FileNotFoundError(f"job file not found: {job_path} (write it with StageJob.write first)")
+    app = _app(job, job_path, launch, stage.nnodes, stage.nproc_per_node)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with get_runner() as runner:
+        handle = runner.run(app, scheduler=launch.scheduler, cfg=_cfg(launch, log_dir))
+        progress(f"launched {handle} ({stage.nnodes}x{stage.nproc_per_node} processes, tp={stage.tensor_parallel}, "
+                 f"dp={stage.data_parallel})")
+        app_id = parse_app_handle(handle).app_id
+        tail = _LogTail(log_dir / "torchx" / app_id) if launch.scheduler == "local_cwd" else None
+        deadline = time.monotonic() + launch.timeout_s
+        while True:
+            status = runner.status(handle)
+            for line in tail.new_lines() if tail else []:
+                progress(line)
+            if status is not None and status.is_terminal():
+                break
+            if time.monotonic() > deadline:
+                last = _last_lines(runner, handle, tail)   # before the shutdown noise of the cancel
+                runner.cancel(handle)
+                raise RuntimeError(f"stage '{stage.name}' exceeded train.launch.timeout_s={launch.timeout_s}s and "
+                                   f"was stopped ({handle}); last log lines:\n{last}")
+            time.sleep(poll_s)
+        for line in tail.flush() if tail else []:
+            progress(line)
+        state = status.state if status is not None else AppState.UNKNOWN
+        if state != AppState.SUCCEEDED:
+            raise RuntimeError(f"stage '{stage.name}' ended {state.name} ({handle}); last log lines:\n"
+                               + _last_lines(runner, handle, tail))
+        progress(f"stage '{stage.name}' finished ({handle})")
+
+
+def _last_lines(runner, handle: str, tail: _LogTail | None) -> str:
+    if tail is not None:
+        tail.flush()
+        return tail.last_lines()
+    try:
+        return "\n".join(list(runner.log_lines(handle, ROLE, k=0))[-_TAIL:])
+    except Exception as e:   # the cluster may already have removed the pods
+        return f"(could not read the logs: {e})"
+
+
+def dryrun_kubernetes(job_path: str | Path, launch: LaunchConfig, nnodes: int, nproc_per_node: int) -> dict:
+    """The Volcano ``batch.volcano.sh/v1alpha1`` Job that ``run_stage`` would submit, as a plain dict (no cluster)."""
+    from torchx.runner import get_runner
+    from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
+
+    app = train_stage(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image,
+                      cpu=launch.cpu, gpu=launch.gpu, memMB=launch.memory_mb, name="train-stage")
+    with get_runner() as runner:
+        info = runner.dryrun(app, "kubernetes", cfg={"queue": launch.queue, "namespace": launch.namespace},
+                             workspace=None)
+    return sanitize_for_serialization(info.request.resource)

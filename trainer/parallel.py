@@ -1,0 +1,251 @@
+"""Tensor parallelism for MUGDiT, applied after the model is built (torchtitan style: the model file imports nothing
+distributed), plus the gradient collectives the trainer needs.
+
+``parallelize(model, tp)`` swaps the block linears named in ``_PLAN`` for megatron-core Column/RowParallelLinear
+subclasses that hold this TP rank's shard of the existing weights. Fused outputs are sharded per part: qkv rows are
+(3, heads, head_dim) and kv rows (2, heads, head_dim), so rank r keeps heads [r*h/tp, (r+1)*h/tp) of each of q, k
+and v. The attention modules infer their local head count from the linear's output size, so they run unchanged.
+Parameter names stay ``weight``/``bias``: the state-dict keys are the unsharded model's. Everything else (norms,
+embedders, adaLN tables, final layer) is replicated across TP ranks.
+
+Gradients (``sync_gradients``): no sequence parallelism, so replicated parameters outside the sharded modules get
+identical gradients on every TP rank (the column-parallel input gradient is all-reduced inside megatron's autograd
+function). Replicated parameters *inside* a sharded attention module (the per-head QK RMSNorm weights) only see this
+rank's heads, so their gradients are partial sums: they are summed over the TP group (``_tp_partial``). Then one
+flattened all_reduce over ``parallel_state.get_data_parallel_group()`` averages over DP. We do not use megatron's
+DDP wrapper: its contiguous grad buffers and hooks buy overlap we do not need at this size, and plain all_reduces
+keep ``param.grad`` where torch's optimizer and clipping expect it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+# name pattern -> ("column", parts) | ("row", 1): parts = fused outputs sharded separately (q,k,v = 3; k,v = 2)
+_PLAN: List[Tuple[str, str, int]] = [
+    (r"blocks\.\d+\.attn\.qkv", "column", 3),
+    (r"blocks\.\d+\.attn\.proj", "row", 1),
+    (r"blocks\.\d+\.cross_attn\.q_linear", "column", 1),
+    (r"blocks\.\d+\.cross_attn\.kv_linear", "column", 2),
+    (r"blocks\.\d+\.cross_attn\.proj", "row", 1),
+    (r"blocks\.\d+\.mlp\.fc1", "column", 1),
+    (r"blocks\.\d+\.mlp\.fc2", "row", 1),
+]
+
+
+def _plan_for(name: str) -> Tuple[str, int] | None:
+    for pattern, kind, parts in _PLAN:
+        if re.fullmatch(pattern, name):
+            return kind, parts
+    return None
+
+
+def _megatron_classes():
+    from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+
+    class ColumnLinear(tensor_parallel.ColumnParallelLinear):
+        """Output-sharded linear returning just the tensor; accepts any leading dims."""
+        get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state  # no _extra_state key
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._load_state_dict_pre_hooks.clear()   # megatron's hook would insert an _extra_state key on load
+
+        def forward(self, x):
+            y, _ = super().forward(x.reshape(-1, x.shape[-1]))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    class RowLinear(tensor_parallel.RowParallelLinear):
+        """Input-sharded linear (all-reduces its output), returning just the tensor; accepts any leading dims."""
+        get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._load_state_dict_pre_hooks.clear()
+
+        def forward(self, x):
+            y, _ = super().forward(x.reshape(-1, x.shape[-1]))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return ModelParallelConfig, parallel_state, ColumnLinear, RowLinear
+
+
+def _shard(full: torch.Tensor, kind: str, parts: int, is_bias: bool, rank: int, tp: int) -> torch.Tensor:
+    """This rank's slice of a full weight [out, in] or bias [out]."""
+    if kind == "row":
+        return full.clone() if is_bias else full.chunk(tp, dim=1)[rank].clone()
+    out = full.shape[0]
+    grouped = full.reshape(parts, out // parts, *full.shape[1:])          # (parts, heads*head_dim, [in])
+    return grouped.chunk(tp, dim=1)[rank].reshape(out // tp, *full.shape[1:]).clone()
+
+
+def _unshard(shards: List[torch.Tensor], kind: str, parts: int, is_bias: bool) -> torch.Tensor:
+    """Inverse of ``_shard`` given every rank's slice in TP-rank order."""
+    if kind == "row":
+        return shards[0].clone() if is_bias else torch.cat(shards, dim=1)
+    grouped = [s.reshape(parts, s.shape[0] // parts, *s.shape[1:]) for s in shards]
+    full = torch.cat(grouped, dim=1)
+    return full.reshape(full.shape[0] * full.shape[1], *full.shape[2:])
+
+
+def parallelize(model: nn.Module, tp_group_size: int) -> nn.Module:
+    """Shard the plan's linears over megatron's TP group in place (TP=1: the model is returned untouched).
+
+    Call it on the model already on its device: parameters are tagged (``_tp_sharded``, ``_tp_partial``) and the
+    tags live on the Parameter objects.
+    """
+    if tp_group_size == 1:
+        return model
+    ModelParallelConfig, parallel_state, ColumnLinear, RowLinear = _megatron_classes()
+    if parallel_state.get_tensor_model_parallel_world_size() != tp_group_size:
+        raise ValueError(f"parallelize(tp={tp_group_size}) but megatron's TP group has "
+                         f"{parallel_state.get_tensor_model_parallel_world_size()} ranks: "
+                         "call init_distributed(tp) first")
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    cfg = ModelParallelConfig(tensor_model_parallel_size=tp_group_size, use_cpu_initialization=True,
+                              perform_initialization=False, params_dtype=torch.float32)
+    targets = [(n, m) for n, m in model.named_modules() if _plan_for(n)]
+    if not targets:
+        raise ValueError("parallelize: no linear matched the TP plan (blocks.{i}.attn.qkv, ...); is this a MUGDiT?")
+    for name, lin in targets:
+        if type(lin) is not nn.Linear:
+            raise TypeError(f"parallelize: {name} is {type(lin).__name__}, expected nn.Linear (already parallelized?)")
+        kind, parts = _plan_for(name)
+        out_f, in_f = lin.weight.shape
+        if (kind == "column" and out_f % (parts * tp_group_size)) or (kind == "row" and in_f % tp_group_size):
+            raise ValueError(f"parallelize: {name} [{out_f}x{in_f}] cannot be split over tp={tp_group_size}; "
+                             "tensor_parallel must divide dit.num_heads")
+        bias = lin.bias is not None
+        if kind == "column":
+            new = ColumnLinear(in_f, out_f, config=cfg, init_method=lambda w: None, bias=bias, gather_output=False)
+        else:
+            new = RowLinear(in_f, out_f, config=cfg, init_method=lambda w: None, bias=bias,
+                            input_is_parallel=True, skip_bias_add=False)
+        new.to(device=lin.weight.device, dtype=lin.weight.dtype)   # before tagging: a later .to() may swap params
+        new._tp_plan = (kind, parts)
+        with torch.no_grad():
+            new.weight.copy_(_shard(lin.weight.detach(), kind, parts, False, rank, tp_group_size))
+            if bias:
+                new.bias.copy_(_shard(lin.bias.detach(), kind, parts, True, rank, tp_group_size))
+        new.weight._tp_sharded = True
+        if bias and kind == "column":
+            new.bias._tp_sharded = True
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    in_tp_linears = {id(p) for n, _ in targets for p in model.get_submodule(n).parameters()}
+    for parent_name in {n.rpartition(".")[0] for n, _ in targets}:   # e.g. q_norm/k_norm: applied per local head
+        for p in model.get_submodule(parent_name).parameters():
+            if id(p) not in in_tp_linears:
+                p._tp_partial = True
+    return model
+
+
+def _sharded_modules(model: nn.Module) -> Dict[str, Tuple[str, int]]:
+    return {n: m._tp_plan for n, m in model.named_modules() if hasattr(m, "_tp_plan")}
+
+
+def _tp_group():
+    from megatron.core import parallel_state
+    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def gather_full_state_dict(model: nn.Module,
+                           local_sd: Dict[str, torch.Tensor] | None = None) -> Dict[str, torch.Tensor]:
+    """Full (unsharded) fp32 CPU tensors for ``local_sd`` (default: the model's state dict); collective over TP."""
+    local_sd = model.state_dict() if local_sd is None else local_sd
+    plans = _sharded_modules(model)
+    full: Dict[str, torch.Tensor] = {}
+    for key, value in local_sd.items():
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in plans and leaf in ("weight", "bias"):
+            group, tp = _tp_group()
+            shards = [torch.empty_like(value) for _ in range(tp)]
+            dist.all_gather(shards, value.detach().contiguous(), group=group)
+            value = _unshard([s.cpu() for s in shards], *plans[module_name], leaf == "bias")
+        full[key] = value.detach().float().cpu().clone() if value.is_floating_point() else value.detach().cpu().clone()
+    return full
+
+
+def shard_full_state_dict(model: nn.Module, full_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """This TP rank's slices of a full state dict (keys checked against the model, with the differences named)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(full_sd)), sorted(set(full_sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                         "(was the checkpoint written for a different dit config?)")
+    plans = _sharded_modules(model)
+    rank = tp = 1
+    if plans:
+        from megatron.core import parallel_state
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+    local = {}
+    for key, value in full_sd.items():
+        module_name, _, leaf = key.rpartition(".")
+        if module_name in plans and leaf in ("weight", "bias"):
+            value = _shard(value, *plans[module_name], leaf == "bias", rank, tp)
+        if value.shape != own[key].shape:
+            raise ValueError(f"state dict: {key} has shape {tuple(value.shape)} after sharding, the model expects "
+                             f"{tuple(own[key].shape)} (was the checkpoint written for a different dit config?)")
+        local[key] = value
+    return local
+
+
+def load_full_state_dict(model: nn.Module, full_sd: Dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) state dict into a possibly TP-sharded model."""
+    model.load_state_dict(shard_full_state_dict(model, full_sd), strict=True)
+
+
+def _all_reduce_flat(grads: List[torch.Tensor], group, divide_by: int = 1) -> None:
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    if divide_by > 1:
+        flat.div_(divide_by)
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def sync_gradients(params: Iterable[nn.Parameter]) -> None:
+    """After backward: sum partial grads over TP (``_tp_partial``), then average all grads over DP.
+
+    A missing grad counts as zero, so every rank reduces the same flattened layout.
+    """
+    from megatron.core import parallel_state
+
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        _all_reduce_flat([p.grad for p in params if getattr(p, "_tp_partial", False)],
+                         parallel_state.get_tensor_model_parallel_group())
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp > 1:
+        _all_reduce_flat([p.grad for p in params], parallel_state.get_data_parallel_group(), divide_by=dp)
+
+
+def clip_grad_norm_tp(params: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Clip to a global L2 norm: squares of TP-sharded grads are summed over the TP group, replicated ones once."""
+    from megatron.core import parallel_state
+
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    sharded = [p.grad.float().pow(2).sum() for p in params if getattr(p, "_tp_sharded", False)]
+    replicated = [p.grad.float().pow(2).sum() for p in params if not getattr(p, "_tp_sharded", False)]
+    zero = torch.zeros((), device=params[0].grad.device)
+    sq_sharded = torch.stack(sharded).sum() if sharded else zero.clone()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(sq_sharded, group=parallel_state.get_tensor_model_parallel_group())
+    total = (sq_sharded + (torch.stack(replicated).sum() if replicated else zero)).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.to(p.grad.dtype))
+    return float(total)
