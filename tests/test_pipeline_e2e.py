@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 def _run(repo: Path, config: Path, home: Path) -> tuple[str, float]:
     env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1",
+           "FLYTE_SDK_LOGGING_LEVEL": "20",   # INFO: flytekit then says where it wrote each Deck
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.time()
@@ -55,6 +56,7 @@ def test_demo_prints_what_it_made_and_how_to_browse(pipeline_run):
     out = pipeline_run["out"]
     assert "finished" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     assert "step=" in out and "loss=" in out          # training progress streamed from the torchrun workers
+    assert "evaluate task creates flyte deck html" in out
     print(f"first run: {pipeline_run['seconds']:.1f} s")
 
 

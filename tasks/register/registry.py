@@ -24,8 +24,11 @@ def register_checkpoint(name: str, alias: str, dit_cfg: DiTConfig, step_dir: Pat
 
     from tasks.evaluate.evaluate import load_dit
 
+    import torch
+
     model = load_dit(dit_cfg, step_dir)
-    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "einops"]
+    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=requirements,
                                     code_paths=[str(REPO_ROOT / "models")], registered_model_name=name)
     mlflow.log_artifacts(str(step_dir), "checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
