@@ -18,9 +18,7 @@ def snapshot_inputs(cfg: CurateConfig) -> str:
     """Fingerprint of the raw inputs (names and sizes): curation's cache key changes when videos are added."""
     from common.storage import list_inputs
 
-    items = sorted(repr(i) for i in list_inputs(cfg.input_uri))
-    print(f"curate: {len(items)} inputs under {cfg.input_uri}", flush=True)
-    return hash_values(items)
+    return hash_values(sorted(repr(i) for i in list_inputs(cfg.input_uri)))
 
 
 @task(cache=True, cache_version=code_version("tasks/curate", "common"), cache_ignore_input_vars=("parent_run",),
