@@ -49,21 +49,56 @@ def dit_mugv_10b(**kw) -> DiTConfig:
 
 @dataclass
 class VAEConfig:
-    """2D spatial (x8) + causal temporal (x8) video VAE, MUG-V layout in miniature (spec §2)."""
+    """MUG-V video VAE (spec §2): a per-frame 2D AutoencoderKL trunk (x8 spatial), then a temporal VAE (x8 time).
+
+    ``vae_mugv()`` is the released architecture (SDXL-VAE 2D stage + MUGVAETemporal, ~412 M parameters); the default
+    (``vae_tiny()``) is the same module graph with small widths and fewer blocks for CPU tests and the demo.
+    """
     latent_channels: int = 24
-    spatial_channels: List[int] = field(default_factory=lambda: [16, 32, 32, 32])  # per 2D level; 3 stride-2 stages
-    feature_channels: int = 32     # 2D-stage output width (MUG-V: 512)
-    temporal_channels: int = 32    # temporal-stage width (MUG-V: 128 x (1,2,2,4))
+    # 2D stage (diffusers AutoencoderKL layout): block_out_channels, resnets per encoder block (decoder: +1)
+    spatial_channels: List[int] = field(default_factory=lambda: [16, 16, 32, 32])   # MUG-V/SDXL: 128, 256, 512, 512
+    spatial_layers_per_block: int = 1                 # MUG-V/SDXL: 2
+    spatial_latent_channels: int = 4                  # SDXL z channels: only sizes the unused encoder.conv_out /
+    #                                                   decoder.conv_in, kept so the released state dict loads strictly
+    spatial_mid_attention: bool = True                # single-head self-attention in both mid blocks
+    scaling_factor: float = 0.18215                   # multiplied into the 2D features, divided out before decoding
+    # temporal stage (MUGVAETemporal): widths temporal_channels * temporal_multipliers, res blocks per level
+    temporal_channels: int = 8                        # MUG-V: 128 ("filters")
+    temporal_multipliers: List[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    temporal_res_blocks: int = 1                      # MUG-V: 4
+    norm_groups: int = 8                              # GroupNorm groups everywhere (MUG-V: 32); must divide widths
     spatial_downsample: int = 8
     temporal_downsample: int = 8
+    decode_window: int = 6                            # latent frames per temporal-decoder call (MUG-V: 48 / 8)
+    micro_batch_size: int = 0                         # frames per 2D-stage call at inference; 0 = all (MUG-V: 4)
+    latent_stats: str = "dataset"                     # compress normalisation: "dataset" (train-split per-channel
+    #                                                   stats) | "mugv" (the published constants in the VAE's buffers)
 
     def __post_init__(self) -> None:
+        self.spatial_channels = list(self.spatial_channels)
+        self.temporal_multipliers = list(self.temporal_multipliers)
         if self.spatial_downsample != 2 ** (len(self.spatial_channels) - 1):
             raise ValueError(
                 f"vae.spatial_channels has {len(self.spatial_channels)} levels, giving x{2 ** (len(self.spatial_channels) - 1)} "
                 f"downsampling, but vae.spatial_downsample is {self.spatial_downsample}")
         if self.temporal_downsample != 8:
             raise ValueError("vae.temporal_downsample must be 8 (MUG-V's 8-frame independent chunks)")
+        if len(self.temporal_multipliers) != 4:
+            raise ValueError("vae.temporal_multipliers must have 4 levels (3 stride-2 stages = x8 in time), "
+                             f"got {self.temporal_multipliers}")
+        widths = self.spatial_channels + [self.temporal_channels * m for m in self.temporal_multipliers]
+        bad = sorted({c for c in widths if c % self.norm_groups})
+        if bad:
+            raise ValueError(f"vae.norm_groups ({self.norm_groups}) must divide every block width; it does not divide {bad}")
+        if min(self.spatial_layers_per_block, self.temporal_res_blocks, self.decode_window) < 1:
+            raise ValueError("vae.spatial_layers_per_block, vae.temporal_res_blocks and vae.decode_window must be >= 1")
+        if self.latent_stats not in ("dataset", "mugv"):
+            raise ValueError(f"vae.latent_stats must be 'dataset' or 'mugv', got {self.latent_stats!r}")
+
+    @property
+    def feature_channels(self) -> int:
+        """Width of the 2D-stage feature map the temporal stage works on (MUG-V: 512)."""
+        return self.spatial_channels[-1]
 
 
 def vae_tiny(**kw) -> VAEConfig:
@@ -71,4 +106,5 @@ def vae_tiny(**kw) -> VAEConfig:
 
 
 def vae_mugv(**kw) -> VAEConfig:
-    return VAEConfig(**{**dict(spatial_channels=[128, 256, 512, 512], feature_channels=512, temporal_channels=128), **kw})
+    return VAEConfig(**{**dict(spatial_channels=[128, 256, 512, 512], spatial_layers_per_block=2, temporal_channels=128,
+                               temporal_res_blocks=4, norm_groups=32, micro_batch_size=4, latent_stats="mugv"), **kw})

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from models.config import VAEConfig
 from models.text_encoder import TextEncoder
-from models.vae import VideoVAE
+from models.vae import VideoVAE, load_vae_state
 
 INDEX, META, NULL_TEXT, VAE_DIR, TEXT_DIR = "index.parquet", "meta.json", "null_text.safetensors", "vae", "text_encoder"
 VAE_WEIGHTS, VAE_CONFIG = "vae.safetensors", "config.json"
@@ -93,9 +93,7 @@ class LatentDatasetReader:
     def load_vae(self) -> VideoVAE:
         """The VAE that produced the latents (eval mode, CPU)."""
         cfg = VAEConfig(**json.loads((self.root / VAE_DIR / VAE_CONFIG).read_text()))
-        vae = VideoVAE(cfg)
-        vae.load_state_dict(load_file(str(self.root / VAE_DIR / VAE_WEIGHTS)))
-        return vae.eval()
+        return load_vae_state(VideoVAE(cfg), load_file(str(self.root / VAE_DIR / VAE_WEIGHTS))).eval()
 
     def load_text_encoder(self) -> TextEncoder:
         """The caption encoder: the copied tiny one, or the referenced pretrained one (same max_length)."""

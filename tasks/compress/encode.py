@@ -1,8 +1,10 @@
 """Compress stage: ClipManifest folder -> LatentDataset folder (docs/artifacts.md).
 
 Decodes kept clips with PyAV to [-1, 1] (spec §1.6: pixels in [-1, 1], latents normalised exactly once here),
-trains the VAE briefly when no weights are given, encodes every clip (posterior mode), normalises with per-channel
-statistics of the train split, encodes captions with T5 and writes safetensors shards, index.parquet and meta.json.
+trains the VAE briefly when no weights are given, encodes every clip (posterior mode), normalises per channel -
+with statistics of the train split (``vae.latent_stats: dataset``) or with the VAE's own shift/scale buffers, i.e. the
+published MUG-V constants (``mugv``) - encodes captions with T5 and writes safetensors shards, index.parquet and
+meta.json.
 Runs without Flyte; the Flyte task wraps ``run_compress``.
 """
 from __future__ import annotations
@@ -17,11 +19,11 @@ from typing import Callable, Dict, Iterator, List
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from common.config import CompressConfig
 from models.text_encoder import TextEncoder, state_dict_sha256
-from models.vae import CHUNK, VideoVAE
+from models.vae import CHUNK, VideoVAE, load_mugv_vae
 from tasks.compress.dataset import (INDEX, META, NULL_TEXT, TEXT_DIR, VAE_CONFIG, VAE_DIR, VAE_WEIGHTS,
                                     content_hash)
 
@@ -119,19 +121,17 @@ def train_vae(vae: VideoVAE, clips: List[torch.Tensor], cfg: CompressConfig, dev
 
 
 def _build_vae(cfg: CompressConfig) -> VideoVAE:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        vae = VideoVAE(cfg.vae)
+    """Random init (seeded), or strict loading of ``vae_pretrained`` (our vae.safetensors or MUG-V's vae.pt)."""
     if cfg.vae_pretrained:
         path = Path(cfg.vae_pretrained)
         if path.is_dir():
             path = path / VAE_WEIGHTS
         if not path.is_file():
             raise FileNotFoundError(f"compress.vae_pretrained: no weights file at {path}")
-        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
-                                                                                      weights_only=True)
-        vae.load_state_dict(state)
-    return vae
+        return load_mugv_vae(path, cfg=cfg.vae)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return VideoVAE(cfg.vae)
 
 
 def _build_text_encoder(cfg: CompressConfig) -> TextEncoder:
@@ -183,9 +183,13 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path,
             raw = [vae.encode(x[None].to(device)).mode()[0].cpu() for x in clips]
         progress(f"compress: encoded {len(raw)} clips, latent {list(raw[0].shape)}")
         split = split_clips(list(kept["clip_id"]), cfg.holdout_fraction)
-        train_z = torch.cat([z.flatten(1) for z, c in zip(raw, kept["clip_id"]) if split[c] == "train"], dim=1)
-        mean = train_z.double().mean(dim=1)
-        std = train_z.double().std(dim=1, unbiased=False).clamp_min(1e-6)
+        if cfg.vae.latent_stats == "mugv":   # the published constants, as the VAE's shift/scale buffers hold them
+            mean, std = vae.shift.flatten().double().cpu(), vae.scale.flatten().double().cpu()
+        else:
+            train_z = torch.cat([z.flatten(1) for z, c in zip(raw, kept["clip_id"]) if split[c] == "train"], dim=1)
+            mean = train_z.double().mean(dim=1)
+            std = train_z.double().std(dim=1, unbiased=False).clamp_min(1e-6)
+        progress(f"compress: latent normalisation from {cfg.vae.latent_stats} statistics (applied once, here)")
         norm = [((z.double() - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)).float() for z in raw]
         text_enc = _build_text_encoder(cfg).to(device)
         text_BLD, mask_BL = text_enc.encode(captions)
