@@ -1,10 +1,14 @@
 """Tensor parallelism for MUGDiT, applied after the model is built (torchtitan style: the model file imports nothing
 distributed), plus the gradient collectives the trainer needs.
 
-``parallelize(model, tp)`` swaps the block linears named in ``_PLAN`` for megatron-core Column/RowParallelLinear
-subclasses that hold this TP rank's shard of the existing weights. Fused outputs are sharded per part: qkv rows are
-(3, heads, head_dim) and kv rows (2, heads, head_dim), so rank r keeps heads [r*h/tp, (r+1)*h/tp) of each of q, k
-and v. The attention modules infer their local head count from the linear's output size, so they run unchanged.
+``parallelize(model, tp)`` swaps the block linears named in ``_PLAN`` for megatron-core column/row-parallel linears
+that hold this TP rank's shard of the existing weights. The implementation is chosen in one place,
+``tp_layer_specs(backend)``: ModuleSpecs for megatron's local Column/RowParallelLinear, or Transformer Engine's
+TEColumn/TERowParallelLinear (backend "te", when TE imports and CUDA is present). The layers are built from them
+with megatron's ``build_module``, and the TP process group is passed in explicitly. Fused outputs are sharded per
+part: qkv rows are (3, heads, head_dim) and kv rows (2, heads, head_dim), so rank r keeps heads
+[r*h/tp, (r+1)*h/tp) of each of q, k and v (``models.convert.shard_tp(layout="ours")`` is the same rule on state
+dicts). The attention modules infer their local head count from the linear's output size, so they run unchanged.
 Parameter names stay ``weight``/``bias``: the state-dict keys are the unsharded model's. Everything else (norms,
 embedders, adaLN tables, final layer) is replicated across TP ranks.
 
@@ -18,6 +22,7 @@ keep ``param.grad`` where torch's optimizer and clipping expect it.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Dict, Iterable, List, Tuple
 
@@ -45,34 +50,74 @@ def _plan_for(name: str) -> Tuple[str, int] | None:
     return None
 
 
-def _megatron_classes():
-    from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
+# ------------------------------------------------------------------------------------------------ layer specs
 
-    class ColumnLinear(tensor_parallel.ColumnParallelLinear):
-        """Output-sharded linear returning just the tensor; accepts any leading dims."""
-        get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state  # no _extra_state key
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._load_state_dict_pre_hooks.clear()   # megatron's hook would insert an _extra_state key on load
+class _TensorOnly:
+    """Mixin for megatron's (TE or local) parallel linears: any leading dims in, just the tensor out, and no
+    ``_extra_state`` key, so the state dict keeps the plain ``nn.Linear`` names (``weight``/``bias``). TE's FP8
+    metadata lives in ``_extra_state``: this trainer does not use FP8, so nothing is lost."""
+    get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state
 
-        def forward(self, x):
-            y, _ = super().forward(x.reshape(-1, x.shape[-1]))
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._load_state_dict_pre_hooks.clear()   # megatron's hook would insert an _extra_state key on load
 
-    class RowLinear(tensor_parallel.RowParallelLinear):
-        """Input-sharded linear (all-reduces its output), returning just the tensor; accepts any leading dims."""
-        get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state
+    def forward(self, x):
+        y, _ = super().forward(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._load_state_dict_pre_hooks.clear()
 
-        def forward(self, x):
-            y, _ = super().forward(x.reshape(-1, x.shape[-1]))
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+def _te_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except ImportError:
+        return False
+    return bool(HAVE_TE)
 
-    return ModelParallelConfig, parallel_state, ColumnLinear, RowLinear
+
+@functools.lru_cache(maxsize=None)
+def _linear_classes(backend: str):
+    """(column, row) classes of one backend, built once (TE only imported when asked for and usable)."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+        column_base, row_base = TEColumnParallelLinear, TERowParallelLinear
+    else:
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        column_base, row_base = ColumnParallelLinear, RowParallelLinear
+    column = type(f"DiT{column_base.__name__}", (_TensorOnly, column_base),
+                  {"__doc__": f"Output-sharded {column_base.__name__} returning just the tensor."})
+    row = type(f"DiT{row_base.__name__}", (_TensorOnly, row_base),
+               {"__doc__": f"Input-sharded {row_base.__name__} (all-reduces its output) returning just the tensor."})
+    return column, row
+
+
+def tp_layer_specs(backend: str = "local"):
+    """The one place that picks the tensor-parallel linear implementation: ``{"column": ModuleSpec, "row":
+    ModuleSpec}``, each built with ``build_module(spec, in, out, config=, init_method=, bias=, tp_group=)``.
+
+    backend "te": Transformer Engine's TEColumn/TERowParallelLinear when transformer_engine imports and CUDA is
+    present, else (like "local") megatron-core's own Column/RowParallelLinear. ``spec.metainfo["backend"]`` says which
+    was chosen. Column layers keep their output sharded (no gather); row layers take sharded input and all-reduce.
+    """
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if backend not in ("local", "te"):
+        raise ValueError(f"tp_layer_specs: backend must be 'local' or 'te', got {backend!r}")
+    chosen = "te" if backend == "te" and _te_usable() else "local"
+    column, row = _linear_classes(chosen)
+    extra = {"is_expert": False} if chosen == "te" else {}
+    meta = {"backend": chosen}
+    return {"column": ModuleSpec(module=column, params={"gather_output": False, **extra}, metainfo=meta),
+            "row": ModuleSpec(module=row, params={"input_is_parallel": True, "skip_bias_add": False, **extra},
+                              metainfo=meta)}
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Weights are copied from the unsharded model after construction."""
 
 
 def _shard(full: torch.Tensor, kind: str, parts: int, is_bias: bool, rank: int, tp: int) -> torch.Tensor:
@@ -93,25 +138,37 @@ def _unshard(shards: List[torch.Tensor], kind: str, parts: int, is_bias: bool) -
     return full.reshape(full.shape[0] * full.shape[1], *full.shape[2:])
 
 
-def parallelize(model: nn.Module, tp_group_size: int) -> nn.Module:
-    """Shard the plan's linears over megatron's TP group in place (TP=1: the model is returned untouched).
+def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend: str = "local") -> nn.Module:
+    """Shard the plan's linears over the TP process group in place (TP=1: the model is returned untouched).
 
-    Call it on the model already on its device: parameters are tagged (``_tp_sharded``, ``_tp_partial``) and the
-    tags live on the Parameter objects.
+    ``tp_group`` defaults to megatron's tensor-parallel group (built by ``trainer.device.init_distributed``); it is
+    handed to every parallel layer. ``backend`` goes to ``tp_layer_specs``. Call it on the model already on its
+    device: parameters are tagged (``_tp_sharded``, ``_tp_partial``) and the tags live on the Parameter objects.
     """
     if tp_group_size == 1:
         return model
-    ModelParallelConfig, parallel_state, ColumnLinear, RowLinear = _megatron_classes()
-    if parallel_state.get_tensor_model_parallel_world_size() != tp_group_size:
-        raise ValueError(f"parallelize(tp={tp_group_size}) but megatron's TP group has "
-                         f"{parallel_state.get_tensor_model_parallel_world_size()} ranks: "
-                         "call init_distributed(tp) first")
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    cfg = ModelParallelConfig(tensor_model_parallel_size=tp_group_size, use_cpu_initialization=True,
-                              perform_initialization=False, params_dtype=torch.float32)
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import build_module
+
+    if tp_group is None:
+        from megatron.core import parallel_state
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    if dist.get_world_size(tp_group) != tp_group_size:
+        raise ValueError(f"parallelize(tp={tp_group_size}) but the TP group has {dist.get_world_size(tp_group)} "
+                         "ranks: call init_distributed(tp) first")
+    rank = dist.get_rank(tp_group)
     targets = [(n, m) for n, m in model.named_modules() if _plan_for(n)]
     if not targets:
         raise ValueError("parallelize: no linear matched the TP plan (blocks.{i}.attn.qkv, ...); is this a MUGDiT?")
+    dit = getattr(model, "cfg", None)
+    if dit is None:
+        raise TypeError("parallelize: the model has no .cfg (DiTConfig); is this a MUGDiT?")
+    if dit.num_heads % tp_group_size:
+        raise ValueError(f"parallelize: tensor_parallel={tp_group_size} must divide dit.num_heads ({dit.num_heads})")
+    config = TransformerConfig(num_layers=dit.depth, hidden_size=dit.hidden_size, num_attention_heads=dit.num_heads,
+                               tensor_model_parallel_size=tp_group_size, use_cpu_initialization=True,
+                               perform_initialization=False, params_dtype=targets[0][1].weight.dtype)
+    specs = tp_layer_specs(backend)
     for name, lin in targets:
         if type(lin) is not nn.Linear:
             raise TypeError(f"parallelize: {name} is {type(lin).__name__}, expected nn.Linear (already parallelized?)")
@@ -121,11 +178,8 @@ def parallelize(model: nn.Module, tp_group_size: int) -> nn.Module:
             raise ValueError(f"parallelize: {name} [{out_f}x{in_f}] cannot be split over tp={tp_group_size}; "
                              "tensor_parallel must divide dit.num_heads")
         bias = lin.bias is not None
-        if kind == "column":
-            new = ColumnLinear(in_f, out_f, config=cfg, init_method=lambda w: None, bias=bias, gather_output=False)
-        else:
-            new = RowLinear(in_f, out_f, config=cfg, init_method=lambda w: None, bias=bias,
-                            input_is_parallel=True, skip_bias_add=False)
+        new = build_module(specs[kind], in_f, out_f, config=config, init_method=_no_init, bias=bias,
+                           tp_group=tp_group)
         new.to(device=lin.weight.device, dtype=lin.weight.dtype)   # before tagging: a later .to() may swap params
         new._tp_plan = (kind, parts)
         with torch.no_grad():
