@@ -350,6 +350,34 @@ def from_megatron(mcore_sd: StateDict, cfg=None, *, y_embedding: Optional[torch.
 # ------------------------------------------------------------------------------------------------ tensor parallel
 
 
+def shard_tensor(t: torch.Tensor, rule: Optional[str], parts: int, rank: int, tp_size: int) -> torch.Tensor:
+    """One tensor's slice for TP rank ``rank`` (a clone). ``rule``: "column" splits dim 0 separately inside each of
+    ``parts`` fused blocks of rows (q,k,v = 3; k,v = 2), "row" splits dim 1 (a row-parallel bias is replicated),
+    None replicates. The trainer's parallel layers hold exactly these slices (trainer/parallel.py)."""
+    if rule is None or (rule == "row" and t.ndim == 1):
+        return t.clone()
+    if rule == "row":
+        return t.chunk(tp_size, dim=1)[rank].clone()
+    grouped = t.reshape(parts, t.shape[0] // parts, *t.shape[1:])          # (parts, heads*head_dim, [in])
+    return grouped.chunk(tp_size, dim=1)[rank].reshape(-1, *t.shape[1:]).clone()
+
+
+def merge_tensors(ts: Sequence[torch.Tensor], rule: Optional[str], parts: int) -> torch.Tensor:
+    """Inverse of ``shard_tensor`` given every rank's slice in TP-rank order."""
+    if rule is None or (rule == "row" and ts[0].ndim == 1):
+        return ts[0]
+    if rule == "row":
+        return torch.cat(list(ts), dim=1)
+    grouped = [t.reshape(parts, t.shape[0] // parts, *t.shape[1:]) for t in ts]
+    return torch.cat(grouped, dim=1).reshape(-1, *ts[0].shape[1:])
+
+
+def tp_rule(name: str, layout: str = "ours") -> Tuple[Optional[str], int]:
+    """(rule, fused parts) of a state-dict key under tensor parallelism: rule "column" | "row" | None."""
+    rule, parts, _ = _tp_rule(name, layout)
+    return rule, parts
+
+
 def _tp_rule(name: str, layout: str) -> Tuple[Optional[str], int, str]:
     """(rule, fused parts, block prefix) of a key: rule "column" | "row" | None (replicated)."""
     pattern, table = (_OURS_BLOCK, _BY_OURS) if layout == "ours" else (_MCORE_BLOCK, _BY_MCORE)
@@ -391,11 +419,7 @@ def shard_tp(full_sd: StateDict, tp_size: int, rank: int, layout: str = "ours") 
         dim = 0 if rule == "column" else 1
         if t.shape[dim] % (tp_size * (parts if layout == "ours" else 1)):
             raise ValueError(f"{name} {tuple(t.shape)} cannot be split over tp={tp_size} on dim {dim}")
-        if rule == "column" and layout == "ours" and parts > 1:   # (parts, heads*d) rows: split each part
-            grouped = t.reshape(parts, t.shape[0] // parts, *t.shape[1:])
-            out[name] = grouped.chunk(tp_size, dim=1)[rank].reshape(-1, *t.shape[1:]).clone()
-        else:
-            out[name] = t.chunk(tp_size, dim=dim)[rank].clone()
+        out[name] = shard_tensor(t, rule, parts if layout == "ours" else 1, rank, tp_size)
     return out
 
 
@@ -420,11 +444,8 @@ def merge_tp(shards: Sequence[StateDict], layout: str = "ours", check_replicated
             if check_replicated and ts[0] is not None and not all(torch.equal(ts[0], t) for t in ts[1:]):
                 raise ConversionError(f"{name} should be replicated over TP but differs between ranks")
             out[name] = ts[0]
-        elif rule == "column" and layout == "ours" and parts > 1:
-            grouped = [t.reshape(parts, t.shape[0] // parts, *t.shape[1:]) for t in ts]
-            out[name] = torch.cat(grouped, dim=1).reshape(-1, *ts[0].shape[1:])
         else:
-            out[name] = torch.cat(ts, dim=0 if rule == "column" else 1)
+            out[name] = merge_tensors(ts, rule, parts if layout == "ours" else 1)
     return out
 
 

@@ -1,7 +1,7 @@
 """Tensor parallelism for MUGDiT, applied after the model is built (torchtitan style: the model file imports nothing
 distributed), plus the gradient collectives the trainer needs.
 
-``parallelize(model, tp)`` swaps the block linears named in ``_PLAN`` for megatron-core column/row-parallel linears
+``parallelize(model, tp)`` swaps the block linears that ``models.convert.tp_rule`` shards for megatron-core column/row-parallel linears
 that hold this TP rank's shard of the existing weights. The implementation is chosen in one place,
 ``tp_layer_specs(backend)``: ModuleSpecs for megatron's local Column/RowParallelLinear, or Transformer Engine's
 TEColumn/TERowParallelLinear (backend "te", when TE imports and CUDA is present). The layers are built from them
@@ -23,7 +23,6 @@ keep ``param.grad`` where torch's optimizer and clipping expect it.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Dict, Iterable, List, Tuple
 
 import torch
@@ -31,23 +30,13 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-# name pattern -> ("column", parts) | ("row", 1): parts = fused outputs sharded separately (q,k,v = 3; k,v = 2)
-_PLAN: List[Tuple[str, str, int]] = [
-    (r"blocks\.\d+\.attn\.qkv", "column", 3),
-    (r"blocks\.\d+\.attn\.proj", "row", 1),
-    (r"blocks\.\d+\.cross_attn\.q_linear", "column", 1),
-    (r"blocks\.\d+\.cross_attn\.kv_linear", "column", 2),
-    (r"blocks\.\d+\.cross_attn\.proj", "row", 1),
-    (r"blocks\.\d+\.mlp\.fc1", "column", 1),
-    (r"blocks\.\d+\.mlp\.fc2", "row", 1),
-]
-
+from models.convert import merge_tensors, shard_tensor, tp_rule
 
 def _plan_for(name: str) -> Tuple[str, int] | None:
-    for pattern, kind, parts in _PLAN:
-        if re.fullmatch(pattern, name):
-            return kind, parts
-    return None
+    """("column" | "row", fused parts) for a linear module that is sharded, else None. The rules live once, in
+    ``models.convert`` (the checkpoint converter shards state dicts with the same ones)."""
+    rule, parts = tp_rule(f"{name}.weight")
+    return (rule, parts) if rule else None
 
 
 # ------------------------------------------------------------------------------------------------ layer specs
@@ -120,24 +109,6 @@ def _no_init(weight: torch.Tensor) -> None:
     """Weights are copied from the unsharded model after construction."""
 
 
-def _shard(full: torch.Tensor, kind: str, parts: int, is_bias: bool, rank: int, tp: int) -> torch.Tensor:
-    """This rank's slice of a full weight [out, in] or bias [out]."""
-    if kind == "row":
-        return full.clone() if is_bias else full.chunk(tp, dim=1)[rank].clone()
-    out = full.shape[0]
-    grouped = full.reshape(parts, out // parts, *full.shape[1:])          # (parts, heads*head_dim, [in])
-    return grouped.chunk(tp, dim=1)[rank].reshape(out // tp, *full.shape[1:]).clone()
-
-
-def _unshard(shards: List[torch.Tensor], kind: str, parts: int, is_bias: bool) -> torch.Tensor:
-    """Inverse of ``_shard`` given every rank's slice in TP-rank order."""
-    if kind == "row":
-        return shards[0].clone() if is_bias else torch.cat(shards, dim=1)
-    grouped = [s.reshape(parts, s.shape[0] // parts, *s.shape[1:]) for s in shards]
-    full = torch.cat(grouped, dim=1)
-    return full.reshape(full.shape[0] * full.shape[1], *full.shape[2:])
-
-
 def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend: str = "local") -> nn.Module:
     """Shard the plan's linears over the TP process group in place (TP=1: the model is returned untouched).
 
@@ -183,9 +154,9 @@ def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend:
         new.to(device=lin.weight.device, dtype=lin.weight.dtype)   # before tagging: a later .to() may swap params
         new._tp_plan = (kind, parts)
         with torch.no_grad():
-            new.weight.copy_(_shard(lin.weight.detach(), kind, parts, False, rank, tp_group_size))
+            new.weight.copy_(shard_tensor(lin.weight.detach(), kind, parts, rank, tp_group_size))
             if bias:
-                new.bias.copy_(_shard(lin.bias.detach(), kind, parts, True, rank, tp_group_size))
+                new.bias.copy_(shard_tensor(lin.bias.detach(), kind, parts, rank, tp_group_size))
         new.weight._tp_sharded = True
         if bias and kind == "column":
             new.bias._tp_sharded = True
@@ -220,7 +191,7 @@ def gather_full_state_dict(model: nn.Module,
             group, tp = _tp_group()
             shards = [torch.empty_like(value) for _ in range(tp)]
             dist.all_gather(shards, value.detach().contiguous(), group=group)
-            value = _unshard([s.cpu() for s in shards], *plans[module_name], leaf == "bias")
+            value = merge_tensors([s.cpu() for s in shards], *plans[module_name])
         full[key] = value.detach().float().cpu().clone() if value.is_floating_point() else value.detach().cpu().clone()
     return full
 
@@ -242,7 +213,7 @@ def shard_full_state_dict(model: nn.Module, full_sd: Dict[str, torch.Tensor]) ->
     for key, value in full_sd.items():
         module_name, _, leaf = key.rpartition(".")
         if module_name in plans and leaf in ("weight", "bias"):
-            value = _shard(value, *plans[module_name], leaf == "bias", rank, tp)
+            value = shard_tensor(value, *plans[module_name], rank, tp)
         if value.shape != own[key].shape:
             raise ValueError(f"state dict: {key} has shape {tuple(value.shape)} after sharding, the model expects "
                              f"{tuple(own[key].shape)} (was the checkpoint written for a different dit config?)")
