@@ -36,12 +36,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-StateDict = Dict[str, torch.Tensor]
+from models.weights import StateDict, WeightsError, read_state_dict, unwrap_state_dict
+
 
 Y_EMBEDDING = "y_embedder.y_embedding"
 FREQ_DIM = 256                         # sinusoid width of the timestep/fps embedders (models/dit.py FREQ_DIM)
-_WRAPPERS = ("state_dict", "model", "module", "ema", "model_state_dict")   # nesting seen in torch/DDP/megatron files
-_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile name prefixes
 
 # ------------------------------------------------------------------------------------------------ name map (§6.7)
 # per block: (ours/mugv leaf, megatron leaf, TP rule, fused parts). TP rule: "column" = split dim 0 (per part in the
@@ -87,8 +86,8 @@ _BY_OURS = {o: (m, rule, parts) for o, m, rule, parts in _BLOCK_MAP}
 _BY_MCORE = {m: (o, rule, parts) for o, m, rule, parts in _BLOCK_MAP}
 
 
-class ConversionError(ValueError):
-    pass
+class ConversionError(WeightsError):
+    """A state dict that cannot be converted (wrong keys/shapes, bad TP layout)."""
 
 
 # ------------------------------------------------------------------------------------------------ shapes
@@ -172,27 +171,6 @@ def validate_ours(sd: StateDict, cfg=None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ mugv <-> ours
-
-
-def unwrap_state_dict(obj) -> StateDict:
-    """A flat name -> tensor dict from a raw, nested (``model``/``state_dict``/``module``/``ema``) or DDP/compile
-    prefixed checkpoint. MUG-V's own loader takes the raw dict; the wrappers cover training checkpoints."""
-    for _ in range(5):
-        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        top = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise ConversionError(f"cannot find a state dict in this checkpoint: top level {top} (expected name -> "
-                              f"tensor, or one of {list(_WRAPPERS)} holding it)")
-    out = {}
-    for k, v in obj.items():
-        for p in _PREFIXES:
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
 
 
 def import_mugv_dit(state_dict, cfg=None, *, y_embedding: Optional[torch.Tensor] = None,
@@ -461,28 +439,7 @@ def save_safetensors_export(path: str | os.PathLike, sd: StateDict, metadata: Op
     save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
 
 
-def load_state_dict_file(path: str | os.PathLike, trust_pickle: bool = False) -> StateDict:
-    """A ``.safetensors``/``.pt``/``.bin`` file, or a trainer step folder (``model.safetensors``), as a flat dict."""
-    p = Path(path)
-    if p.is_dir() and (p / "model.safetensors").exists():
-        p = p / "model.safetensors"
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(p))
-    try:
-        try:               # memory-map: the 10B dit.pt is ~20 GB
-            obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(p, map_location="cpu", weights_only=not trust_pickle)   # legacy (non-zip) format
-    except Exception as e:   # megatron files pickle argparse args and numpy RNG state
-        if trust_pickle:
-            raise
-        raise ConversionError(f"{p}: torch.load(weights_only=True) failed ({type(e).__name__}: {str(e)[:200]}); "
-                              "if the file is trusted (e.g. a Megatron model_optim_rng.pt with args), pass "
-                              "--trust-pickle") from None
-    return unwrap_state_dict(obj)
+load_state_dict_file = read_state_dict   # the CLI's name for it
 
 
 def _save_ours(path: Path, sd: StateDict) -> None:

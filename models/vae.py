@@ -37,7 +37,6 @@ the LAST window; here they are dropped from the front of the video. Both agree w
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import VAEConfig, vae_mugv, vae_tiny
+from models.weights import check_state_dict, read_state_dict, shapes_of, unwrap_state_dict
 
 CHUNK = 8   # pixel frames per latent frame (temporal_downsample)
 
@@ -545,60 +545,10 @@ def _ramp(start: int, tile: int, size: int, overlap: int, scale: int, like: torc
 
 # ------------------------------------------------------------------------------------------------------- loading
 
-STATE_DICT_WRAPPERS = ("state_dict", "model", "module", "ema", "vae")
-
-
-def _unwrap_state_dict(obj: object) -> Dict[str, torch.Tensor]:
-    """A flat {name: tensor} from a checkpoint: the reference saves ``MUGAutoencoderPipeline.state_dict()`` flat
-    (``MUGVAE`` does ``load_state_dict(torch.load(path), strict=True)``); trainer checkpoints may nest it under
-    one of ``STATE_DICT_WRAPPERS`` or prefix every key with "module." (DDP)."""
-    for _ in range(4):
-        if isinstance(obj, Mapping) and obj and not all(torch.is_tensor(v) for v in obj.values()):
-            inner = next((obj[k] for k in STATE_DICT_WRAPPERS if isinstance(obj.get(k), Mapping)), None)
-            if inner is None:
-                raise ValueError(f"load_mugv_vae: not a state dict; top-level keys {sorted(map(str, obj))[:10]} "
-                                 f"(expected tensors, or one of {STATE_DICT_WRAPPERS} holding them)")
-            obj = inner
-    if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError("load_mugv_vae: could not find a {name: tensor} state dict in the checkpoint")
-    sd = OrderedDict(obj)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = OrderedDict((k[len("module."):], v) for k, v in sd.items())
-    return sd
-
-
-def _read_checkpoint(path: Path) -> object:
-    if not path.is_file():
-        raise FileNotFoundError(f"load_mugv_vae: no weights file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:   # legacy (non-zip) torch.save format cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "VAE") -> None:
-    """Raise one ValueError listing missing keys, unexpected keys and shape mismatches (strict loading)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}"
-                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        def block(title: str, items: Sequence[str]) -> str:
-            shown = "\n    ".join(items[:40]) + (f"\n    ... and {len(items) - 40} more" if len(items) > 40 else "")
-            return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
-        raise ValueError(f"{what} state dict does not match the model ({len(own)} model keys, {len(state)} in the "
-                         f"checkpoint):" + block("missing keys", missing) + block("unexpected keys", unexpected)
-                         + block("shape mismatches", mismatched))
-
-
 def load_vae_state(vae: VideoVAE, source: Union[str, Path, Mapping[str, torch.Tensor]]) -> VideoVAE:
     """Strictly load weights (a path to .pt/.pth/.safetensors, or a possibly nested state dict) into ``vae``."""
-    state = _unwrap_state_dict(_read_checkpoint(Path(source)) if isinstance(source, (str, Path)) else source)
-    check_state_dict(vae, state)
+    state = read_state_dict(source) if isinstance(source, (str, Path)) else unwrap_state_dict(source)
+    check_state_dict(shapes_of(vae), state, what="VAE state dict")
     vae.load_state_dict(state, strict=True)
     return vae
 
@@ -611,10 +561,10 @@ def load_mugv_vae(source: Union[str, Path, Mapping[str, torch.Tensor]], cfg: Opt
     The module is built on the meta device and the checkpoint tensors are assigned (no 1.6 GB random init);
     ``dtype`` (default float32, None = keep the file's) converts them afterwards."""
     cfg = cfg or vae_mugv()
-    state = _unwrap_state_dict(_read_checkpoint(Path(source)) if isinstance(source, (str, Path)) else source)
+    state = read_state_dict(source) if isinstance(source, (str, Path)) else unwrap_state_dict(source)
     with torch.device("meta"):
         vae = VideoVAE(cfg)
-    check_state_dict(vae, state, what="MUG-V VAE")
+    check_state_dict(shapes_of(vae), state, what="MUG-V VAE state dict")
     vae.load_state_dict(state, strict=True, assign=True)
     if dtype is not None:
         vae = vae.to(dtype)

@@ -235,7 +235,7 @@ def test_load_mugv_vae_errors(tmp_path):
         load_mugv_vae(sd)                                       # tiny weights into the mugv() config
     with pytest.raises(ValueError, match="missing keys"):
         load_vae_state(tiny(), {k: t for k, t in sd.items() if k != "logvar"})
-    with pytest.raises(ValueError, match="not a state dict"):
+    with pytest.raises(ValueError, match="cannot find a state dict"):
         load_mugv_vae({"epoch": 3, "optimizer": {"lr": 1.0}}, cfg=vae_tiny())
     with pytest.raises(FileNotFoundError):
         load_mugv_vae(tmp_path / "nope.pt")
