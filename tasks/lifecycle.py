@@ -46,7 +46,7 @@ def finish_tracking(config: PipelineConfig, parent_run: str, manifest: ClipManif
         f"pipeline '{config.name}' finished",
         f"  inputs {manifest.inputs}: kept {manifest.kept}, rejected {manifest.rejected}, failed {manifest.failed}"
         f"  (clips: {manifest.folder.path})",
-        f"  evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.metrics.items())),
+        "  evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.metrics.items())),
         f"  report: {report.folder.path}/report.html",
         f"  model: {model.name} version {model.version} alias '{model.alias}'",
         f"  MLflow parent run: {parent_run}",

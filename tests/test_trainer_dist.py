@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from common.config import LaunchConfig, StageConfig
 from models.config import DiTConfig

@@ -13,7 +13,6 @@ encode/decode numerically (max abs diff ~1e-5, float32 noise); that check is not
 here).
 """
 import json
-import math
 import time
 from pathlib import Path
 

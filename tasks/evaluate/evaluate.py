@@ -65,8 +65,7 @@ def to_uint8_THWC(x_CTHW: torch.Tensor) -> np.ndarray:
 
 
 def contact_sheet_png(frames_THWC: np.ndarray, path: Path, n: int = 6) -> None:
-    import av  # noqa: F401  (PyAV brings no PNG writer; use OpenCV, already a curation dependency)
-    import cv2
+    import cv2   # OpenCV is already a curation dependency; PyAV has no PNG writer
 
     idx = np.linspace(0, len(frames_THWC) - 1, min(n, len(frames_THWC))).round().astype(int)
     strip = np.concatenate([frames_THWC[i] for i in idx], axis=1)

@@ -7,7 +7,6 @@ that was interrupted resumes from its last checkpoint when rerun (its output fol
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional
 
 from flytekit import Resources, dynamic, task
