@@ -23,6 +23,8 @@ class ClipManifest:
     rejected: int
     failed: int
     config: CurateConfig = field(default_factory=CurateConfig)
+    processed: int = 0                # inputs decoded by this run (the rest were reused from the per-input store)
+    reused: int = 0
 
 
 @dataclass

@@ -118,11 +118,15 @@ def test_run_curation_from_s3_matches_local(s3_env, tmp_path, monkeypatch):
     for path in sorted(folder.iterdir()):
         client.fput_object(bucket, f"videos/{path.name}", str(path))
 
-    local = run_curation(CurateConfig(input_uri=str(folder)), tmp_path / "local", progress=lambda m: None)
+    from common.config import CaptionConfig
+
+    tiny = dict(motion_min=0.02, motion_height=96, caption=CaptionConfig(backend="sidecar"))   # as in tests/test_curate
+    local = run_curation(CurateConfig(input_uri=str(folder), **tiny), tmp_path / "local", progress=lambda m: None)
     messages = []
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    remote = run_curation(CurateConfig(input_uri=f"s3://{bucket}/videos"), tmp_path / "s3", progress=messages.append)
+    remote = run_curation(CurateConfig(input_uri=f"s3://{bucket}/videos", **tiny), tmp_path / "s3",
+                          progress=messages.append)
     keys = ("inputs", "kept", "rejected", "failed", "clips_kept", "clips_rejected", "rows", "reasons", "source_hashes")
     assert {k: remote[k] for k in keys} == {k: local[k] for k in keys}
     assert (remote["inputs"], remote["kept"], remote["failed"], remote["clips_kept"]) == (4, 2, 2, 3)
@@ -134,7 +138,7 @@ def test_run_curation_from_s3_matches_local(s3_env, tmp_path, monkeypatch):
     same = df_local.drop(columns=["source_uri"]).equals(df_s3.drop(columns=["source_uri"]))
     assert same, (df_local.clip_id.tolist(), df_s3.clip_id.tolist())
     assert (df_s3[df_s3.status == "kept"].clip_id.tolist() == df_local[df_local.status == "kept"].clip_id.tolist())
-    assert (df_s3[df_s3.source_uri.str.endswith("a.mp4")].caption == "a textured square").all()
+    assert (df_s3[df_s3.source_uri.str.endswith("a.mp4")].caption.str.startswith("a textured square")).all()
     for name in sorted(p.name for p in (tmp_path / "local" / "clips").iterdir()):
         assert (tmp_path / "s3" / "clips" / name).read_bytes() == (tmp_path / "local" / "clips" / name).read_bytes()
     assert any("[4/4]" in m for m in messages)

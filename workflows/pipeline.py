@@ -13,7 +13,7 @@ from flytekit import CronSchedule, LaunchPlan, workflow
 from flytekit.types.file import FlyteFile
 
 from tasks.compress.task import compress
-from tasks.curate.task import curate, snapshot_inputs
+from tasks.curate.task import curate, curate_shards, plan_curation, snapshot_inputs
 from tasks.evaluate.task import evaluate
 from tasks.lifecycle import finish_tracking, load_pipeline_config, start_tracking
 from tasks.register.task import register
@@ -25,8 +25,10 @@ def train_video_model(config: FlyteFile) -> str:
     """Raw footage to a registered, evaluated checkpoint. ``config`` is a YAML file (see configs/)."""
     cfg = load_pipeline_config(config=config)
     run = start_tracking(config=cfg)
-    manifest = curate(cfg=cfg.curate, inputs_fingerprint=snapshot_inputs(cfg=cfg.curate), tracking_cfg=cfg.tracking,
-                      parent_run=run)
+    shards = plan_curation(cfg=cfg.curate, inputs_fingerprint=snapshot_inputs(cfg=cfg.curate),
+                           tracking_cfg=cfg.tracking)                      # inputs cut into shards
+    manifest = curate(cfg=cfg.curate, shards=curate_shards(shard=shards),  # map_task: one cached task per shard
+                      tracking_cfg=cfg.tracking, parent_run=run)           # merge + report + MLflow "curate" run
     latents = compress(cfg=cfg.compress, manifest=manifest, tracking_cfg=cfg.tracking, parent_run=run)
     pretrained = pretrain(train=cfg.train, data=latents, tracking_cfg=cfg.tracking, parent_run=run)
     tuned = post_train(stage=cfg.train.post_train, dit=cfg.train.dit, flow=cfg.train.flow, launch=cfg.train.launch,

@@ -1,38 +1,26 @@
-"""Curation stage: inputs -> ClipManifest folder (docs/artifacts.md), without Flyte.
+"""Curation of one input: fetched file -> manifest rows + clips (docs/artifacts.md), without Flyte.
 
-For each input (``common.storage.list_inputs`` order): fetch, hash the bytes, decode, split scenes, cut up to
-``max_clips_per_scene`` non-overlapping windows of ``clip_frames`` frames taken every ``frame_stride`` source frames
-(a window spans ``(clip_frames - 1) * frame_stride + 1`` source frames; windows are spread evenly over the scene),
-score the filters on the window's source-resolution frames, center-crop + resize to ``height x width`` and write
-kept clips. A failure in one input becomes a "failed" row; it never stops the run.
+``curate_video`` decodes (decord, PyAV fallback, constant frame rate), analyses scenes (``scenes.analyse``: hard
+cuts + fades/dissolves), and for each scene picks the size bucket (closest aspect) and the longest length bucket that
+fits (``buckets``), cuts up to ``max_clips_per_scene`` windows spread evenly over the scene, scores every filter on
+the window's source-resolution frames (``filters.assess``: brightness, sharpness, motion, text area, aesthetic),
+drops windows that still contain a cut (max frame change > ``cut_check_threshold``), center-crops + resizes to the
+bucket and captions kept clips (``captioner``: sidecar or Qwen2-VL, aesthetic score appended). Every candidate gets
+a pHash (for the run-wide near-duplicate check at merge) and a thumbnail.
 
-Rows (manifest.parquet), one of:
-- a candidate clip window: status "kept" (clip written) or "rejected" (first failing filter, e.g.
-  "sharpness 12.3 < 200");
-- a scene shorter than one window: "rejected", reason "scene too short: <n> < <span> frames", clip_id "";
-- an input with the same bytes as an earlier one: "rejected", reason "duplicate source (same bytes as <name>)";
-- an input that cannot be fetched or decoded: one "failed" row, reason from DecodeError, clip fields null/NaN.
-``fps`` is the clip's frame rate (source fps / frame_stride); ``duration_s`` is num_frames / fps for windows and the
-scene's source duration for "scene too short" rows.
-
-Accounting (summary.json), input level: every input gets exactly one outcome,
-  "kept"     = inputs with >= 1 kept clip,
-  "rejected" = inputs that decoded but gave no kept clip,
-  "failed"   = inputs that could not be fetched, decoded or processed,
-so inputs == kept + rejected + failed == number of distinct manifest source_uri values. Row level:
-  rows == clips_kept + clips_rejected + failed, and sum(reasons.values()) == clips_rejected + failed,
-where "reasons" counts non-kept rows by value-free reason key ("sharpness < 200", "scene too short", "empty file").
-clip_id = sha256(output pixels, source hash, window)[:16]; content_hash = sha256 over (relative path, sha256 of
-bytes) of manifest.parquet and clips/*, sorted by path, first 16 hex digits (summary.json itself is excluded).
-
-summary.json keys: inputs, kept, rejected, failed, clips_kept, clips_rejected, rows, reasons, source_hashes (one per
-input in listing order; "" when the input could not be fetched), input_status ({source_uri: outcome}), input_uri,
-config (the CurateConfig as a dict), content_hash.
+Rows, one of:
+- a candidate clip window: status "kept" (clip written) or "rejected" (first failing check, e.g. "sharpness 12.3 <
+  200", "cut inside clip: change 40.1 > 25");
+- a scene shorter than the shortest allowed window: "rejected", "scene too short: <n> < <span> frames", clip_id "";
+- an input that cannot be decoded or processed: one "failed" row with the reason, clip fields null/NaN.
+``fps`` is the clip's frame rate (source fps / frame_stride); ``start_s``/``end_s`` come from the decoded frames'
+presentation timestamps. ``run_curation`` runs the whole stage in-process (shards -> store -> merge; see
+``shard.py`` and ``merge.py`` for the store, the accounting and summary.json). clip_id = sha256(output pixels, source
+hash, window)[:16]; content_hash = sha256 over (relative path, sha256 of bytes) of every file but summary.json.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
@@ -40,13 +28,11 @@ from typing import Any, Callable, Dict, List, Tuple
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from common.config import CurateConfig, to_dict
-from common.storage import InputFile, fetch, is_s3, list_inputs, read_text
+from common.config import CurateConfig
+from common.storage import InputFile, list_inputs, read_text
 from tasks.curate.decode import DecodeError, read_video, write_clip
 from tasks.curate.filters import assess
-from tasks.curate.scenes import detect_scenes
 
 SCHEMA = pa.schema([
     ("clip_id", pa.string()), ("source_uri", pa.string()), ("source_hash", pa.string()), ("status", pa.string()),
@@ -55,6 +41,9 @@ SCHEMA = pa.schema([
     ("num_frames", pa.int64()), ("duration_s", pa.float64()), ("scene_index", pa.int64()),
     ("sharpness", pa.float64()), ("brightness", pa.float64()), ("score", pa.float64()), ("caption", pa.string()),
     ("bucket", pa.string()), ("path", pa.string()),
+    # added by the production curation (issue 4); older readers ignore them
+    ("start_s", pa.float64()), ("end_s", pa.float64()), ("motion", pa.float64()), ("text_area", pa.float64()),
+    ("aesthetic", pa.float64()), ("phash", pa.string()), ("caption_source", pa.string()), ("scored_by", pa.string()),
 ])
 NAN = float("nan")
 
@@ -101,8 +90,13 @@ def center_crop_resize(frames_THWC: np.ndarray, height: int, width: int) -> np.n
         (min(h, max(1, round(w * height / width))), w)
     y0, x0 = (h - crop_h) // 2, (w - crop_w) // 2
     cropped_THWC = frames_THWC[:, y0:y0 + crop_h, x0:x0 + crop_w]
-    return np.stack([cv2.resize(np.ascontiguousarray(f), (width, height), interpolation=cv2.INTER_AREA)
-                     for f in cropped_THWC])
+    out = []
+    for f in cropped_THWC:
+        f = np.ascontiguousarray(f)
+        while f.shape[0] >= 4 * height and f.shape[1] >= 4 * width:   # exact 2x2 box steps, then INTER_AREA
+            f = cv2.pyrDown(f)
+        out.append(cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA))
+    return np.stack(out)
 
 
 def clip_id(pixels_THWC: np.ndarray, source_hash: str, start: int, end: int, stride: int) -> str:
@@ -110,132 +104,156 @@ def clip_id(pixels_THWC: np.ndarray, source_hash: str, start: int, end: int, str
     return _sha16(np.ascontiguousarray(pixels_THWC).tobytes(), source_hash.encode(), f"{start}:{end}:{stride}".encode())
 
 
-def _row(item: InputFile, source_hash: str, caption: str, status: str, reason: str, **clip: Any) -> Dict[str, Any]:
-    row: Dict[str, Any] = {f.name: None for f in SCHEMA}
-    row.update(clip_id="", source_uri=item.uri, source_hash=source_hash, status=status, reason=reason,
-               fps=NAN, duration_s=NAN, sharpness=NAN, brightness=NAN, score=NAN, caption=caption, bucket="", path="")
+class Models:
+    """The learned scorers of one worker, built on first use (a shard builds them at most once)."""
+
+    def __init__(self, cfg: CurateConfig) -> None:
+        self.cfg = cfg
+        self._scorer: Any = None
+        self._vlm: Any = None
+
+    @property
+    def scorer(self) -> Any:
+        if self._scorer is None:
+            from tasks.curate.aesthetic import AestheticScorer
+
+            self._scorer = AestheticScorer(self.cfg.aesthetic)
+        return self._scorer
+
+    def captioner(self, sidecar: str | None) -> Any:
+        from tasks.curate.captioner import QwenVLCaptioner, SidecarCaptioner
+
+        if self.cfg.caption.backend == "sidecar" or (sidecar and self.cfg.caption.prefer_sidecar):
+            return SidecarCaptioner(sidecar or self.cfg.default_caption)
+        if self._vlm is None:
+            self._vlm = QwenVLCaptioner(self.cfg.caption)
+        return self._vlm
+
+
+def _row(source_hash: str, caption: str, status: str, reason: str, **clip: Any) -> Dict[str, Any]:
+    """A manifest row without ``source_uri`` (added at merge: stored results are shared by identical bytes)."""
+    row: Dict[str, Any] = {f.name: None for f in SCHEMA if f.name != "source_uri"}
+    row.update(clip_id="", source_hash=source_hash, status=status, reason=reason, fps=NAN, duration_s=NAN,
+               sharpness=NAN, brightness=NAN, score=NAN, caption=caption, bucket="", path="", start_s=NAN, end_s=NAN,
+               motion=NAN, text_area=NAN, aesthetic=NAN, phash="", caption_source="", scored_by="")
     row.update(clip)
     return row
 
 
-def _caption(item: InputFile, cfg: CurateConfig, progress: Callable[[str], None]) -> str:
+def read_sidecar(item: InputFile, progress: Callable[[str], None]) -> str | None:
+    """The sidecar caption (whitespace collapsed), or None when there is none or it cannot be read."""
     if not item.caption_uri:
-        return cfg.default_caption
+        return None
     try:
-        return " ".join(read_text(item.caption_uri).split()) or cfg.default_caption
+        return " ".join(read_text(item.caption_uri).split()) or None
     except OSError as e:
-        progress(f"  caption {item.caption_uri} unreadable ({e}); using the default caption")
-        return cfg.default_caption
+        progress(f"  caption {item.caption_uri} unreadable ({e}); not used")
+        return None
 
 
-def _curate_video(item: InputFile, path: Path, source_hash: str, caption: str, cfg: CurateConfig,
-                  out_dir: Path) -> List[Tuple[Dict[str, Any], str]]:
-    """(row, reason key) for every scene / window of one decodable input; raises DecodeError."""
-    frames_THWC, src_fps, _ = read_video(path)
+def thumbnail(frame_HWC: np.ndarray, height: int = 72) -> bytes:
+    """PNG bytes of one RGB frame scaled to ``height`` rows (for the contact sheet)."""
+    h, w = frame_HWC.shape[:2]
+    small = cv2.resize(np.ascontiguousarray(frame_HWC), (max(2, round(w * height / h)), height),
+                       interpolation=cv2.INTER_AREA)
+    return cv2.imencode(".png", small[..., ::-1])[1].tobytes()
+
+
+def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateConfig, models: Models,
+                 out_dir: Path) -> List[Tuple[Dict[str, Any], str]]:
+    """(row, reason key) for every scene / window of one decodable input; clips go to ``out_dir/clips``, thumbnails
+    to ``out_dir/thumbs``. Raises DecodeError."""
+    from tasks.curate import buckets
+    from tasks.curate.dedup import clip_phash
+    from tasks.curate.scenes import analyse
+
+    frames_THWC, src_fps, meta = read_video(path, cfg.max_pixels, cfg.max_frames)
+    times = meta["timestamps"]
     _, src_h, src_w, _ = frames_THWC.shape
-    fps, span = src_fps / cfg.frame_stride, (cfg.clip_frames - 1) * cfg.frame_stride + 1
+    fps = src_fps / cfg.frame_stride
+    out_h, out_w = buckets.size_bucket(src_h, src_w, cfg.sizes)
+    allowed = buckets.lengths(cfg, fps)
+    if not allowed:
+        raise ValueError(f"no clip length in {[cfg.clip_frames, *cfg.bucket_frames]} fits "
+                         f"[{cfg.min_clip_s}, {cfg.max_clip_s}] s at {fps:g} fps")
+    min_span = (allowed[-1] - 1) * cfg.frame_stride + 1
+    scenes = analyse(frames_THWC, src_fps, cfg.scene_threshold, cfg.adaptive_threshold, cfg.analysis_width,
+                     cfg.gradual_window, cfg.gradual_min_change, cfg.gradual_max_residual)
     common = dict(fps=fps, src_height=src_h, src_width=src_w)
+    fallback = sidecar or cfg.default_caption
+    scorer = models.scorer
     out: List[Tuple[Dict[str, Any], str]] = []
     pending: List[Tuple[Path, np.ndarray]] = []
-    for scene_index, (s, e) in enumerate(detect_scenes(frames_THWC, src_fps, cfg.scene_threshold)):
-        starts = window_starts(s, e, span, cfg.max_clips_per_scene)
-        if not starts:
-            out.append((_row(item, source_hash, caption, "rejected", f"scene too short: {e - s} < {span} frames",
-                             start_frame=s, end_frame=e, scene_index=scene_index,
-                             duration_s=(e - s) / src_fps, **common), "scene too short"))
-        for start in starts:
+    for scene_index, (s, e) in enumerate(scenes.scenes):
+        n = buckets.length_bucket(e - s, cfg, fps)
+        if n is None:
+            out.append((_row(source_hash, fallback, "rejected", f"scene too short: {e - s} < {min_span} frames",
+                             start_frame=s, end_frame=e, scene_index=scene_index, duration_s=(e - s) / src_fps,
+                             start_s=float(times[s]), end_s=float(times[e - 1]) + 1 / src_fps, **common),
+                        "scene too short"))
+            continue
+        span = (n - 1) * cfg.frame_stride + 1
+        for start in window_starts(s, e, span, cfg.max_clips_per_scene):
             src_THWC = frames_THWC[start:start + span:cfg.frame_stride]
-            report = assess(src_THWC, cfg)
-            clip_THWC = center_crop_resize(src_THWC, cfg.height, cfg.width)
-            cid = clip_id(clip_THWC, source_hash, start, start + span, cfg.frame_stride)
+            report = assess(src_THWC, cfg, scorer)
             failure = report.first_failure
-            rel = "" if failure else f"clips/{cid}.mp4"
+            change = float(scenes.changes[start + 1:start + span].max()) if span > 1 else 0.0
+            reason, key = (failure.reason, failure.key) if failure else ("", "")
+            if change > cfg.cut_check_threshold:   # a cut the detectors missed: drop the clip
+                reason, key = f"cut inside clip: change {change:.1f} > {cfg.cut_check_threshold:g}", "cut inside clip"
+            clip_THWC = center_crop_resize(src_THWC, out_h, out_w)
+            cid = clip_id(clip_THWC, source_hash, start, start + span, cfg.frame_stride)
+            (out_dir / "thumbs").mkdir(parents=True, exist_ok=True)
+            (out_dir / "thumbs" / f"{cid}.png").write_bytes(thumbnail(clip_THWC[len(clip_THWC) // 2]))
+            if reason:
+                caption, caption_source = fallback, ""
+            else:
+                captioner = models.captioner(sidecar)
+                caption, caption_source = captioner.caption(src_THWC, report.aesthetic), captioner.source
+            rel = "" if reason else f"clips/{cid}.mp4"
             if rel:
                 pending.append((out_dir / rel, clip_THWC))
-            out.append((_row(item, source_hash, caption, "rejected" if failure else "kept",
-                             failure.reason if failure else "", clip_id=cid, start_frame=start,
-                             end_frame=start + span, height=cfg.height, width=cfg.width,
+            out.append((_row(source_hash, caption, "rejected" if reason else "kept", reason, clip_id=cid,
+                             start_frame=start, end_frame=start + span, height=out_h, width=out_w,
                              num_frames=len(clip_THWC), duration_s=len(clip_THWC) / fps, scene_index=scene_index,
                              sharpness=report.sharpness, brightness=report.brightness, score=report.score,
-                             bucket=f"{cfg.height}x{cfg.width}x{cfg.clip_frames}", path=rel, **common),
-                        failure.key if failure else ""))
-    try:
-        for clip_path, clip_THWC in pending:
-            write_clip(clip_path, clip_THWC, fps)
-    except BaseException:
-        for clip_path, _ in pending:
-            clip_path.unlink(missing_ok=True)
-        raise
+                             bucket=buckets.bucket_name(out_h, out_w, n), path=rel, start_s=float(times[start]),
+                             end_s=float(times[start + span - 1]) + 1 / src_fps, motion=report.motion,
+                             text_area=report.text_area, aesthetic=report.aesthetic, phash=clip_phash(clip_THWC),
+                             caption_source=caption_source, scored_by=f"aesthetic {scorer.identity}", **common), key))
+    for clip_path, clip_THWC in pending:
+        write_clip(clip_path, clip_THWC, fps)
     return out
 
 
-def _curate_input(item: InputFile, cfg: CurateConfig, out_dir: Path, tmp: Path, seen: Dict[str, str],
-                  progress: Callable[[str], None]) -> Tuple[str, List[Tuple[Dict[str, Any], str]]]:
-    """(source_hash, rows with reason keys) of one input; never raises for a bad input."""
-    source_hash, caption = "", cfg.default_caption
+def curate_input(item: InputFile, cfg: CurateConfig, models: Models, out_dir: Path, path: Path, source_hash: str,
+                 sidecar: str | None) -> List[Tuple[Dict[str, Any], str]]:
+    """Rows with reason keys of one fetched input; never raises for a bad input (it becomes a "failed" row)."""
+    fallback = sidecar or cfg.default_caption
     try:
-        path = fetch(item, tmp)
-        source_hash = file_hash(path)
-    except (OSError, ValueError) as e:
-        return source_hash, [(_row(item, source_hash, caption, "failed", f"fetch failed: {e}"), "fetch failed")]
-    try:
-        caption = _caption(item, cfg, progress)
-        if source_hash in seen:
-            return source_hash, [(_row(item, source_hash, caption, "rejected",
-                                       f"duplicate source (same bytes as {seen[source_hash]})"), "duplicate source")]
-        rows = _curate_video(item, path, source_hash, caption, cfg, out_dir)
-        seen[source_hash] = item.name
-        return source_hash, rows
+        return curate_video(path, source_hash, sidecar, cfg, models, out_dir)
     except DecodeError as e:
-        return source_hash, [(_row(item, source_hash, caption, "failed", str(e)), e.kind)]
+        return [(_row(source_hash, fallback, "failed", str(e)), e.kind)]
+    except MemoryError as e:
+        return [(_row(source_hash, fallback, "failed", f"out of memory: {e}"), "out of memory")]
     except Exception as e:  # one bad input must not stop the stage; the reason is kept in the manifest
-        return source_hash, [(_row(item, source_hash, caption, "failed", f"error: {type(e).__name__}: {e}"), "error")]
-    finally:
-        if is_s3(item.uri):
-            path.unlink(missing_ok=True)
+        return [(_row(source_hash, fallback, "failed", f"error: {type(e).__name__}: {e}"), "error")]
 
 
-def run_curation(cfg: CurateConfig, out_dir: Path, progress: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Curate ``cfg.input_uri`` into the ClipManifest folder ``out_dir`` (must be empty or absent); returns summary."""
+def run_curation(cfg: CurateConfig, out_dir: Path, progress: Callable[[str], None] = print,
+                 store_dir: Path | None = None, shard_size: int | None = None) -> Dict[str, Any]:
+    """Curate ``cfg.input_uri`` into the ClipManifest folder ``out_dir`` (must be empty or absent) in-process: plan
+    shards, run each (``shard.run_shard``, results in the per-input store ``store_dir``; a temp dir when None) and
+    merge (``merge.merge_shards``). Returns the summary."""
+    from tasks.curate.merge import merge_shards
+    from tasks.curate.shard import plan_shards, run_shard
+
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"run_curation: out_dir must be empty, {out_dir} is not")
-    (out_dir / "clips").mkdir(parents=True, exist_ok=True)
     items = list_inputs(cfg.input_uri)
     progress(f"curate: {len(items)} inputs under {cfg.input_uri}")
-    rows: List[Dict[str, Any]] = []
-    reasons: Dict[str, int] = {}
-    outcome: Dict[str, str] = {}
-    source_hashes: List[str] = []
-    seen: Dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="curate-") as tmp:
-        for i, item in enumerate(items, 1):
-            source_hash, keyed = _curate_input(item, cfg, out_dir, Path(tmp), seen, progress)
-            source_hashes.append(source_hash)
-            statuses = [r["status"] for r, _ in keyed]
-            outcome[item.uri] = "kept" if "kept" in statuses else "failed" if "failed" in statuses else "rejected"
-            for r, key in keyed:
-                rows.append(r)
-                if key:
-                    reasons[key] = reasons.get(key, 0) + 1
-            detail = keyed[0][0]["reason"] if outcome[item.uri] == "failed" else \
-                f"{statuses.count('kept')} kept, {statuses.count('rejected')} rejected"
-            progress(f"[{i}/{len(items)}] {item.name}: {outcome[item.uri]} ({detail})")
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), out_dir / "manifest.parquet")
-    counts = {s: list(outcome.values()).count(s) for s in ("kept", "rejected", "failed")}
-    summary = {
-        "inputs": len(items), **counts,
-        "clips_kept": sum(r["status"] == "kept" for r in rows),
-        "clips_rejected": sum(r["status"] == "rejected" for r in rows),
-        "rows": len(rows),
-        "reasons": dict(sorted(reasons.items())),
-        "source_hashes": source_hashes,
-        "input_status": outcome,
-        "input_uri": str(cfg.input_uri),
-        "config": to_dict(cfg),
-        "content_hash": folder_hash(out_dir),
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    progress(f"curate: {summary['clips_kept']} clips kept from {counts['kept']}/{len(items)} inputs "
-             f"({counts['rejected']} rejected, {counts['failed']} failed); content_hash {summary['content_hash']}")
-    return summary
+    with tempfile.TemporaryDirectory(prefix="curate-store-") as tmp_store:
+        store = Path(store_dir) if store_dir else Path(tmp_store)
+        results = [run_shard(shard, cfg, store, progress) for shard in plan_shards(items, shard_size or cfg.shard_size)]
+        return merge_shards(results, cfg, store, out_dir, progress)

@@ -4,7 +4,13 @@
 width is a multiple of 32 and decord returns 3-channel frames; otherwise with PyAV. decord 0.6 returns 4/6 channels
 for widths that are not a multiple of 32 (dmlc/decord#93), so those files go straight to PyAV. Any problem that
 makes the file unusable raises ``DecodeError`` whose ``kind`` is a short, stable category (used to count reasons)
-and whose message adds the detail.
+and whose message adds the detail. Frames larger than ``max_pixels`` are refused before decoding ("resolution too
+large"); at most ``max_frames`` frames are decoded.
+
+Timestamps: every frame's presentation time in seconds (decord ``get_frame_timestamp``, PyAV ``frame.time``) is in
+``meta["timestamps"]``. A variable-frame-rate stream (frame intervals varying by more than ``VFR_TOLERANCE`` of
+their median) is resampled to constant frame rate at its average rate, each output frame being the source frame
+nearest to ``t0 + k / fps``; the timestamps then are those of the chosen source frames (``meta["vfr"]`` is True).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import numpy as np
 
 # A file is "truncated" when fewer than this fraction of the frames its stream declares can be decoded.
 MIN_DECODED_FRACTION = 0.9
+VFR_TOLERANCE = 0.1
 
 
 class DecodeError(Exception):
@@ -28,6 +35,7 @@ class DecodeError(Exception):
     NO_STREAM = "no video stream"
     CORRUPT = "truncated or corrupt"
     NO_FRAMES = "no decodable frames"
+    TOO_LARGE = "resolution too large"
 
     def __init__(self, kind: str, detail: str = "") -> None:
         self.kind = kind
@@ -35,7 +43,7 @@ class DecodeError(Exception):
         super().__init__(f"{kind}: {detail}" if detail else kind)
 
 
-def _probe(path: Path) -> Dict[str, Any]:
+def _probe(path: Path, max_pixels: int = 0) -> Dict[str, Any]:
     """Open the container with PyAV and read the first video stream's header."""
     if not path.is_file():
         raise DecodeError(DecodeError.MISSING, str(path))
@@ -47,6 +55,9 @@ def _probe(path: Path) -> Dict[str, Any]:
                 raise DecodeError(DecodeError.NO_STREAM, f"streams: {[s.type for s in container.streams]}")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
+            width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+            if max_pixels and width * height > max_pixels:
+                raise DecodeError(DecodeError.TOO_LARGE, f"{width}x{height} > {max_pixels} pixels")
             return {
                 "codec": stream.codec_context.name,
                 "width": int(stream.codec_context.width),
@@ -63,25 +74,30 @@ def _probe(path: Path) -> Dict[str, Any]:
         raise DecodeError(DecodeError.CORRUPT, f"ffmpeg: {e}") from None
 
 
-def _decode_decord(path: Path) -> Tuple[np.ndarray, float]:
+def _decode_decord(path: Path, max_frames: int = 0) -> Tuple[np.ndarray, float, np.ndarray]:
     import decord
 
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    n = len(reader)
+    n = min(len(reader), max_frames) if max_frames else len(reader)
     if n == 0:
-        return np.zeros((0, 0, 0, 3), np.uint8), float(reader.get_avg_fps())
+        return np.zeros((0, 0, 0, 3), np.uint8), float(reader.get_avg_fps()), np.zeros(0)
     frames_THWC = reader.get_batch(list(range(n))).asnumpy()
-    return frames_THWC, float(reader.get_avg_fps())
+    times = np.asarray(reader.get_frame_timestamp(list(range(n))), np.float64)[:, 0]
+    return frames_THWC, float(reader.get_avg_fps()), times
 
 
-def _decode_pyav(path: Path) -> np.ndarray:
+def _decode_pyav(path: Path, max_frames: int = 0, times: list | None = None) -> np.ndarray:
     frames = []
+    times = [] if times is None else times
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(float(frame.time) if frame.time is not None else float("nan"))
+                if max_frames and len(frames) >= max_frames:
+                    break
     except av.error.FFmpegError as e:
         if not frames:
             raise DecodeError(DecodeError.CORRUPT, f"ffmpeg: {e}") from None
@@ -91,37 +107,60 @@ def _decode_pyav(path: Path) -> np.ndarray:
     return np.stack(frames)
 
 
-def read_video(path: str | Path) -> Tuple[np.ndarray, float, Dict[str, Any]]:
-    """Decode every frame of ``path``.
+def to_constant_rate(times: np.ndarray, fps: float) -> Tuple[np.ndarray, bool]:
+    """Source frame index for each constant-rate output frame, and whether the stream was variable-rate."""
+    n = len(times)
+    if n < 3 or not np.isfinite(times).all():
+        return np.arange(n), False
+    steps = np.diff(times)
+    med = float(np.median(steps))
+    if med <= 0 or np.abs(steps - med).max() <= VFR_TOLERANCE * med:
+        return np.arange(n), False
+    grid = times[0] + np.arange(int(round((times[-1] - times[0]) * fps)) + 1) / fps
+    idx = np.clip(np.searchsorted(times, grid), 1, n - 1)
+    idx = np.where(np.abs(times[idx - 1] - grid) <= np.abs(times[idx] - grid), idx - 1, idx)
+    return idx, True
+
+
+def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0) -> Tuple[np.ndarray, float, Dict[str, Any]]:
+    """Decode the frames of ``path`` (at most ``max_frames``; 0 = all), constant frame rate.
 
     Returns ``(frames_THWC uint8 RGB, fps, meta)``; meta has codec, width, height, num_frames, backend
-    ("decord" | "pyav") and fallback (why PyAV was used, "" when decord was).
-    Raises DecodeError for missing, empty, non-video, truncated/corrupt or frameless files.
+    ("decord" | "pyav"), fallback (why PyAV was used, "" when decord was), timestamps (seconds, one per returned
+    frame) and vfr. Raises DecodeError for missing, empty, non-video, truncated/corrupt, frameless or too large
+    (``max_pixels``; 0 = no limit) files.
     """
     path = Path(path)
-    meta = _probe(path)
-    frames_THWC, fps, fallback = None, meta["fps"], ""
+    meta = _probe(path, max_pixels)
+    frames_THWC, fps, fallback, times = None, meta["fps"], "", np.zeros(0)
     if meta["width"] % 32:
         fallback = f"width {meta['width']} % 32 != 0 (decord bug)"
     else:
         try:
-            frames_THWC, fps = _decode_decord(path)
+            frames_THWC, fps, times = _decode_decord(path, max_frames)
             if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
                 fallback, frames_THWC = f"decord returned shape {tuple(frames_THWC.shape)}", None
         except Exception as e:  # decord raises its own DECORDError / RuntimeError types
             fallback, frames_THWC = f"decord failed: {str(e).splitlines()[0][:200]}", None
     if frames_THWC is None or len(frames_THWC) == 0:
         fallback = fallback or "decord returned no frames"
-        frames_THWC = _decode_pyav(path)
-        fps = meta["fps"]
+        pts: list = []
+        frames_THWC = _decode_pyav(path, max_frames, pts)
+        fps, times = meta["fps"], np.asarray(pts, np.float64)
     n = len(frames_THWC)
     if n == 0:
         raise DecodeError(DecodeError.NO_FRAMES, f"stream declares {meta['declared_frames']} frames")
-    if meta["declared_frames"] and n < MIN_DECODED_FRACTION * meta["declared_frames"]:
-        raise DecodeError(DecodeError.CORRUPT, f"decoded {n} of {meta['declared_frames']} declared frames")
+    expected = min(meta["declared_frames"], max_frames) if max_frames else meta["declared_frames"]
+    if expected and n < MIN_DECODED_FRACTION * expected:
+        raise DecodeError(DecodeError.CORRUPT, f"decoded {n} of {expected} declared frames")
     if not fps or fps <= 0:
         raise DecodeError(DecodeError.CORRUPT, "stream has no frame rate")
-    meta.update(num_frames=n, backend="pyav" if fallback else "decord", fallback=fallback,
+    if len(times) != n or not np.isfinite(times).all():
+        times = np.arange(n) / fps
+    idx, vfr = to_constant_rate(times, fps)
+    if vfr:
+        frames_THWC, times, n = frames_THWC[idx], times[idx], len(idx)
+    meta.update(timestamps=times, vfr=vfr, num_frames=n, backend="pyav" if fallback else "decord", fallback=fallback,
                 height=int(frames_THWC.shape[1]), width=int(frames_THWC.shape[2]))
     return frames_THWC, float(fps), meta
 

@@ -3,18 +3,24 @@
 - sharpness: mean over sampled frames of the OpenCV Laplacian variance of the grayscale frame; kept in
   [sharpness_min, sharpness_max] (the upper bound removes noise and over-texture).
 - brightness: mean luma (BT.601 grayscale) in [0, 1]; kept in [brightness_min, brightness_max].
+- motion: mean optical-flow magnitude on three frame pairs (``motion.py``), kept in [motion_min, motion_max].
+- text_area: fraction of the frame covered by persistent text-like regions (``text_overlay.py``), <= text_area_max.
+- aesthetic: LAION-style predictor on CLIP features (``aesthetic.py``), >= aesthetic.min_score; only when a scorer is
+  given (NaN and not checked otherwise).
 - score: the ranking score, higher is better: log-sharpness normalised to [0, 1] over the sharpness band
   (0 at sharpness_min, 1 at sharpness_max, clipped).
 
 Each filter returns a ``FilterResult`` whose ``reason`` names the measured value ("sharpness 12.3 < 200") and whose
 ``key`` is the value-free form used to count reasons ("sharpness < 200"). Brightness is checked before sharpness:
-a black frame is also blurry, and "too dark" is the more useful reason.
+a black frame is also blurry, and "too dark" is the more useful reason. Every filter is measured on every clip (the
+manifest keeps all scores for histograms); the reason is the first failure in the order brightness, sharpness,
+motion, text, aesthetic.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List, Optional
 
 import cv2
 import numpy as np
@@ -41,6 +47,9 @@ class QualityReport:
     brightness: float
     score: float
     results: List[FilterResult]
+    motion: float = float("nan")
+    text_area: float = float("nan")
+    aesthetic: float = float("nan")
 
     @property
     def passed(self) -> bool:
@@ -97,10 +106,22 @@ def quality_score(sharpness_value: float, cfg: CurateConfig) -> float:
     return float(min(1.0, max(0.0, (math.log(max(sharpness_value, 1e-6)) - lo) / (hi - lo))))
 
 
-def assess(frames_THWC: np.ndarray, cfg: CurateConfig) -> QualityReport:
-    """Run every filter on source-resolution frames uint8 [T,H,W,3] of one clip window."""
+def assess(frames_THWC: np.ndarray, cfg: CurateConfig, scorer: Optional[Any] = None) -> QualityReport:
+    """Run every filter on source-resolution frames uint8 [T,H,W,3] of one clip window (``scorer``: an
+    ``aesthetic.AestheticScorer``, or None to skip the aesthetic filter)."""
+    from tasks.curate.motion import motion_score
+    from tasks.curate.text_overlay import text_area
+
     if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3 or len(frames_THWC) == 0:
         raise ValueError(f"assess: need uint8 [T,H,W,3] with T >= 1, got {frames_THWC.shape}")
     sharp, bright = sharpness(frames_THWC), brightness(frames_THWC)
-    results = [brightness_filter(bright, cfg), sharpness_filter(sharp, cfg)]
-    return QualityReport(sharpness=sharp, brightness=bright, score=quality_score(sharp, cfg), results=results)
+    motion, text = motion_score(frames_THWC, cfg.motion_height), text_area(frames_THWC)
+    results = [brightness_filter(bright, cfg), sharpness_filter(sharp, cfg),
+               _band("motion", motion, cfg.motion_min, cfg.motion_max, ".2f"),
+               _band("text_area", text, 0.0, cfg.text_area_max, ".3f")]
+    aes = float("nan")
+    if scorer is not None:
+        aes = scorer.score(frames_THWC)
+        results.append(_band("aesthetic", aes, cfg.aesthetic.min_score, float("inf"), ".2f"))
+    return QualityReport(sharpness=sharp, brightness=bright, score=quality_score(sharp, cfg), results=results,
+                         motion=motion, text_area=text, aesthetic=aes)

@@ -5,6 +5,11 @@ Scene kinds:
   pixels per frame. Laplacian variance ~650 (inside the default [200, 2000] band), mean luma 0.2-0.4.
 - ``flat``: a smooth colour gradient with a soft moving blob; Laplacian variance ~0, fails the sharpness filter.
 - ``dark``: a faint texture at ~3 % luma; fails the brightness filter.
+- ``static``: the texture without the moving square (motion ~0; fails the motion filter).
+- ``shaky``: the texture scene translated by a random offset of up to +-``SHAKE`` px every frame (camera shake; large
+  optical flow, fails the motion filter's upper bound).
+A scene may carry burnt-in ``text`` (white lettering with a dark outline across the lower third) for the overlay
+filter. ``render_video`` can join scenes with gradual transitions (("dissolve" | "fade", frames)) instead of cuts.
 Consecutive scenes differ in hue, brightness and texture, so ContentDetector scores a cut at ~40-50 while
 within-scene frame differences stay ~1-2 (threshold 27).
 
@@ -17,7 +22,7 @@ import colorsys
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import av
 import cv2
@@ -25,7 +30,8 @@ import numpy as np
 
 from tasks.curate.decode import write_clip
 
-KINDS = ("texture", "flat", "dark")
+KINDS = ("texture", "flat", "dark", "static", "shaky")
+SHAKE = 10
 _PALETTE = ((0.08, 0.55), (0.33, 0.35), (0.60, 0.60), (0.80, 0.40))  # (hue, level) cycled over scenes
 _TEXTURE_AMP = 27.0
 
@@ -38,6 +44,7 @@ class SceneSpec:
     hue: Optional[float] = None
     level: Optional[float] = None
     seed: int = 0
+    text: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -73,10 +80,51 @@ def render_scene(spec: SceneSpec, width: int, height: int, index: int = 0) -> np
     frames = []
     for t in range(spec.frames):
         frame_HWC = background_HWC.copy()
-        y, x = (2 * t) % span_y, (3 * t) % span_x
-        frame_HWC[y:y + side, x:x + side] += object_HW[..., None]
-        frames.append(np.clip(frame_HWC, 0, 255).astype(np.uint8))
+        if spec.kind != "static":
+            y, x = (2 * t) % span_y, (3 * t) % span_x
+            frame_HWC[y:y + side, x:x + side] += object_HW[..., None]
+        if spec.kind == "shaky":
+            dx, dy = rng.integers(-SHAKE, SHAKE + 1, 2)
+            frame_HWC = cv2.warpAffine(frame_HWC, np.float32([[1, 0, dx], [0, 1, dy]]), (width, height),
+                                       borderMode=cv2.BORDER_REFLECT)
+        frame = np.clip(frame_HWC, 0, 255).astype(np.uint8)
+        if spec.text:
+            scale = height / 120
+            org = (max(2, width // 16), int(height * 0.85))
+            cv2.putText(frame, spec.text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), max(2, round(4 * scale)),
+                        cv2.LINE_AA)
+            cv2.putText(frame, spec.text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                        max(1, round(2 * scale)), cv2.LINE_AA)
+        frames.append(frame)
     return np.stack(frames)
+
+
+def render_video(scenes: Sequence[SceneSpec], width: int = 128, height: int = 96,
+                 transitions: Optional[Sequence[Optional[Tuple[str, int]]]] = None):
+    """(frames [T,H,W,3], hard cuts, gradual ranges [start, end)); ``transitions[i]`` joins scene i and i+1:
+    None = hard cut, ("dissolve", n) = n cross-faded frames, ("fade", n) = n frames to black and n back."""
+    rendered = [render_scene(s, width, height, i) for i, s in enumerate(scenes)]
+    transitions = list(transitions or []) + [None] * len(scenes)
+    parts, cuts, ranges, t = [rendered[0]], [], [], len(rendered[0])
+    for i in range(1, len(rendered)):
+        a, b, tr = rendered[i - 1][-1].astype(np.float32), rendered[i][0].astype(np.float32), transitions[i - 1]
+        if tr is None:
+            cuts.append(t)
+        else:
+            kind, n = tr
+            w = np.linspace(0, 1, n + 2)[1:-1]
+            if kind == "dissolve":
+                extra = [(1 - x) * a + x * b for x in w]
+            elif kind == "fade":
+                extra = [(1 - x) * a for x in w] + [np.zeros_like(a)] + [x * b for x in w]
+            else:
+                raise ValueError(f"render_video: transition must be 'dissolve' or 'fade', got '{kind}'")
+            parts.append(np.clip(np.stack(extra), 0, 255).astype(np.uint8))
+            ranges.append((t, t + len(extra)))
+            t += len(extra)
+        parts.append(rendered[i])
+        t += len(rendered[i])
+    return np.concatenate(parts), cuts, ranges
 
 
 def make_scenes_video(path: str | Path, scenes: Sequence[SceneSpec], width: int = 128, height: int = 96,

@@ -1,9 +1,21 @@
-"""Flyte adapter for curation: inputs -> ClipManifest (logic in tasks/curate/curate.py, no Flyte there)."""
+"""Flyte adapter for curation: plan shards -> map_task over shards -> merge (logic in the modules beside, no Flyte
+there).
+
+    snapshot_inputs -> plan_curation -> map_task(curate_shard) -> curate (merge + report + MLflow child run "curate")
+
+Each shard is its own cached, retried task execution; its inputs go through the content-addressed per-input store
+(``shard.py``), so a shard re-run after new videos were added (the listing, hence the shards, changed) decodes only
+the new inputs. MLflow logging happens only in the merge task (one child run for the whole curation).
+"""
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
 
-from flytekit import Resources, task
+from flytekit import Deck, Resources, map_task, task
 
 from common import tracking
 from common.config import CurateConfig, TrackingConfig, config_hash, to_dict
@@ -11,6 +23,29 @@ from common.lineage import hash_values
 from containers.images import curation_image
 from tasks.common import artifact_dir, code_version, fresh_dir, publish
 from tasks.types import ClipManifest, FlyteDirectory
+
+
+@dataclass
+class CurateShard:
+    """One map_task element: inputs (uri, name, size, sidecar uri), the config and the result store folder."""
+    index: int
+    uris: List[str]
+    names: List[str]
+    sizes: List[int]
+    captions: List[str]
+    store: str
+    cfg: CurateConfig = field(default_factory=CurateConfig)
+
+
+@dataclass
+class ShardResult:
+    index: int
+    result_json: str     # shard.run_shard's dict as JSON (entries, processed, reused)
+    store: str
+
+
+def store_dir(cfg: CurateConfig, tracking_cfg: TrackingConfig) -> str:
+    return cfg.store_uri or str(artifact_dir(tracking_cfg, "curate", "store"))
 
 
 @task(container_image=curation_image)
@@ -21,28 +56,70 @@ def snapshot_inputs(cfg: CurateConfig) -> str:
     return hash_values(sorted(repr(i) for i in list_inputs(cfg.input_uri)))
 
 
-@task(cache=True, cache_version=code_version("tasks/curate", "common"), cache_ignore_input_vars=("parent_run",),
-      container_image=curation_image, requests=Resources(cpu="2", mem="4Gi"))
-def curate(cfg: CurateConfig, inputs_fingerprint: str, tracking_cfg: TrackingConfig, parent_run: str) -> ClipManifest:
-    """Decode, split scenes, cut, filter and caption raw videos; every input is kept, rejected or failed."""
-    from tasks.curate.curate import run_curation
+@task(container_image=curation_image)
+def plan_curation(cfg: CurateConfig, inputs_fingerprint: str, tracking_cfg: TrackingConfig) -> List[CurateShard]:
+    """List the inputs and cut them into shards of ``cfg.shard_size`` (``inputs_fingerprint`` orders it after the
+    snapshot)."""
+    from common.storage import list_inputs
+    from tasks.curate.shard import plan_shards
 
-    key = hash_values(config_hash(cfg), inputs_fingerprint)
+    store = store_dir(cfg, tracking_cfg)
+    return [CurateShard(index=i, uris=[x.uri for x in s], names=[x.name for x in s], sizes=[x.size for x in s],
+                        captions=[x.caption_uri for x in s], store=store, cfg=cfg)
+            for i, s in enumerate(plan_shards(list_inputs(cfg.input_uri), cfg.shard_size))]
+
+
+@task(cache=True, cache_version=code_version("tasks/curate", "common"), retries=2, container_image=curation_image,
+      requests=Resources(cpu="2", mem="4Gi"))
+def curate_shard(shard: CurateShard) -> ShardResult:
+    """Decode, split, filter, caption one shard's inputs into the per-input store (reusing stored results)."""
+    from common.storage import InputFile
+    from tasks.curate.shard import run_shard
+
+    items = [InputFile(u, s, n, c) for u, n, s, c in zip(shard.uris, shard.names, shard.sizes, shard.captions)]
+    result = run_shard(items, shard.cfg, Path(shard.store),
+                       progress=lambda m: print(f"[curate] shard {shard.index}: {m}", flush=True))
+    return ShardResult(index=shard.index, result_json=json.dumps(result), store=shard.store)
+
+
+curate_shards = map_task(curate_shard)
+
+
+@task(cache=True, cache_version=code_version("tasks/curate", "common"), cache_ignore_input_vars=("parent_run",),
+      container_image=curation_image, requests=Resources(cpu="1", mem="2Gi"), enable_deck=True)
+def curate(cfg: CurateConfig, shards: List[ShardResult], tracking_cfg: TrackingConfig, parent_run: str) -> ClipManifest:
+    """Merge the shards (source and near-duplicate checks, accounting), report (Deck + MLflow) -> ClipManifest."""
+    from tasks.curate.merge import merge_shards
+    from tasks.curate.report import write_report
+
+    results = [json.loads(s.result_json) for s in sorted(shards, key=lambda s: s.index)]
+    key = hash_values(config_hash(cfg), [s.result_json for s in sorted(shards, key=lambda s: s.index)])
     out = artifact_dir(tracking_cfg, "curate", key)
+    store = Path(shards[0].store) if shards else Path(store_dir(cfg, tracking_cfg))
     with tracking.child_run(tracking_cfg.root, parent_run, "curate") as _:
         import mlflow
 
         tracking.log_config("curate", to_dict(cfg))
         tmp = fresh_dir(out)
-        summary = run_curation(cfg, tmp, progress=lambda m: print(f"[curate] {m}", flush=True))
+        summary = merge_shards(results, cfg, store, tmp, progress=lambda m: print(f"[curate] {m}", flush=True))
         publish(tmp, out)
-        mlflow.log_metrics({k: float(summary[k]) for k in ("inputs", "kept", "rejected", "failed")})
+        report_dir = out.with_name(out.name + "-report")
+        page = write_report(out, report_dir)
+        Deck("curation", page)
+        mlflow.log_metrics({k: float(summary[k]) for k in ("inputs", "kept", "rejected", "failed", "clips_kept",
+                                                           "clips_rejected", "processed", "reused", "shards")})
+        mlflow.log_metrics({"reason." + re.sub(r"[^0-9A-Za-z_.\-/ ]", "_", k).replace(" ", "_"): float(v)
+                            for k, v in summary["reasons"].items()})
         mlflow.log_artifact(str(out / "manifest.parquet"), "manifest")
         mlflow.log_artifact(str(out / "summary.json"), "manifest")
+        for name in ("report.html", "histograms.png", "contact_sheet.png"):
+            mlflow.log_artifact(str(report_dir / name), "report")
         mlflow.set_tags({"lineage.content_hash": summary["content_hash"],
-                         "lineage.inputs_fingerprint": inputs_fingerprint})
+                         "aesthetic.model": str(summary["aesthetic_model"]),
+                         "aesthetic.random_model": str(summary["aesthetic_random"]),
+                         "caption.sources": json.dumps(summary["caption_sources"])})
         mlflow.log_text(json.dumps({"source_hashes": summary["source_hashes"]}, indent=1), "lineage.json")
     return ClipManifest(folder=FlyteDirectory(str(out)), content_hash=summary["content_hash"],
                         source_hashes=list(summary["source_hashes"]), inputs=int(summary["inputs"]),
                         kept=int(summary["kept"]), rejected=int(summary["rejected"]), failed=int(summary["failed"]),
-                        config=cfg)
+                        config=cfg, processed=int(summary["processed"]), reused=int(summary["reused"]))
