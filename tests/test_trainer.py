@@ -73,21 +73,103 @@ def test_dataset_errors_are_clear(tmp_path):
         LatentDataset(root)
 
 
-def test_sampler_is_deterministic_disjoint_and_bucketed():
+def _tokens(shape, patch=(1, 2, 2)):
+    return shape[1] * shape[2] * shape[3] // (patch[0] * patch[1] * patch[2])
+
+
+def test_sampler_is_deterministic_bucketed_and_covers_the_epoch():
     shapes = [(24, 3, 8, 8)] * 7 + [(24, 3, 8, 16)] * 5
     a, b = StepSampler(shapes, 2, 2, seed=7), StepSampler(shapes, 2, 2, seed=7)
-    assert a.batches_per_epoch == 2 + 2
+    assert a.batches_per_epoch == 4                                        # 4 + 3 micro-batches over 2 ranks
     for step in range(12):
         r0, r1 = a.indices(step, 0), a.indices(step, 1)
         assert r0 == b.indices(step, 0) and r1 == b.indices(step, 1)       # pure function of (seed, step)
-        assert len(r0) == 2 and not set(r0) & set(r1)                      # DP ranks disjoint
-        assert len({shapes[i] for i in r0 + r1}) == 1                      # one bucket per global batch
-    epoch0 = sorted(i for s in range(4) for i in a.global_indices(s))
-    assert set(epoch0) == set(range(12))                                   # every sample seen each epoch
+        assert len(r0) == len(r1) == 2
+        assert len({shapes[i] for i in r0}) == 1 and len({shapes[i] for i in r1}) == 1   # one bucket per micro-batch
+        assert a.step_tokens(step) == [2 * _tokens(shapes[r0[0]]), 2 * _tokens(shapes[r1[0]])]
+    for epoch in range(3):
+        seen = {i for s in range(4 * epoch, 4 * epoch + 4) for i in a.global_indices(s)}
+        assert seen == set(range(12))                                      # every sample seen each epoch
     fresh = StepSampler(shapes, 2, 2, seed=7)
     assert fresh.indices(9, 1) == a.indices(9, 1)                          # resume: same batch without history
-    assert StepSampler(shapes, 2, 2, seed=8).global_indices(0) != a.global_indices(0) or \
-        StepSampler(shapes, 2, 2, seed=8).global_indices(1) != a.global_indices(1)
+    other = StepSampler(shapes, 2, 2, seed=8)
+    assert [other.global_indices(s) for s in range(4)] != [a.global_indices(s) for s in range(4)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sampler_balances_tokens_across_dp_ranks(seed):
+    """Random bucket sizes and shapes: per step, the DP ranks' token counts are as close as a sort-and-group of the
+    epoch's micro-batches allows, i.e. never worse than any split of the same micro-batches into steps of dp."""
+    import random
+
+    rnd = random.Random(seed)
+    kinds = [(24, t, h, w) for t in (1, 3, 5) for h, w in ((8, 8), (8, 16), (16, 16))]
+    shapes = [rnd.choice(kinds) for _ in range(rnd.randint(20, 60))]
+    dp = rnd.choice([2, 3, 4])
+    for budget in (0, 256):
+        s = StepSampler(shapes, 2, dp, seed=seed, tokens_per_micro_batch=budget)
+        steps = range(s.batches_per_epoch)
+        micro = sorted((t for st in steps for t in s.step_tokens(st)), reverse=True)
+        spread = sum(max(s.step_tokens(st)) - min(s.step_tokens(st)) for st in steps)
+        # lower bound: sorted groups of dp minimise the summed spread of a partition into groups of dp
+        best = sum(max(micro[k:k + dp]) - min(micro[k:k + dp]) for k in range(0, len(micro), dp))
+        assert spread == best
+        for st in steps:
+            for r in range(dp):
+                idx = s.indices(st, r)
+                assert len({shapes[i] for i in idx}) == 1                  # same bucket per micro-batch
+                if budget:
+                    assert len(idx) == max(1, budget // _tokens(shapes[idx[0]]))   # token budget sets the size
+        assert {i for st in steps for i in s.global_indices(st)} == set(range(len(shapes)))
+
+
+def test_lr_schedule():
+    from trainer.train import lr_at
+
+    assert [lr_at(s, 1.0, 2) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]          # warmup, then constant
+    cos = [lr_at(s, 1.0, 2, "cosine", 0.1, 12) for s in range(12)]
+    assert cos[:2] == [0.5, 1.0] and cos[-1] == pytest.approx(0.1) and cos[6] == pytest.approx(0.55, abs=0.1)
+    assert all(x >= y for x, y in zip(cos[1:], cos[2:]))                        # monotone decay
+    lin = [lr_at(s, 1.0, 0, "linear", 0.0, 11) for s in range(11)]
+    assert lin == pytest.approx([1.0 - 0.1 * s for s in range(11)])
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        StageConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="min_lr must be in"):
+        StageConfig(lr=1e-4, min_lr=1e-3)
+
+
+def test_activation_checkpointing_is_exact():
+    from models.dit import MUGDiT
+    from trainer.parallel import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    cfg = DiTConfig(**TINY_DIT, caption_dropout_prob=0.0)
+    ref, ac = MUGDiT(cfg), MUGDiT(cfg)
+    ac.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p, q in zip(ref.parameters(), ac.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            q.copy_(p)
+    apply_activation_checkpointing(ac)
+    assert sorted(ac.state_dict()) == sorted(ref.state_dict())
+    x, text = torch.randn(2, 24, 3, 8, 8, generator=g), torch.randn(2, 16, 64, generator=g)
+    args = (x, torch.tensor([10.0, 700.0]), text, torch.ones(2, 16, dtype=torch.bool))
+    for m in (ref, ac):
+        m(*args).square().mean().backward()
+    for (n, p), q in zip(ref.named_parameters(), ac.parameters()):
+        assert torch.equal(p.grad, q.grad), n
+
+
+def test_peak_flops_default_env_and_override(monkeypatch):
+    from trainer import device
+
+    rt = device.Runtime(torch.device("cpu"), "gloo", torch.float32)
+    monkeypatch.delenv(device.PEAK_ENV, raising=False)
+    assert device.peak_flops_per_s(rt) == device.PEAK_FLOPS_CPU_FP32_PER_THREAD * torch.get_num_threads()
+    monkeypatch.setenv(device.PEAK_ENV, "2.5")
+    assert device.peak_flops_per_s(rt) == 2.5e12
+    assert device.peak_flops_per_s(rt, tflops=7.0) == 7e12
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint

@@ -2,12 +2,18 @@
 
 Batches are a pure function of (seed, step, dp_rank), so a resumed run sees exactly the batches it would have seen.
 
-Schedule: samples are grouped by ``latent_shape`` (the bucket); a micro-batch never mixes shapes. Epoch e shuffles
-each bucket with ``numpy.random.default_rng([seed, e, bucket])``, pads it by wrapping around to a multiple of the
-global batch G = micro_batch_size * data_parallel, cuts it into global batches of G, and shuffles the order of all
-global batches with ``default_rng([seed, e])``. Step s is global batch ``s % n`` of epoch ``s // n`` (n = global
-batches per epoch, the same for every epoch); DP rank r takes entries ``[r*mbs, (r+1)*mbs)``. The DP ranks' samples
-in one step are disjoint whenever the bucket holds at least G clips (a smaller bucket has to repeat clips).
+Schedule (``StepSampler``): samples are grouped by ``latent_shape`` (the bucket); a micro-batch never mixes shapes.
+Epoch e shuffles each bucket with ``numpy.random.default_rng([seed, e, bucket])`` and cuts it into micro-batches
+(``micro_batch_size`` clips, or ``tokens_per_micro_batch // tokens per clip`` with a token budget; the last one
+wraps around). The epoch's micro-batches are shuffled with ``default_rng([seed, e])`` and stably sorted by token
+count, and consecutive runs of ``data_parallel`` of them form the steps (the last step repeats its smallest
+micro-batches): sorting then grouping is the split that minimises the token spread between the DP ranks of a step,
+so ranks holding different buckets do about the same work. The steps are shuffled with ``default_rng([seed, e,
+2**32])``; step s is step ``s % n`` of epoch ``s // n`` (n steps per epoch, the same every epoch) and DP rank r
+takes micro-batch r of it. Every sample is seen once per epoch (plus the wrap-around repeats).
+
+Streaming: each rank reads only the samples of its own micro-batches; shards are opened lazily (memory-mapped by
+``safe_open``) the first time one of their samples is needed, so a rank never touches shards it does not use.
 """
 from __future__ import annotations
 
@@ -96,42 +102,67 @@ class LatentDataset:
 
 
 class StepSampler:
-    """Sample indices for (step, dp_rank): see the module docstring for the schedule."""
+    """Sample indices for (step, dp_rank): see the module docstring for the schedule.
 
-    def __init__(self, shapes: List[Tuple[int, ...]], micro_batch_size: int, data_parallel: int, seed: int):
-        if micro_batch_size < 1 or data_parallel < 1:
-            raise ValueError("micro_batch_size and data_parallel must be >= 1")
+    ``shapes`` are the latent shapes (C, T, H, W); ``patch_size`` the DiT's, to count video tokens per clip.
+    ``tokens_per_micro_batch`` > 0 sizes micro-batches per bucket (``max(1, budget // tokens)`` clips) instead of
+    the fixed ``micro_batch_size``.
+    """
+
+    def __init__(self, shapes: List[Tuple[int, ...]], micro_batch_size: int, data_parallel: int, seed: int,
+                 patch_size: Tuple[int, ...] = (1, 2, 2), tokens_per_micro_batch: int = 0):
+        if micro_batch_size < 1 or data_parallel < 1 or tokens_per_micro_batch < 0:
+            raise ValueError("micro_batch_size and data_parallel must be >= 1, tokens_per_micro_batch >= 0")
+        if not shapes:
+            raise ValueError("StepSampler: no samples")
         self.mbs, self.dp, self.seed = micro_batch_size, data_parallel, seed
-        self.global_batch = micro_batch_size * data_parallel
+        self.global_batch = micro_batch_size * data_parallel   # samples per step with a fixed micro-batch size
         buckets: Dict[Tuple[int, ...], List[int]] = {}
         for i, s in enumerate(shapes):
             buckets.setdefault(tuple(s), []).append(i)
-        self.buckets = [buckets[k] for k in sorted(buckets)]
-        self.batches_per_epoch = sum(math.ceil(len(b) / self.global_batch) for b in self.buckets)
-        self._cache: Tuple[int, List[List[int]]] | None = None
+        self.keys = sorted(buckets)
+        self.buckets = [buckets[k] for k in self.keys]
+        self.tokens_per_sample = [math.prod(k[-3:]) // math.prod(patch_size) for k in self.keys]
+        self.bucket_mbs = [max(1, tokens_per_micro_batch // t) if tokens_per_micro_batch else micro_batch_size
+                           for t in self.tokens_per_sample]
+        micro = sum(math.ceil(len(b) / m) for b, m in zip(self.buckets, self.bucket_mbs))
+        self.batches_per_epoch = math.ceil(micro / data_parallel)     # steps per epoch, the same every epoch
+        self._cache: Tuple[int, List[List[Tuple[int, List[int]]]]] | None = None
 
-    def _epoch(self, epoch: int) -> List[List[int]]:
+    def _epoch(self, epoch: int) -> List[List[Tuple[int, List[int]]]]:
+        """The epoch's steps, each ``dp`` micro-batches ``(tokens, indices)`` in DP-rank order."""
         if self._cache and self._cache[0] == epoch:
             return self._cache[1]
-        g = self.global_batch
-        batches = []
-        for b, members in enumerate(self.buckets):
+        micro: List[Tuple[int, List[int]]] = []
+        for b, (members, mbs) in enumerate(zip(self.buckets, self.bucket_mbs)):
             perm = [members[j] for j in np.random.default_rng([self.seed, epoch, b]).permutation(len(members))]
-            need = math.ceil(len(perm) / g) * g
-            padded = [perm[j % len(perm)] for j in range(need)]
-            batches += [padded[k:k + g] for k in range(0, need, g)]
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(batches))
-        batches = [batches[j] for j in order]
-        self._cache = (epoch, batches)
-        return batches
+            need = math.ceil(len(perm) / mbs) * mbs
+            padded = [perm[j % len(perm)] for j in range(need)]           # wrap around: whole micro-batches
+            micro += [(mbs * self.tokens_per_sample[b], padded[k:k + mbs]) for k in range(0, need, mbs)]
+        shuffled = [micro[j] for j in np.random.default_rng([self.seed, epoch]).permutation(len(micro))]
+        ordered = sorted(shuffled, key=lambda m: -m[0])                   # stable: ties stay shuffled
+        steps = [ordered[k:k + self.dp] for k in range(0, len(ordered), self.dp)]
+        last = steps[-1]
+        steps[-1] = [last[j % len(last)] for j in range(self.dp)]         # repeat the smallest micro-batches
+        order = np.random.default_rng([self.seed, epoch, 1 << 32]).permutation(len(steps))
+        steps = [steps[j] for j in order]
+        self._cache = (epoch, steps)
+        return steps
 
-    def global_indices(self, step: int) -> List[int]:
-        """All G sample indices of ``step`` (0-based), in DP-rank order."""
+    def _step(self, step: int) -> List[Tuple[int, List[int]]]:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         return self._epoch(step // self.batches_per_epoch)[step % self.batches_per_epoch]
 
+    def global_indices(self, step: int) -> List[int]:
+        """All sample indices of ``step`` (0-based), in DP-rank order."""
+        return [i for _, idx in self._step(step) for i in idx]
+
+    def step_tokens(self, step: int) -> List[int]:
+        """Video tokens of each DP rank's micro-batch at ``step``."""
+        return [t for t, _ in self._step(step)]
+
     def indices(self, step: int, dp_rank: int) -> List[int]:
         if not 0 <= dp_rank < self.dp:
             raise ValueError(f"dp_rank {dp_rank} out of range for data_parallel={self.dp}")
-        return self.global_indices(step)[dp_rank * self.mbs:(dp_rank + 1) * self.mbs]
+        return self._step(step)[dp_rank][1]

@@ -19,6 +19,22 @@ rank's heads, so their gradients are partial sums: they are summed over the TP g
 flattened all_reduce over ``parallel_state.get_data_parallel_group()`` averages over DP. We do not use megatron's
 DDP wrapper: its contiguous grad buffers and hooks buy overlap we do not need at this size, and plain all_reduces
 keep ``param.grad`` where torch's optimizer and clipping expect it.
+
+``apply_activation_checkpointing`` recomputes each block in the backward (``stage.recompute``).
+
+Not implemented (the config has no switch for them):
+- Sequence parallelism. Megatron's SP shards the sequence dim of a sequence-first [S, B, H] activation between the
+  TP ranks and has the column-parallel linears all-gather it and the row-parallel ones reduce-scatter it. Our DiT is
+  [B, L, D] and ``_TensorOnly`` flattens it to [B*L, D], so the gather along dim 0 would interleave samples wrongly
+  unless the blocks ran sequence-first. Beyond that: the cross-attention kv_linear reads the (replicated) text, so
+  it must stay a plain TP layer; the per-token adaLN table [B, L, 6, h], RoPE angles and residuals would have to be
+  sliced per rank; MUG-V keeps the start/end tokens replicated on every rank (spec §6.2, trim/pad around
+  attention); and the replicated weights used on the sharded sequence (cross_attn_norm, scale_shift_table) need a
+  TP all-reduce of their gradients. Feasible, not done.
+- Context parallelism needs ring attention over the video tokens (Transformer Engine's ``TEDotProductAttention``
+  with a CP group on GPU; on CPU a hand-written ring with a log-sum-exp merge, since CPU SDPA does not return the
+  LSE), RoPE positions per chunk and the loss over the sharded tokens. Not done.
+- Pipeline parallelism (MUG-V replicates the embedders on every stage, spec §6.4). Not done.
 """
 from __future__ import annotations
 
@@ -167,6 +183,27 @@ def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend:
         for p in model.get_submodule(parent_name).parameters():
             if id(p) not in in_tp_linears:
                 p._tp_partial = True
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute every DiT block's activations in the backward (torchtitan's ``apply_ac``, full, per block).
+
+    Each ``model.blocks[i].forward`` is wrapped in non-reentrant ``torch.utils.checkpoint``: only the block inputs
+    are kept, and the block's forward (its TP collectives included, in the same order on every TP rank) runs again
+    in the backward. Module names and state-dict keys are unchanged. The blocks draw no random numbers, so the
+    recomputation is exact: losses and gradients equal the run without it.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError("apply_activation_checkpointing: the model has no .blocks; is this a MUGDiT?")
+    for block in blocks:
+        if getattr(block, "_recompute", False):
+            continue
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block._recompute = True
     return model
 
 

@@ -16,17 +16,32 @@ Several nodes (run on each of the N nodes; HEAD is node 0's address; output_dir 
 (the platform launches it through TorchX: ``trainer.launch.run_stage`` / ``trainer.component.train_stage``).
 
 The loop: resolve the runtime, join the process groups (TP from the stage), build MUGDiT with one seed on every rank,
-shard it over TP, AdamW; resume from ``output_dir/latest`` if present, else load ``init_checkpoint`` weights; then
-per step: this DP rank's batch, rectified-flow inputs from a generator seeded by (seed, step, dp_rank) (identical
-on the TP ranks that share a batch), loss, backward, gradient sync (TP partial sums, DP average), TP-aware
-global-norm clip, AdamW step, EMA, metrics (stdout, metrics.jsonl, MLflow) from rank 0, and a checkpoint every
+shard it over TP (and wrap every block in activation checkpointing when ``stage.recompute``), AdamW; resume from
+``output_dir/latest`` if present, else load ``init_checkpoint`` weights; then per step: this DP rank's micro-batch
+(``trainer.data.StepSampler``: one bucket per micro-batch, token counts balanced across DP ranks), rectified-flow
+inputs from a generator seeded by (seed, step, dp_rank) (identical on the TP ranks that share a batch), loss,
+backward, gradient sync (TP partial sums, DP average), TP-aware global-norm clip, AdamW step at ``lr_at(step)``
+(warmup, then constant / cosine / linear to ``min_lr``), EMA, metrics from rank 0 and a checkpoint every
 ``checkpoint_interval`` steps and at the end. Bad input (missing latents, empty split, TP not dividing the heads)
 exits with status 2 and one message.
+
+Metrics per step (stdout, ``metrics.jsonl``, MLflow): loss (DP mean), grad_norm, lr, step_time_s, samples_per_s,
+tokens_per_s (video tokens of all DP ranks) and mfu = spec §6.5 model FLOPs (``models.flops``, E = 12, so
+recomputation is not counted) / step time / (world size x per-process peak, ``trainer.device.peak_flops_per_s``:
+``stage.peak_tflops``, else ``$VGEN_PEAK_TFLOPS``, else 989 TFLOP/s bf16 on H100/H200, 95 GFLOP/s per thread on CPU).
+
+Precision: bf16 autocast on GPU with fp32 parameters, gradients and AdamW state (fp32 master weights); fp32 on CPU.
+Exact resume: every input of a step is a function of (seed, step) and the checkpoint holds the weights, EMA, the
+AdamW state of every rank and the RNG state, so on CPU (deterministic algorithms) a run killed and rerun ends
+bitwise equal to an uninterrupted one (tests/test_trainer_dist.py kills rank 1 with ``$VGEN_TEST_KILL_AFTER_STEP``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 import time
 import warnings
@@ -55,25 +70,56 @@ def train(job: StageJob) -> None:
         if layout.world_size != stage.world_size:
             raise ValueError(f"stage '{stage.name}' needs tensor_parallel*data_parallel = {stage.world_size} "
                              f"processes but {layout.world_size} were launched (nnodes*nproc_per_node)")
-        sampler = StepSampler(data.shapes, stage.micro_batch_size, layout.dp, stage.seed)
+        sampler = StepSampler(data.shapes, stage.micro_batch_size, layout.dp, stage.seed,
+                              patch_size=job.dit.patch_size, tokens_per_micro_batch=stage.tokens_per_micro_batch)
         model, opt = _build(job, layout, rt)
         start, ema = _restore(job, layout, model, opt)
-        log = _MetricsLog(job, layout, start, _param_count(model, layout))
+        log = _MetricsLog(job, layout, start, _param_count(model, layout),
+                          device.peak_flops_per_s(rt, stage.peak_tflops) * layout.world_size)
+        kill_at = _test_kill_step(layout)
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
             batch = data.batch(sampler.indices(step, layout.dp_rank)).to(rt.device)
             loss, grad_norm, lr = _train_step(job, model, opt, batch, step, layout, rt, data.meta)
             _ema_update(ema, model, EMA_DECAY)
-            log.write(step + 1, loss, grad_norm, lr, sampler.global_batch / (time.perf_counter() - t0))
+            totals = _dp_sum([loss, len(batch.clip_ids), *_work(job, batch)])   # loss, samples, tokens, FLOPs
+            log.write(step + 1, totals[0] / layout.dp, grad_norm, lr, totals[1:], time.perf_counter() - t0)
             if (step + 1) % stage.checkpoint_interval == 0 or step + 1 == stage.steps:
-                _save(job, layout, model, opt, ema, step + 1, loss)
+                _save(job, layout, model, opt, ema, step + 1, totals[0] / layout.dp)
+            if step + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
     finally:
         device.destroy()
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warmup over ``warmup_steps`` (step is 0-based), then constant (MUG-V fine-tune: min-lr = lr)."""
-    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+KILL_ENV = "VGEN_TEST_KILL_AFTER_STEP"   # tests: "RANK:STEP" makes that rank SIGKILL itself after that step
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, schedule: str = "constant", min_lr: float = 0.0,
+          total_steps: int = 0) -> float:
+    """The LR of 0-based ``step``: linear warmup over ``warmup_steps``, then ``schedule`` from ``base_lr`` down to
+    ``min_lr`` at the last step (``total_steps - 1``): "constant" (MUG-V fine-tune: min-lr = lr), "cosine", "linear".
+    A pure function of the step, so a resumed run uses the same LRs."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = total_steps - 1 - warmup_steps
+    if schedule == "constant" or decay_steps <= 0:
+        return base_lr
+    frac = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "cosine":
+        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if schedule == "linear":
+        return base_lr + (min_lr - base_lr) * frac
+    raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'linear', got {schedule!r}")
+
+
+def _test_kill_step(layout: device.Layout) -> int:
+    """The step after which this rank kills itself (``$VGEN_TEST_KILL_AFTER_STEP=rank:step``), else -1."""
+    spec = os.environ.get(KILL_ENV, "")
+    if not spec:
+        return -1
+    rank, step = (int(v) for v in spec.split(":"))
+    return step if rank == layout.rank else -1
 
 
 def _check_inputs(job: StageJob) -> LatentDataset:
@@ -94,6 +140,8 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
     model = MUGDiT(job.dit)
     model.y_embedder.dropout_prob = 0.0   # CFG drop is drawn here (force_drop_B): seeded per step, same on TP ranks
     model = parallel.parallelize(model.to(rt.device), layout.tp).train()
+    if job.stage.recompute:
+        parallel.apply_activation_checkpointing(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.stage.lr, betas=ADAM_BETAS,
                             eps=ADAM_EPS, weight_decay=job.stage.weight_decay)
     return model, opt
@@ -153,19 +201,31 @@ def _train_step(job: StageJob, model, opt, batch: Batch, step: int, layout: devi
     params = [p for p in model.parameters() if p.requires_grad]
     parallel.sync_gradients(params)
     grad_norm = parallel.clip_grad_norm_tp(params, job.stage.grad_clip)
-    lr = lr_at(step, job.stage.lr, job.stage.warmup_steps)
+    st = job.stage
+    lr = lr_at(step, st.lr, st.warmup_steps, st.lr_schedule, st.min_lr, st.steps)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
-    return _dp_mean(loss.detach()), grad_norm, lr
+    return float(loss.detach()), grad_norm, lr
 
 
-def _dp_mean(x: torch.Tensor) -> float:
+def _work(job: StageJob, batch: Batch) -> Tuple[int, float]:
+    """(video tokens, model FLOPs of forward + backward) of this rank's micro-batch (spec §6.5, E = 12: the
+    recomputation, when on, is not counted, so the MFU stays a model-FLOPs utilisation)."""
+    from models.flops import _tokens, dit_train_flops
+
+    shape = tuple(batch.latents_BCTHW.shape)
+    b, per_sample = _tokens(job.dit, shape)
+    return b * per_sample, dit_train_flops(job.dit, shape)
+
+
+def _dp_sum(values) -> list:
+    """Sum a few numbers over the data-parallel group (float64, one all_reduce)."""
     from megatron.core import parallel_state
 
-    x = x.clone()
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
     dist.all_reduce(x, group=parallel_state.get_data_parallel_group())
-    return float(x) / parallel_state.get_data_parallel_world_size()
+    return x.tolist()
 
 
 @torch.no_grad()
@@ -197,8 +257,8 @@ def _param_count(model, layout: device.Layout) -> int:
 class _MetricsLog:
     """Rank 0 only: a stdout line, a metrics.jsonl line and (when configured) MLflow metrics per step."""
 
-    def __init__(self, job: StageJob, layout: device.Layout, start: int, n_params: int):
-        self.on = layout.rank == 0
+    def __init__(self, job: StageJob, layout: device.Layout, start: int, n_params: int, peak_flops_per_s: float):
+        self.on, self.peak = layout.rank == 0, peak_flops_per_s   # peak of all processes together
         self.path = Path(job.output_dir) / "metrics.jsonl"
         self.client, self.run_id = None, job.mlflow_run_id
         if not self.on:
@@ -211,14 +271,19 @@ class _MetricsLog:
             from mlflow.tracking import MlflowClient
             self.client = MlflowClient(job.mlflow_tracking_uri)
         print(f"stage={job.stage.name} world={layout.world_size} tp={layout.tp} dp={layout.dp} params={n_params} "
-              f"start_step={start} steps={job.stage.steps}", flush=True)
+              f"start_step={start} steps={job.stage.steps} recompute={job.stage.recompute} "
+              f"peak_tflops={self.peak / 1e12:.3f}", flush=True)
 
-    def write(self, step: int, loss: float, grad_norm: float, lr: float, samples_per_s: float) -> None:
+    def write(self, step: int, loss: float, grad_norm: float, lr: float, work, seconds: float) -> None:
+        """``work`` = (samples, video tokens, model FLOPs) of the whole step, summed over DP ranks."""
         if not self.on:
             return
-        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "samples_per_s": samples_per_s}
-        print(f"step={step} loss={loss:.6f} grad_norm={grad_norm:.4f} lr={lr:.3e} samples_per_s={samples_per_s:.2f}",
-              flush=True)
+        samples, tokens, flops = work
+        mfu = flops / seconds / self.peak if self.peak > 0 else float("nan")
+        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "step_time_s": seconds,
+               "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu}
+        print(f"step={step} loss={loss:.6f} grad_norm={grad_norm:.4f} lr={lr:.3e} step_time={seconds:.3f}s "
+              f"samples_per_s={samples / seconds:.2f} tokens_per_s={tokens / seconds:.1f} mfu={mfu:.4f}", flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.client is not None:
@@ -226,7 +291,7 @@ class _MetricsLog:
             now = int(time.time() * 1000)
             try:
                 self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in rec.items()
-                                                            if k != "step"])
+                                                            if k != "step" and math.isfinite(v)])
             except Exception as e:   # tracking must not kill training; metrics.jsonl still has every step
                 print(f"warning: MLflow logging disabled after an error: {e}", file=sys.stderr, flush=True)
                 self.client = None
