@@ -181,6 +181,9 @@ class StageConfig:
     recompute: bool = False         # activation recomputation: torch.utils.checkpoint around every DiT block
     tokens_per_micro_batch: int = 0   # > 0: per-bucket micro-batch size = this // video tokens per clip (min 1)
     peak_tflops: float = 0.0        # per-process peak for MFU; 0 = $VGEN_PEAK_TFLOPS, else the device default
+    checkpoint_format: str = "full"   # "full": unsharded safetensors + per-rank optimizer files; "dist": also a
+                                      # megatron dist_checkpointing folder (sharded, reshardable between TP sizes)
+    distributed_optimizer: bool = False   # megatron DDP + DistributedOptimizer (needs checkpoint_format "dist")
 
     def __post_init__(self) -> None:
         for k in ("steps", "micro_batch_size", "tensor_parallel", "data_parallel", "nnodes", "checkpoint_interval", "keep_checkpoints"):
@@ -197,6 +200,12 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if self.warmup_steps < 0 or self.tokens_per_micro_batch < 0 or self.peak_tflops < 0:
             raise ValueError(f"stage '{self.name}': warmup_steps, tokens_per_micro_batch and peak_tflops must be >= 0")
+        if self.checkpoint_format not in ("full", "dist"):
+            raise ValueError(f"stage '{self.name}': checkpoint_format must be 'full' or 'dist', "
+                             f"got '{self.checkpoint_format}'")
+        if self.distributed_optimizer and self.checkpoint_format != "dist":
+            raise ValueError(f"stage '{self.name}': distributed_optimizer needs checkpoint_format 'dist' (its state "
+                             "is saved sharded with megatron dist_checkpointing)")
 
     @property
     def world_size(self) -> int:

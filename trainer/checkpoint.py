@@ -10,6 +10,14 @@ folders. A crash at any point leaves the previous ``latest`` intact.
 ``verify`` re-hashes a step folder and raises ``CheckpointError`` naming the file on a mismatch. Exact resume
 (``load_rank_state``) requires the same TP/DP layout; weights-only init (``load_weights``) works with any TP size
 because the weights are stored unsharded.
+
+Stage ``checkpoint_format: dist`` adds ``dist/``: a megatron ``dist_checkpointing`` checkpoint (torch_dist: every
+rank writes its own shards, ``.metadata`` + ``common.pt`` + ``metadata.json``) written collectively into the temporary
+folder by ``save(dist_state=...)``, so it is renamed, checksummed (every file of ``dist/`` is in meta.json) and pruned
+with the rest. ``load_dist`` verifies those checksums and loads into the caller's sharded state dict, whatever TP
+size wrote it (``trainer.parallel.dist_sharded_state_dict``). The full ``model.safetensors``/``ema.safetensors`` are
+still written by rank 0 in this format (export, evaluation and registration read them; cheap at the tiny scale,
+at 10B they would be gathered offline from ``dist/`` instead).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 LATEST = "latest"
+DIST = "dist"
 
 
 class CheckpointError(RuntimeError):
@@ -54,8 +63,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dict[str, torch.Tensor]],
          ema_sd: Optional[Dict[str, torch.Tensor]], rank_state: Dict[str, Any], meta: Dict[str, Any],
-         keep: int, barrier: Callable[[], None] = _barrier) -> Path:
-    """Write step folder ``step`` (collective). ``model_sd``/``ema_sd`` are the full state dicts, needed on rank 0."""
+         keep: int, barrier: Callable[[], None] = _barrier, dist_state: Optional[Dict[str, Any]] = None) -> Path:
+    """Write step folder ``step`` (collective). ``model_sd``/``ema_sd`` are the full state dicts, needed on rank 0.
+    ``dist_state``: a megatron sharded state dict every rank passes, saved with ``dist_checkpointing`` in ``dist/``."""
     from safetensors.torch import save_file
 
     out = Path(output_dir)
@@ -65,7 +75,12 @@ def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dic
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "optim").mkdir(parents=True)
+        if dist_state is not None:
+            (tmp / DIST).mkdir()
     barrier()
+    if dist_state is not None:
+        from megatron.core import dist_checkpointing
+        dist_checkpointing.save(dist_state, str(tmp / DIST))
     torch.save({**rank_state, "step": step}, tmp / "optim" / f"rank{rank:05d}.pt")
     if rank == 0:
         if model_sd is None or ema_sd is None:
@@ -114,12 +129,18 @@ def read_meta(step_dir: str | Path) -> Dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def verify(step_dir: str | Path, only: Optional[list] = None) -> Dict[str, Any]:
-    """Re-hash the folder's files (or just ``only``) against meta.json; returns the meta."""
+def verify(step_dir: str | Path, only: Optional[list] = None, under: Optional[str] = None) -> Dict[str, Any]:
+    """Re-hash the folder's files (or just ``only``, or just those under the folder ``under``) against meta.json;
+    returns the meta."""
     step_dir = Path(step_dir)
     meta = read_meta(step_dir)
+    if under is not None and not any(n.startswith(under + "/") for n in meta["checksums"]):
+        raise CheckpointError(f"checkpoint {step_dir} has no {under}/ files (was it saved with checkpoint_format "
+                              "'full'?)")
     for name, expected in meta["checksums"].items():
         if only is not None and name not in only:
+            continue
+        if under is not None and not name.startswith(under + "/"):
             continue
         path = step_dir / name
         if not path.is_file():
@@ -152,3 +173,16 @@ def load_rank_state(step_dir: str | Path, rank: int, tensor_parallel: int, data_
     name = f"optim/rank{rank:05d}.pt"
     verify(step_dir, only=[name])
     return torch.load(Path(step_dir) / name, map_location="cpu", weights_only=True)
+
+
+def has_dist(step_dir: str | Path) -> bool:
+    return (Path(step_dir) / DIST).is_dir()
+
+
+def load_dist(step_dir: str | Path, sharded_state: Dict[str, Any]) -> Dict[str, Any]:
+    """Verify the checksums of ``dist/`` and load it into ``sharded_state`` (collective; any TP size)."""
+    from megatron.core import dist_checkpointing
+
+    verify(step_dir, under=DIST)
+    with torch.no_grad():
+        return dist_checkpointing.load(sharded_state, str(Path(step_dir) / DIST))

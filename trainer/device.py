@@ -1,8 +1,13 @@
 """The one place that decides device, dtype, distributed backend and process groups for training.
 
-``resolve_runtime()`` picks CUDA + NCCL + bf16 autocast when a GPU is present, else CPU + gloo + fp32, and on CPU
-installs the small megatron-core shim (docs: /work/shared/notes/feasibility.md, check 4 and Appendix A) that
-megatron's tensor-parallel layers and RNG tracker need there. Nothing happens at import time.
+``resolve_runtime(heavy_shim=False)`` picks CUDA + NCCL + bf16 autocast when a GPU is present, else CPU + gloo +
+fp32, and on CPU installs the small megatron-core shim (docs: /work/shared/notes/feasibility.md, check 4 and
+Appendix A) that megatron's tensor-parallel layers and RNG tracker need there. With ``heavy_shim=True`` (the stage
+uses ``checkpoint_format: dist`` or ``distributed_optimizer``) it also installs the heavy shim that megatron's
+DistributedOptimizer and dist_checkpointing need on CPU: ``torch.cuda.synchronize``/``Stream``/``Event`` become
+no-ops and a ``TorchFunctionMode`` answers every ``device="cuda"``/``.cuda()`` with the CPU and makes
+``Tensor.type()`` report ``torch.cuda.*`` (megatron checks that string). Nothing happens at import time, and
+nothing of either shim is installed on GPU.
 
 ``init_distributed(tp, seed)`` joins the process group torchrun describes in the environment (RANK, WORLD_SIZE,
 MASTER_ADDR, ...) or, when started as a plain ``python`` process, a one-process group; then builds megatron's
@@ -18,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 _SHIM_INSTALLED = False
+_HEAVY_MODE = None
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,8 @@ def install_cpu_shim() -> None:
     """Let megatron-core's TP layers and RNG tracker run without CUDA (idempotent; CPU only).
 
     Megatron asks ``torch.cuda`` for the current device (used as ``device=``) and for RNG states; here those are
-    answered by the CPU. Only the light shim is needed because the trainer uses neither megatron's
-    DistributedOptimizer nor dist_checkpointing.
+    answered by the CPU. This light shim is enough unless the stage uses megatron's DistributedOptimizer or
+    dist_checkpointing (then ``install_heavy_cpu_shim``).
     """
     global _SHIM_INSTALLED
     if _SHIM_INSTALLED:
@@ -63,6 +69,55 @@ def install_cpu_shim() -> None:
     mrand._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     mtu.get_default_causal_mask = lambda sq: torch.triu(torch.ones(sq, sq), diagonal=1).bool()
     _SHIM_INSTALLED = True
+
+
+def _is_cuda(d) -> bool:
+    return ((isinstance(d, str) and d.startswith("cuda")) or (isinstance(d, torch.device) and d.type == "cuda")
+            or (isinstance(d, int) and not isinstance(d, bool)))
+
+
+class _Nop:
+    """Stands in for torch.cuda.Stream / Event on CPU."""
+    def __init__(self, *a, **k):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def install_heavy_cpu_shim() -> None:
+    """The light shim plus what megatron's DistributedOptimizer and dist_checkpointing need on CPU (idempotent;
+    CPU only; feasibility.md Appendix A). The redirecting TorchFunctionMode is entered in the calling thread and
+    stays active for the life of the process: call it from the training thread."""
+    global _HEAVY_MODE
+    if _HEAVY_MODE is not None:
+        return
+    import contextlib
+
+    from torch.overrides import TorchFunctionMode
+
+    class CudaToCpuMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                r = func(*args)
+                return r if r.startswith("torch.cuda.") else r.replace("torch.", "torch.cuda.", 1)
+            if "device" in kwargs and _is_cuda(kwargs["device"]):
+                kwargs["device"] = "cpu"
+            if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+                args = (args[0], "cpu") + tuple(args[2:])
+            return func(*args, **kwargs)
+
+    install_cpu_shim()
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.Stream = torch.cuda.Event = _Nop
+    torch.cuda.current_stream = lambda *a, **k: _Nop()
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+    torch.cuda.set_device = lambda *a, **k: None
+    _HEAVY_MODE = CudaToCpuMode()
+    _HEAVY_MODE.__enter__()
 
 
 # Peak dense FLOP/s per device for MFU (bf16 on GPU: datasheet, no sparsity). CPU: per thread, fp32, measured by
@@ -85,13 +140,14 @@ def peak_flops_per_s(rt: Runtime, tflops: float = 0.0) -> float:
     return PEAK_FLOPS_CPU_FP32_PER_THREAD * torch.get_num_threads()
 
 
-def resolve_runtime() -> Runtime:
+def resolve_runtime(heavy_shim: bool = False) -> Runtime:
     """CUDA (this process's LOCAL_RANK GPU, NCCL, bf16 autocast) when available, else CPU (gloo, fp32 + shim).
 
     Precision: on GPU the forward runs under bf16 autocast while parameters, gradients and the AdamW state stay
     fp32 (the fp32 master weights of mixed precision; no loss scaling is needed for bf16). On CPU everything is
     fp32 and ``torch.use_deterministic_algorithms(True)`` is set, so a resumed run is bitwise equal to an
-    uninterrupted one.
+    uninterrupted one. ``heavy_shim``: on CPU also install ``install_heavy_cpu_shim`` (dist checkpoints,
+    distributed optimizer).
     """
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -100,7 +156,7 @@ def resolve_runtime() -> Runtime:
                                "launch with nproc_per_node <= the GPUs per node")
         torch.cuda.set_device(local_rank)
         return Runtime(torch.device("cuda", local_rank), "nccl", torch.bfloat16)
-    install_cpu_shim()
+    install_heavy_cpu_shim() if heavy_shim else install_cpu_shim()
     torch.use_deterministic_algorithms(True)
     return Runtime(torch.device("cpu"), "gloo", torch.float32)
 

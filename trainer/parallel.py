@@ -311,3 +311,36 @@ def clip_grad_norm_tp(params: Iterable[nn.Parameter], max_norm: float) -> float:
     for p in params:
         p.grad.mul_(scale.to(p.grad.dtype))
     return float(total)
+
+
+def dist_sharded_state_dict(local_sd: Dict[str, torch.Tensor], prefix: str = "model.") -> Dict[str, object]:
+    """Megatron ``dist_checkpointing`` ShardedTensors for a (possibly TP-sharded) local state dict.
+
+    The global layout does not depend on the TP size, so a checkpoint saved at one TP size loads at another
+    (resharding): a column-parallel weight/bias with ``parts`` fused blocks (qkv = 3, kv = 2, else 1) is stored as
+    [parts, out/parts, (in)] with this rank holding fragment ``tp_rank`` of ``tp`` on axis 1 (the per-part head
+    slices of ``shard_tensor``); a row-parallel weight is fragmented on axis 1; everything else (row-parallel biases,
+    norms, embedders) is replicated, saved by TP rank 0 of DP rank 0 (``replica_id`` (0, tp_rank, dp_rank)). The
+    values are views of ``local_sd``'s tensors in that layout (reshape them back with ``local_sd``'s shapes after a
+    load). Keys are the state-dict keys of the unsharded model with ``prefix``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    tp, tp_rank = 1, 0
+    if parallel_state.model_parallel_is_initialized():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    out: Dict[str, object] = {}
+    for key, t in local_sd.items():
+        rule, parts = tp_rule(key)
+        if rule == "column":
+            view = t.reshape(parts, t.shape[0] // parts, *t.shape[1:])
+            out[key] = ShardedTensor.from_rank_offsets(prefix + key, view, (1, tp_rank, tp),
+                                                       replica_id=(0, 0, dp_rank))
+        elif rule == "row" and t.ndim == 2:
+            out[key] = ShardedTensor.from_rank_offsets(prefix + key, t, (1, tp_rank, tp), replica_id=(0, 0, dp_rank))
+        else:
+            out[key] = ShardedTensor.from_rank_offsets(prefix + key, t, replica_id=(0, tp_rank, dp_rank))
+    return out

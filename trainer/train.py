@@ -34,6 +34,24 @@ Precision: bf16 autocast on GPU with fp32 parameters, gradients and AdamW state 
 Exact resume: every input of a step is a function of (seed, step) and the checkpoint holds the weights, EMA, the
 AdamW state of every rank and the RNG state, so on CPU (deterministic algorithms) a run killed and rerun ends
 bitwise equal to an uninterrupted one (tests/test_trainer_dist.py kills rank 1 with ``$VGEN_TEST_KILL_AFTER_STEP``).
+
+Checkpoint format (``stage.checkpoint_format``): "full" (default) as above; "dist" adds a megatron
+``dist_checkpointing`` folder ``dist/`` with the sharded model and EMA (and the distributed optimizer's state), from
+which resume and ``init_checkpoint`` load, resharding between TP sizes (``trainer.checkpoint``). The full
+``model.safetensors``/``ema.safetensors`` are still written by rank 0 for export/evaluation/registration.
+
+Distributed optimizer (``stage.distributed_optimizer``, needs "dist"): megatron DDP + ``DistributedOptimizer``
+(Adam state sharded over DP; without Apex/TE it wraps torch AdamW), clipping inside ``opt.step()``, the LR set on
+its param groups from ``lr_at``. Its weight decay skips biases and 1-D params (megatron's default; ours applies it
+to all; the default weight_decay is 0). Exact resume needed one fix: after megatron's load path on the no-Apex/TE
+route (``_init_optimizer_states_with_dummy_values()``, ``sharded_state_dict(is_loading=True)`` with
+``dp_reshardable``, ``load_state_dict``) every parameter's torch-AdamW ``step`` is ONE tensor shared by all the
+rank's parameters, holding 1.0 (the dummy step) although the checkpoint's param groups carry the true count
+(measured: 1.0 shared by 28 resp. 15 params instead of 2.0 each, after a save at step 2). Torch's single-tensor
+AdamW then uses the wrong bias correction and advances the shared counter once per parameter per step, so the
+resumed losses drift (step 4: 2.200741 vs 2.225655 uninterrupted). The trainer saves the Adam step count in
+``optim/rankNNNNN.pt`` (``adam_step``) and after the load gives every parameter its own step tensor with that
+count (``_restore_adam_step``): a resumed run is then bitwise equal to an uninterrupted one (tests/test_trainer_ckpt.py).
 """
 from __future__ import annotations
 
@@ -64,7 +82,7 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-10   # spec §5.2
 def train(job: StageJob) -> None:
     stage = job.stage
     data = _check_inputs(job)
-    rt = device.resolve_runtime()
+    rt = device.resolve_runtime(heavy_shim=stage.checkpoint_format == "dist" or stage.distributed_optimizer)
     layout = device.init_distributed(stage.tensor_parallel, seed=stage.seed, runtime=rt)
     try:
         if layout.world_size != stage.world_size:
@@ -72,20 +90,20 @@ def train(job: StageJob) -> None:
                              f"processes but {layout.world_size} were launched (nnodes*nproc_per_node)")
         sampler = StepSampler(data.shapes, stage.micro_batch_size, layout.dp, stage.seed,
                               patch_size=job.dit.patch_size, tokens_per_micro_batch=stage.tokens_per_micro_batch)
-        model, opt = _build(job, layout, rt)
-        start, ema = _restore(job, layout, model, opt)
+        model, opt, ddp = _build(job, layout, rt)
+        start, ema = _restore(job, layout, model, opt, ddp)
         log = _MetricsLog(job, layout, start, _param_count(model, layout),
                           device.peak_flops_per_s(rt, stage.peak_tflops) * layout.world_size)
         kill_at = _test_kill_step(layout)
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
             batch = data.batch(sampler.indices(step, layout.dp_rank)).to(rt.device)
-            loss, grad_norm, lr = _train_step(job, model, opt, batch, step, layout, rt, data.meta)
+            loss, grad_norm, lr = _train_step(job, model, opt, batch, step, layout, rt, data.meta, ddp)
             _ema_update(ema, model, EMA_DECAY)
             totals = _dp_sum([loss, len(batch.clip_ids), *_work(job, batch)])   # loss, samples, tokens, FLOPs
             log.write(step + 1, totals[0] / layout.dp, grad_norm, lr, totals[1:], time.perf_counter() - t0)
             if (step + 1) % stage.checkpoint_interval == 0 or step + 1 == stage.steps:
-                _save(job, layout, model, opt, ema, step + 1, totals[0] / layout.dp)
+                _save(job, layout, model, opt, ema, step + 1, totals[0] / layout.dp, ddp)
             if step + 1 == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
@@ -142,28 +160,114 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
     model = parallel.parallelize(model.to(rt.device), layout.tp).train()
     if job.stage.recompute:
         parallel.apply_activation_checkpointing(model)
+    if job.stage.distributed_optimizer:
+        ddp, opt = _build_distributed_optimizer(job, layout, model)
+        return model, opt, ddp
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.stage.lr, betas=ADAM_BETAS,
                             eps=ADAM_EPS, weight_decay=job.stage.weight_decay)
-    return model, opt
+    return model, opt, None
 
 
-def _restore(job: StageJob, layout: device.Layout, model, opt) -> Tuple[int, Dict[str, torch.Tensor]]:
-    """Exact resume from output_dir/latest, else weights from init_checkpoint, else scratch. Returns (step, ema)."""
+DISTOPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _build_distributed_optimizer(job: StageJob, layout: device.Layout, model):
+    """megatron DDP (contiguous fp32 grad buffer, reduce-scatter over DP) + DistributedOptimizer (Adam state sharded
+    over DP, torch AdamW inside when Apex/TE are absent); gradient clipping (``clip_grad``) happens inside it."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+
+    st = job.stage
+    cfg = TransformerConfig(num_layers=1, hidden_size=job.dit.hidden_size, num_attention_heads=job.dit.num_heads,
+                            tensor_model_parallel_size=layout.tp, use_cpu_initialization=True)
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        overlap_param_gather=False), model)
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=st.lr, min_lr=st.min_lr, weight_decay=st.weight_decay, adam_beta1=ADAM_BETAS[0],
+        adam_beta2=ADAM_BETAS[1], adam_eps=ADAM_EPS, clip_grad=st.grad_clip, use_distributed_optimizer=True,
+        bf16=False, fp16=False, params_dtype=torch.float32), [ddp])
+    return ddp, opt
+
+
+def _inner_optimizers(opt):
+    return list(getattr(opt, "chained_optimizers", [opt]))
+
+
+def _restore(job: StageJob, layout: device.Layout, model, opt, ddp=None) -> Tuple[int, Dict[str, torch.Tensor]]:
+    """Exact resume from output_dir/latest, else weights from init_checkpoint, else scratch. Returns (step, ema).
+
+    ``checkpoint_format: dist``: weights and EMA come from the step folder's ``dist/`` (resharded to this TP size;
+    an ``init_checkpoint`` saved with any TP size works), the optimizer from ``optim/`` (exact resume needs the
+    same layout) or, with the distributed optimizer, from ``dist/`` as well."""
     last, start = checkpoint.latest(job.output_dir), 0
+    fmt = job.stage.checkpoint_format
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if last is not None:
+        meta = checkpoint.read_meta(last)
+        saved = (meta.get("checkpoint_format", "full"), bool(meta.get("distributed_optimizer", False)))
+        if saved != (fmt, job.stage.distributed_optimizer):
+            raise checkpoint.CheckpointError(
+                f"cannot resume {last}: it was saved with checkpoint_format={saved[0]}, distributed_optimizer="
+                f"{saved[1]}, this stage has {fmt}/{job.stage.distributed_optimizer}; use a new output_dir and "
+                "pass this step folder as init_checkpoint (weights only)")
         state = checkpoint.load_rank_state(last, layout.rank, layout.tp, layout.dp)
-        parallel.load_full_state_dict(model, checkpoint.load_weights(last))
-        ema_full = checkpoint.load_weights(last, ema=True)
-        opt.load_state_dict(state["optimizer"])
+        if fmt == "dist":
+            _load_dist(last, model, ema, opt if ddp is not None else None, state)
+        else:
+            parallel.load_full_state_dict(model, checkpoint.load_weights(last))
+            for k, v in parallel.shard_full_state_dict(model, checkpoint.load_weights(last, ema=True)).items():
+                ema[k].copy_(v)
+        if ddp is None:
+            opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
     elif job.init_checkpoint:
-        parallel.load_full_state_dict(model, checkpoint.load_weights(job.init_checkpoint))
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if last is not None:
-        for k, v in parallel.shard_full_state_dict(model, ema_full).items():
-            ema[k].copy_(v)
+        if fmt == "dist" and checkpoint.has_dist(job.init_checkpoint):
+            _load_dist(job.init_checkpoint, model, None, None, None)
+        else:
+            parallel.load_full_state_dict(model, checkpoint.load_weights(job.init_checkpoint))
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return start, ema
+
+
+def _load_dist(step_dir, model, ema, opt, rank_state) -> None:
+    """Load ``dist/`` into the model (and the EMA and the distributed optimizer when given), resharding over TP."""
+    local = model.state_dict()
+    request = {"model": parallel.dist_sharded_state_dict(local, "model.")}
+    if ema is not None:
+        request["ema"] = parallel.dist_sharded_state_dict(ema, "ema.")
+    if opt is not None:
+        for inner in _inner_optimizers(opt):   # the no-Apex path has no Adam state until a first step
+            inner._init_optimizer_states_with_dummy_values()
+        request["optimizer"] = opt.sharded_state_dict({}, is_loading=True, metadata=DISTOPT_METADATA)
+    loaded = checkpoint.load_dist(step_dir, request)
+    with torch.no_grad():
+        for name, target in (("model", local), ("ema", ema)):
+            if name in loaded:
+                for k, t in target.items():
+                    t.copy_(loaded[name][k].reshape(t.shape))
+        if opt is not None:
+            opt.load_state_dict(loaded["optimizer"])
+            _restore_adam_step(opt, rank_state)
+
+
+def _adam_step(opt) -> float:
+    """The Adam step count of the torch optimizer(s) inside megatron's optimizer (one value: every param steps)."""
+    steps = {float(s["step"]) for inner in _inner_optimizers(opt) for s in inner.optimizer.state.values()
+             if "step" in s}
+    return max(steps) if steps else 0.0
+
+
+def _restore_adam_step(opt, rank_state) -> None:
+    """Give every parameter its own Adam ``step`` tensor with the saved count (see the module docstring)."""
+    if rank_state is None or "adam_step" not in rank_state:
+        return
+    for inner in _inner_optimizers(opt):
+        for s in inner.optimizer.state.values():
+            if "step" in s:
+                s["step"] = torch.tensor(float(rank_state["adam_step"]), dtype=torch.float32)
 
 
 def _step_generator(seed: int, step: int, dp_rank: int) -> torch.Generator:
@@ -187,7 +291,7 @@ def flow_inputs(job: StageJob, latents_BCTHW: torch.Tensor, step: int, dp_rank: 
 
 
 def _train_step(job: StageJob, model, opt, batch: Batch, step: int, layout: device.Layout, rt: device.Runtime,
-                data_meta: dict) -> Tuple[float, float, float]:
+                data_meta: dict, ddp=None) -> Tuple[float, float, float]:
     from models import rectified_flow as rf
 
     factor = int(data_meta.get("vae", {}).get("config", {}).get("spatial_downsample", 8))
@@ -196,13 +300,29 @@ def _train_step(job: StageJob, model, opt, batch: Batch, step: int, layout: devi
     with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.autocast):
         v_BCTHW = model(x_t, t_B, batch.text_BLD, batch.text_mask_BL, force_drop_B=drop_B)
     loss = rf.flow_loss(v_BCTHW.float(), x0, noise).mean()
+    st = job.stage
+    lr = lr_at(step, st.lr, st.warmup_steps, st.lr_schedule, st.min_lr, st.steps)
+    if ddp is not None:   # megatron DDP + DistributedOptimizer: grads in ddp's buffer, clipping inside opt.step()
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        loss.backward()
+        from megatron.core import parallel_state
+        if layout.tp > 1:   # per-head QK-norm grads are partial over TP (see trainer/parallel.py)
+            parallel._all_reduce_flat([p.main_grad for p in model.parameters()
+                                       if p.requires_grad and getattr(p, "_tp_partial", False)],
+                                      parallel_state.get_tensor_model_parallel_group())
+        ddp.finish_grad_sync()   # reduce-scatter over DP, pre-scaled by 1/dp
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ok, grad_norm, _ = opt.step()
+        if not ok:
+            raise RuntimeError(f"step {step + 1}: the distributed optimizer skipped the update (inf/nan gradients)")
+        return float(loss.detach()), float(grad_norm), lr
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     parallel.sync_gradients(params)
     grad_norm = parallel.clip_grad_norm_tp(params, job.stage.grad_clip)
-    st = job.stage
-    lr = lr_at(step, st.lr, st.warmup_steps, st.lr_schedule, st.min_lr, st.steps)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
@@ -237,15 +357,27 @@ def _ema_update(ema: Dict[str, torch.Tensor], model, decay: float) -> None:
             ema[k].copy_(v)
 
 
-def _save(job: StageJob, layout: device.Layout, model, opt, ema, step: int, loss: float) -> None:
+def _save(job: StageJob, layout: device.Layout, model, opt, ema, step: int, loss: float, ddp=None) -> None:
+    st = job.stage
     full, full_ema = parallel.gather_full_state_dict(model), parallel.gather_full_state_dict(model, ema)
-    meta = {"stage": job.stage.name, "config_hash": job.config_hash, "tensor_parallel": layout.tp,
-            "data_parallel": layout.dp, "dit": to_dict(job.dit), "loss": loss}
-    rank_state = {"optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
+    meta = {"stage": st.name, "config_hash": job.config_hash, "tensor_parallel": layout.tp,
+            "data_parallel": layout.dp, "dit": to_dict(job.dit), "loss": loss,
+            "checkpoint_format": st.checkpoint_format, "distributed_optimizer": st.distributed_optimizer}
+    rank_state = {"rng": torch.get_rng_state()}
+    if ddp is None:
+        rank_state["optimizer"] = opt.state_dict()
+    else:
+        rank_state["adam_step"] = _adam_step(opt)
+    dist_state = None
+    if st.checkpoint_format == "dist":
+        dist_state = {"model": parallel.dist_sharded_state_dict(model.state_dict(), "model."),
+                      "ema": parallel.dist_sharded_state_dict(ema, "ema.")}
+        if ddp is not None:
+            dist_state["optimizer"] = opt.sharded_state_dict({}, metadata=DISTOPT_METADATA)
     root = layout.rank == 0
     checkpoint.save(job.output_dir, step, rank=layout.rank, model_sd=full if root else None,
                     ema_sd=full_ema if root else None, rank_state=rank_state, meta=meta,
-                    keep=job.stage.keep_checkpoints)
+                    keep=st.keep_checkpoints, dist_state=dist_state)
     if root:
         print(f"saved {Path(job.output_dir) / checkpoint.step_name(step)}", flush=True)
 
