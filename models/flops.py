@@ -19,7 +19,7 @@ from typing import Sequence
 CONTEXT_LEN = 300     # the reference formula's fixed text length (T5 max length)
 
 
-def _tokens(cfg, latent_shape: Sequence[int]) -> tuple[int, int]:
+def video_tokens(cfg, latent_shape: Sequence[int]) -> tuple[int, int]:
     """(batch b, video tokens L) from a latent shape (B, C, T, H, W) or (b, t, h_lat, w_lat)."""
     if len(latent_shape) == 5:
         b, _, t, h, w = latent_shape
@@ -32,7 +32,7 @@ def _tokens(cfg, latent_shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _flops(cfg, latent_shape, context_len: int, expansion: int, batch: int) -> float:
-    b, L = _tokens(cfg, latent_shape)
+    b, L = video_tokens(cfg, latent_shape)
     h, n, C = cfg.hidden_size, cfg.depth, context_len
     r = (cfg.hidden_size // cfg.num_heads) * cfg.num_heads / h      # kv_channels * heads / hidden (= 1)
     g_a = 1.0                                                        # query groups / heads: no GQA

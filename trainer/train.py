@@ -56,7 +56,6 @@ count (``_restore_adam_step``): a resumed run is then bitwise equal to an uninte
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -68,10 +67,9 @@ from typing import Dict, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from common.config import to_dict
-from trainer import checkpoint, device, parallel
+from trainer import checkpoint, device, metrics, parallel
 from trainer.data import Batch, LatentDataset, StepSampler
 from trainer.job import StageJob
 
@@ -92,7 +90,7 @@ def train(job: StageJob) -> None:
                               patch_size=job.dit.patch_size, tokens_per_micro_batch=stage.tokens_per_micro_batch)
         model, opt, ddp = _build(job, layout, rt)
         start, ema = _restore(job, layout, model, opt, ddp)
-        log = _MetricsLog(job, layout, start, _param_count(model, layout),
+        log = metrics.MetricsLog(job, layout, start, metrics.param_count(model, layout),
                           device.peak_flops_per_s(rt, stage.peak_tflops) * layout.world_size)
         kill_at = _test_kill_step(layout)
         for step in range(start, stage.steps):
@@ -100,7 +98,7 @@ def train(job: StageJob) -> None:
             batch = data.batch(sampler.indices(step, layout.dp_rank)).to(rt.device)
             loss, grad_norm, lr = _train_step(job, model, opt, batch, step, layout, rt, data.meta, ddp)
             _ema_update(ema, model, EMA_DECAY)
-            totals = _dp_sum([loss, len(batch.clip_ids), *_work(job, batch)])   # loss, samples, tokens, FLOPs
+            totals = metrics.dp_sum([loss, len(batch.clip_ids), *metrics.step_work(job.dit, batch)])   # loss, samples, tokens, FLOPs
             log.write(step + 1, totals[0] / layout.dp, grad_norm, lr, totals[1:], time.perf_counter() - t0)
             if (step + 1) % stage.checkpoint_interval == 0 or step + 1 == stage.steps:
                 _save(job, layout, model, opt, ema, step + 1, totals[0] / layout.dp, ddp)
@@ -329,25 +327,6 @@ def _train_step(job: StageJob, model, opt, batch: Batch, step: int, layout: devi
     return float(loss.detach()), grad_norm, lr
 
 
-def _work(job: StageJob, batch: Batch) -> Tuple[int, float]:
-    """(video tokens, model FLOPs of forward + backward) of this rank's micro-batch (spec §6.5, E = 12: the
-    recomputation, when on, is not counted, so the MFU stays a model-FLOPs utilisation)."""
-    from models.flops import _tokens, dit_train_flops
-
-    shape = tuple(batch.latents_BCTHW.shape)
-    b, per_sample = _tokens(job.dit, shape)
-    return b * per_sample, dit_train_flops(job.dit, shape)
-
-
-def _dp_sum(values) -> list:
-    """Sum a few numbers over the data-parallel group (float64, one all_reduce)."""
-    from megatron.core import parallel_state
-
-    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(x, group=parallel_state.get_data_parallel_group())
-    return x.tolist()
-
-
 @torch.no_grad()
 def _ema_update(ema: Dict[str, torch.Tensor], model, decay: float) -> None:
     for k, v in model.state_dict().items():
@@ -380,53 +359,6 @@ def _save(job: StageJob, layout: device.Layout, model, opt, ema, step: int, loss
                     keep=st.keep_checkpoints, dist_state=dist_state)
     if root:
         print(f"saved {Path(job.output_dir) / checkpoint.step_name(step)}", flush=True)
-
-
-def _param_count(model, layout: device.Layout) -> int:
-    return sum(p.numel() * (layout.tp if getattr(p, "_tp_sharded", False) else 1) for p in model.parameters())
-
-
-class _MetricsLog:
-    """Rank 0 only: a stdout line, a metrics.jsonl line and (when configured) MLflow metrics per step."""
-
-    def __init__(self, job: StageJob, layout: device.Layout, start: int, n_params: int, peak_flops_per_s: float):
-        self.on, self.peak = layout.rank == 0, peak_flops_per_s   # peak of all processes together
-        self.path = Path(job.output_dir) / "metrics.jsonl"
-        self.client, self.run_id = None, job.mlflow_run_id
-        if not self.on:
-            return
-        Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-        if self.path.is_file():   # drop lines of steps after the checkpoint we resume from (they will be redone)
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        if job.mlflow_tracking_uri:
-            from mlflow.tracking import MlflowClient
-            self.client = MlflowClient(job.mlflow_tracking_uri)
-        print(f"stage={job.stage.name} world={layout.world_size} tp={layout.tp} dp={layout.dp} params={n_params} "
-              f"start_step={start} steps={job.stage.steps} recompute={job.stage.recompute} "
-              f"peak_tflops={self.peak / 1e12:.3f}", flush=True)
-
-    def write(self, step: int, loss: float, grad_norm: float, lr: float, work, seconds: float) -> None:
-        """``work`` = (samples, video tokens, model FLOPs) of the whole step, summed over DP ranks."""
-        if not self.on:
-            return
-        samples, tokens, flops = work
-        mfu = flops / seconds / self.peak if self.peak > 0 else float("nan")
-        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "step_time_s": seconds,
-               "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu}
-        print(f"step={step} loss={loss:.6f} grad_norm={grad_norm:.4f} lr={lr:.3e} step_time={seconds:.3f}s "
-              f"samples_per_s={samples / seconds:.2f} tokens_per_s={tokens / seconds:.1f} mfu={mfu:.4f}", flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.client is not None:
-            from mlflow.entities import Metric
-            now = int(time.time() * 1000)
-            try:
-                self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in rec.items()
-                                                            if k != "step" and math.isfinite(v)])
-            except Exception as e:   # tracking must not kill training; metrics.jsonl still has every step
-                print(f"warning: MLflow logging disabled after an error: {e}", file=sys.stderr, flush=True)
-                self.client = None
 
 
 def main(argv=None) -> int:

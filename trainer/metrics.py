@@ -1,0 +1,84 @@
+"""Per-step training metrics: FLOPs and tokens of a micro-batch, DP sums, and rank 0's log (stdout, metrics.jsonl,
+MLflow). MFU uses the report's FLOPs formula (spec §6.5, E = 12) over the peak of all processes together."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Tuple
+
+import torch
+import torch.distributed as dist
+
+from models.config import DiTConfig
+from models.flops import dit_train_flops, video_tokens
+from trainer import device
+from trainer.data import Batch
+from trainer.job import StageJob
+
+
+def step_work(dit: DiTConfig, batch: Batch) -> Tuple[int, float]:
+    """(video tokens, model FLOPs of forward + backward) of this rank's micro-batch (spec §6.5, E = 12: the
+    recomputation, when on, is not counted, so the MFU stays a model-FLOPs utilisation)."""
+    
+    shape = tuple(batch.latents_BCTHW.shape)
+    b, per_sample = video_tokens(dit, shape)
+    return b * per_sample, dit_train_flops(dit, shape)
+
+
+def dp_sum(values) -> list:
+    """Sum a few numbers over the data-parallel group (float64, one all_reduce)."""
+    from megatron.core import parallel_state
+
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(x, group=parallel_state.get_data_parallel_group())
+    return x.tolist()
+
+
+def param_count(model, layout: device.Layout) -> int:
+    return sum(p.numel() * (layout.tp if getattr(p, "_tp_sharded", False) else 1) for p in model.parameters())
+
+
+class MetricsLog:
+    """Rank 0 only: a stdout line, a metrics.jsonl line and (when configured) MLflow metrics per step."""
+
+    def __init__(self, job: StageJob, layout: device.Layout, start: int, n_params: int, peak_flops_per_s: float):
+        self.on, self.peak = layout.rank == 0, peak_flops_per_s   # peak of all processes together
+        self.path = Path(job.output_dir) / "metrics.jsonl"
+        self.client, self.run_id = None, job.mlflow_run_id
+        if not self.on:
+            return
+        Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():   # drop lines of steps after the checkpoint we resume from (they will be redone)
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        if job.mlflow_tracking_uri:
+            from mlflow.tracking import MlflowClient
+            self.client = MlflowClient(job.mlflow_tracking_uri)
+        print(f"stage={job.stage.name} world={layout.world_size} tp={layout.tp} dp={layout.dp} params={n_params} "
+              f"start_step={start} steps={job.stage.steps} recompute={job.stage.recompute} "
+              f"peak_tflops={self.peak / 1e12:.3f}", flush=True)
+
+    def write(self, step: int, loss: float, grad_norm: float, lr: float, work, seconds: float) -> None:
+        """``work`` = (samples, video tokens, model FLOPs) of the whole step, summed over DP ranks."""
+        if not self.on:
+            return
+        samples, tokens, flops = work
+        mfu = flops / seconds / self.peak if self.peak > 0 else float("nan")
+        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "step_time_s": seconds,
+               "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu}
+        print(f"step={step} loss={loss:.6f} grad_norm={grad_norm:.4f} lr={lr:.3e} step_time={seconds:.3f}s "
+              f"samples_per_s={samples / seconds:.2f} tokens_per_s={tokens / seconds:.1f} mfu={mfu:.4f}", flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.client is not None:
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            try:
+                self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in rec.items()
+                                                            if k != "step" and math.isfinite(v)])
+            except Exception as e:   # tracking must not kill training; metrics.jsonl still has every step
+                print(f"warning: MLflow logging disabled after an error: {e}", file=sys.stderr, flush=True)
+                self.client = None
