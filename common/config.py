@@ -169,6 +169,7 @@ class StageConfig:
     micro_batch_size: int = 2   # per data-parallel rank
     tensor_parallel: int = 1
     data_parallel: int = 2
+    context_parallel: int = 1   # CP ranks split each clip's tokens (all-gathered K/V); must divide video tokens + 2
     nnodes: int = 1
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -186,11 +187,12 @@ class StageConfig:
     distributed_optimizer: bool = False   # megatron DDP + DistributedOptimizer (needs checkpoint_format "dist")
 
     def __post_init__(self) -> None:
-        for k in ("steps", "micro_batch_size", "tensor_parallel", "data_parallel", "nnodes", "checkpoint_interval", "keep_checkpoints"):
+        for k in ("steps", "micro_batch_size", "tensor_parallel", "data_parallel", "context_parallel", "nnodes", "checkpoint_interval", "keep_checkpoints"):
             if getattr(self, k) < 1:
                 raise ValueError(f"stage '{self.name}': {k} must be >= 1, got {getattr(self, k)}")
-        if (self.tensor_parallel * self.data_parallel) % self.nnodes:
-            raise ValueError(f"stage '{self.name}': tensor_parallel*data_parallel must be divisible by nnodes")
+        if self.world_size % self.nnodes:
+            raise ValueError(f"stage '{self.name}': tensor_parallel*context_parallel*data_parallel must be divisible "
+                             "by nnodes")
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"stage '{self.name}': top_fraction must be in (0, 1], got {self.top_fraction}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
@@ -206,10 +208,13 @@ class StageConfig:
         if self.distributed_optimizer and self.checkpoint_format != "dist":
             raise ValueError(f"stage '{self.name}': distributed_optimizer needs checkpoint_format 'dist' (its state "
                              "is saved sharded with megatron dist_checkpointing)")
+        if self.context_parallel > 1 and (self.checkpoint_format != "full" or self.distributed_optimizer):
+            raise ValueError(f"stage '{self.name}': context_parallel > 1 supports checkpoint_format 'full' without "
+                             "distributed_optimizer only")
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel * self.data_parallel
+        return self.tensor_parallel * self.context_parallel * self.data_parallel
 
     @property
     def nproc_per_node(self) -> int:

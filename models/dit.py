@@ -71,6 +71,10 @@ def apply_rope(x_BHLD: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor)
     return out.flatten(-2).type_as(x_BHLD)
 
 
+def _identity(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x
+
+
 def modulate(x_BLD: torch.Tensor, shift_BLD: torch.Tensor, scale_BLD: torch.Tensor) -> torch.Tensor:
     return x_BLD * (1 + scale_BLD) + shift_BLD
 
@@ -153,6 +157,7 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim)
         self.k_norm = RMSNorm(head_dim)
         self.proj = nn.Linear(hidden_size, hidden_size)
+        self.kv_gather = _identity   # context parallelism (trainer/parallel.py): all-gather local k, v along a dim
 
     def forward(self, x_BLD: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor) -> torch.Tensor:
         b, l, _ = x_BLD.shape
@@ -160,7 +165,7 @@ class SelfAttention(nn.Module):
         q_BHLD, k_BHLD, v_BHLD = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q_BHLD = apply_rope(self.q_norm(q_BHLD), cos_LK, sin_LK)
         k_BHLD = apply_rope(self.k_norm(k_BHLD), cos_LK, sin_LK)
-        out_BHLD = attention(q_BHLD, k_BHLD, v_BHLD)
+        out_BHLD = attention(q_BHLD, self.kv_gather(k_BHLD, 2), self.kv_gather(v_BHLD, 2))
         return self.proj(out_BHLD.transpose(1, 2).reshape(b, l, -1))  # row-sharded proj: a partial sum
 
 
@@ -232,6 +237,10 @@ class MUGDiT(nn.Module):
         self.blocks = nn.ModuleList([MUGDiTBlock(cfg) for _ in range(cfg.depth)])
         # 4. output: 2 x in_channels per patch voxel (the second half is MUG-V's unused learned-sigma legacy)
         self.final_layer = FinalLayer(h, math.prod(cfg.patch_size) * 2 * cfg.in_channels)
+        # context parallelism hooks, identity here (set by trainer.parallel.apply_context_parallel): keep this rank's
+        # contiguous chunk of the L token dim / all-gather the chunks back (after the per-token final layer)
+        self.token_split = _identity
+        self.token_gather = _identity
         self.init_weights()
 
     @torch.no_grad()
@@ -316,12 +325,15 @@ class MUGDiT(nn.Module):
         # 3. blocks
         angles_LK = rope_angles(rope_positions(T, H, W, device=x_BCTHW.device), cfg.head_dim)
         cos_LK, sin_LK = angles_LK.cos(), angles_LK.sin()
+        c_BLD = torch.where(noisy_BL[:, :, None], c_2BD[:b, None], c_2BD[b:, None])   # final modulation from c
+        x_BLD, tmod_BL6D, c_BLD = (self.token_split(v, 1) for v in (x_BLD, tmod_BL6D, c_BLD))
+        cos_LK, sin_LK = self.token_split(cos_LK, 0), self.token_split(sin_LK, 0)
         for block in self.blocks:
             x_BLD = block(x_BLD, y_BSD, keep_BS, tmod_BL6D, cos_LK, sin_LK)       # (B, L, h)
 
-        # 4. output: final modulation from c (not t_block(c)), drop start/end, unpatchify, keep the velocity half
-        c_BND = torch.where(noisy_BN[:, :, None], c_2BD[:b, None], c_2BD[b:, None])
-        out_BNP = self.final_layer(x_BLD[:, 1:-1], c_BND)                         # (B, N, pt*ph*pw*2C)
+        # 4. output: final layer per token (modulation from c, not t_block(c)), drop start/end, unpatchify, keep the
+        # velocity half
+        out_BNP = self.token_gather(self.final_layer(x_BLD, c_BLD), 1)[:, 1:-1]   # (B, N, pt*ph*pw*2C)
         out_BCTHW = rearrange(out_BNP, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                               t=T, h=H, w=W, pt=pt, ph=ph, pw=pw)
         return out_BCTHW[:, :c].float()

@@ -47,6 +47,8 @@ class Layout:
     tp_rank: int
     dp: int
     dp_rank: int
+    cp: int = 1               # context parallel: CP ranks of one (tp_rank, dp_rank) split the tokens of one batch
+    cp_rank: int = 0
 
 
 def install_cpu_shim() -> None:
@@ -161,8 +163,9 @@ def resolve_runtime(heavy_shim: bool = False) -> Runtime:
     return Runtime(torch.device("cpu"), "gloo", torch.float32)
 
 
-def init_distributed(tp: int, seed: int = 0, runtime: Runtime | None = None) -> Layout:
-    """Join the process group and build megatron's TP/DP groups (TP ranks are adjacent global ranks)."""
+def init_distributed(tp: int, seed: int = 0, runtime: Runtime | None = None, cp: int = 1) -> Layout:
+    """Join the process group and build megatron's TP/CP/DP groups (TP ranks are adjacent global ranks, then CP;
+    ``dp`` = world / (tp*cp) and ``dp_rank`` exclude CP, so the CP ranks of one DP rank share its batch)."""
     from megatron.core import parallel_state, tensor_parallel
 
     rt = runtime or resolve_runtime()
@@ -173,14 +176,15 @@ def init_distributed(tp: int, seed: int = 0, runtime: Runtime | None = None) -> 
         else:                      # a plain `python -m trainer.train`: a one-process group, no network
             dist.init_process_group(rt.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
-    if tp < 1 or world % tp:
-        raise ValueError(f"tensor_parallel={tp} must divide the number of processes ({world}): "
-                         f"launch tensor_parallel*data_parallel processes")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    if tp < 1 or cp < 1 or world % (tp * cp):
+        raise ValueError(f"tensor_parallel*context_parallel={tp}*{cp} must divide the number of processes ({world}): "
+                         f"launch tensor_parallel*context_parallel*data_parallel processes")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return Layout(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), tp=tp,
-                  tp_rank=parallel_state.get_tensor_model_parallel_rank(), dp=world // tp,
-                  dp_rank=parallel_state.get_data_parallel_rank())
+                  tp_rank=parallel_state.get_tensor_model_parallel_rank(), dp=world // (tp * cp),
+                  dp_rank=parallel_state.get_data_parallel_rank(), cp=cp,
+                  cp_rank=parallel_state.get_context_parallel_rank())
 
 
 def destroy() -> None:

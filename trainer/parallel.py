@@ -31,9 +31,8 @@ Not implemented (the config has no switch for them):
   sliced per rank; MUG-V keeps the start/end tokens replicated on every rank (spec §6.2, trim/pad around
   attention); and the replicated weights used on the sharded sequence (cross_attn_norm, scale_shift_table) need a
   TP all-reduce of their gradients. Feasible, not done.
-- Context parallelism needs ring attention over the video tokens (Transformer Engine's ``TEDotProductAttention``
-  with a CP group on GPU; on CPU a hand-written ring with a log-sum-exp merge, since CPU SDPA does not return the
-  LSE), RoPE positions per chunk and the loss over the sharded tokens. Not done.
+- Ring attention for context parallelism (``apply_context_parallel`` all-gathers K/V instead: exact and simple, but
+  every rank holds the full K/V of a layer; a ring with a log-sum-exp merge would not).
 - Pipeline parallelism (MUG-V replicates the embedders on every stage, spec §6.4). Not done.
 """
 from __future__ import annotations
@@ -207,6 +206,95 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
+class _CPSplit(torch.autograd.Function):
+    """Keep this CP rank's contiguous chunk of ``dim``; backward: the chunk's gradient, zero elsewhere (so every
+    parameter used before the split gets a partial gradient, summed over CP in ``sync_gradients``)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, rank, cp):
+        ctx.dim, ctx.rank, ctx.shape = dim, rank, x.shape
+        n = x.shape[dim] // cp
+        return x.narrow(dim, rank * n, n).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        full = g.new_zeros(ctx.shape)
+        full.narrow(ctx.dim, ctx.rank * g.shape[ctx.dim], g.shape[ctx.dim]).copy_(g)
+        return full, None, None, None
+
+
+def _cp_all_gather(x, dim, group, cp):
+    parts = [torch.empty_like(x) for _ in range(cp)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+class _CPGatherReplicated(torch.autograd.Function):
+    """All-gather the chunks along ``dim``; everything downstream is computed identically on every CP rank, so the
+    incoming gradient is the same everywhere and the backward just keeps this rank's chunk of it."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, rank, cp):
+        ctx.dim, ctx.rank, ctx.n = dim, rank, x.shape[dim]
+        return _cp_all_gather(x, dim, group, cp)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.narrow(ctx.dim, ctx.rank * ctx.n, ctx.n).contiguous(), None, None, None, None
+
+
+class _CPGatherKV(torch.autograd.Function):
+    """All-gather K or V along ``dim``; each rank's queries contribute to every chunk's gradient, so the backward
+    sums the gradient over CP (all_reduce: gloo has no reduce_scatter) and keeps this rank's chunk."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, rank, cp):
+        ctx.dim, ctx.rank, ctx.n, ctx.group = dim, rank, x.shape[dim], group
+        return _cp_all_gather(x, dim, group, cp)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g.narrow(ctx.dim, ctx.rank * ctx.n, ctx.n).contiguous(), None, None, None, None
+
+
+def apply_context_parallel(model: nn.Module, cp_group=None) -> nn.Module:
+    """Context parallelism (all-gather-KV, exact) over ``cp_group`` (default: megatron's CP group); 1 rank: no-op.
+
+    Sets MUGDiT's identity hooks: ``token_split`` keeps CP rank r's contiguous chunk r of the L = N + 2 tokens
+    ([start, video, end]) and of the per-token adaLN modulation, final-layer modulation and RoPE angles (L must be
+    divisible by the CP size: ValueError otherwise); every block's ``attn.kv_gather`` all-gathers k and v over the
+    group so local queries attend to the full sequence (cross-attention and MLP are per token, text is replicated);
+    ``token_gather`` all-gathers the final layer's per-token output, so the output and the loss are the same on every
+    CP rank. Every parameter then holds this rank's chunk's share of the gradient: ``sync_gradients`` sums them over
+    CP (parameters are tagged ``_cp_partial``).
+    """
+    if cp_group is None:
+        from megatron.core import parallel_state
+        cp_group = parallel_state.get_context_parallel_group()
+    cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    if cp == 1:
+        return model
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "token_split"):
+        raise TypeError("apply_context_parallel: the model has no .blocks / .token_split hooks; is this a MUGDiT?")
+
+    def token_split(x, dim):
+        if x.shape[dim] % cp:
+            raise ValueError(f"context_parallel={cp} must divide the token count per clip: {x.shape[dim]} = video "
+                             f"tokens + 2 (start/end); pick a context_parallel or latent shape where it does")
+        return _CPSplit.apply(x, dim, rank, cp)
+
+    model.token_split = token_split
+    model.token_gather = lambda x, dim: _CPGatherReplicated.apply(x, dim, cp_group, rank, cp)
+    for block in blocks:
+        block.attn.kv_gather = lambda x, dim: _CPGatherKV.apply(x, dim, cp_group, rank, cp)
+    for p in model.parameters():
+        p._cp_partial = True
+    return model
+
+
 def _sharded_modules(model: nn.Module) -> Dict[str, Tuple[str, int]]:
     return {n: m._tp_plan for n, m in model.named_modules() if hasattr(m, "_tp_plan")}
 
@@ -275,7 +363,10 @@ def _all_reduce_flat(grads: List[torch.Tensor], group, divide_by: int = 1) -> No
 
 
 def sync_gradients(params: Iterable[nn.Parameter]) -> None:
-    """After backward: sum partial grads over TP (``_tp_partial``), then average all grads over DP.
+    """After backward: sum partial grads over TP (``_tp_partial``), then sum over CP and average over DP.
+
+    With context parallelism every CP rank holds its token chunk's share of each gradient and the same loss, so one
+    all_reduce over megatron's DP+CP group divided by the DP size (not CP) gives the DP mean of the full gradients.
 
     A missing grad counts as zero, so every rank reduces the same flattened layout.
     """
@@ -289,8 +380,9 @@ def sync_gradients(params: Iterable[nn.Parameter]) -> None:
         _all_reduce_flat([p.grad for p in params if getattr(p, "_tp_partial", False)],
                          parallel_state.get_tensor_model_parallel_group())
     dp = parallel_state.get_data_parallel_world_size()
-    if dp > 1:
-        _all_reduce_flat([p.grad for p in params], parallel_state.get_data_parallel_group(), divide_by=dp)
+    if dp * parallel_state.get_context_parallel_world_size() > 1:
+        _all_reduce_flat([p.grad for p in params], parallel_state.get_data_parallel_group(with_context_parallel=True),
+                         divide_by=dp)
 
 
 def clip_grad_norm_tp(params: Iterable[nn.Parameter], max_norm: float) -> float:

@@ -19,8 +19,8 @@ The loop: resolve the runtime, join the process groups (TP from the stage), buil
 shard it over TP (and wrap every block in activation checkpointing when ``stage.recompute``), AdamW; resume from
 ``output_dir/latest`` if present, else load ``init_checkpoint`` weights; then per step: this DP rank's micro-batch
 (``trainer.data.StepSampler``: one bucket per micro-batch, token counts balanced across DP ranks), rectified-flow
-inputs from a generator seeded by (seed, step, dp_rank) (identical on the TP ranks that share a batch), loss,
-backward, gradient sync (TP partial sums, DP average), TP-aware global-norm clip, AdamW step at ``lr_at(step)``
+inputs from a generator seeded by (seed, step, dp_rank) (identical on the TP and CP ranks that share a batch), loss,
+backward, gradient sync (TP partial sums, CP sums, DP average), TP-aware global-norm clip, AdamW step at ``lr_at(step)``
 (warmup, then constant / cosine / linear to ``min_lr``), EMA, metrics from rank 0 and a checkpoint every
 ``checkpoint_interval`` steps and at the end. Bad input (missing latents, empty split, TP not dividing the heads)
 exits with status 2 and one message.
@@ -81,10 +81,11 @@ def train(job: StageJob) -> None:
     stage = job.stage
     data = _check_inputs(job)
     rt = device.resolve_runtime(heavy_shim=stage.checkpoint_format == "dist" or stage.distributed_optimizer)
-    layout = device.init_distributed(stage.tensor_parallel, seed=stage.seed, runtime=rt)
+    layout = device.init_distributed(stage.tensor_parallel, seed=stage.seed, runtime=rt, cp=stage.context_parallel)
     try:
         if layout.world_size != stage.world_size:
-            raise ValueError(f"stage '{stage.name}' needs tensor_parallel*data_parallel = {stage.world_size} "
+            raise ValueError(f"stage '{stage.name}' needs tensor_parallel*context_parallel*data_parallel = "
+                             f"{stage.world_size} "
                              f"processes but {layout.world_size} were launched (nnodes*nproc_per_node)")
         sampler = StepSampler(data.shapes, stage.micro_batch_size, layout.dp, stage.seed,
                               patch_size=job.dit.patch_size, tokens_per_micro_batch=stage.tokens_per_micro_batch)
@@ -146,7 +147,14 @@ def _check_inputs(job: StageJob) -> LatentDataset:
                          f"and dit.hidden_size={job.dit.hidden_size}")
     if job.init_checkpoint and not Path(job.init_checkpoint).is_dir():
         raise FileNotFoundError(f"init_checkpoint not found: {job.init_checkpoint} (expected a step_XXXXXXXX folder)")
-    return LatentDataset(job.latents_dir, split="train", top_fraction=job.stage.top_fraction)
+    cp, pt, ph, pw = job.stage.context_parallel, *job.dit.patch_size
+    data = LatentDataset(job.latents_dir, split="train", top_fraction=job.stage.top_fraction)
+    for shape in sorted(set(data.shapes)):
+        tokens = (shape[-3] // pt) * (shape[-2] // ph) * (shape[-1] // pw) + 2
+        if tokens % cp:
+            raise ValueError(f"stage '{job.stage.name}': context_parallel={cp} must divide the tokens per clip "
+                             f"(video tokens + start/end = {tokens} for latent shape {shape})")
+    return data
 
 
 def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
@@ -156,6 +164,8 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
     model = MUGDiT(job.dit)
     model.y_embedder.dropout_prob = 0.0   # CFG drop is drawn here (force_drop_B): seeded per step, same on TP ranks
     model = parallel.parallelize(model.to(rt.device), layout.tp).train()
+    if layout.cp > 1:
+        parallel.apply_context_parallel(model)
     if job.stage.recompute:
         parallel.apply_activation_checkpointing(model)
     if job.stage.distributed_optimizer:
