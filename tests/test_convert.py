@@ -9,9 +9,6 @@ qk_norm=True)`` from a /tmp copy of Shopee-MUG/MUG-V@34be017 ``mug_v/dit/{model,
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,6 @@ from models.dit import tiny
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mugv_dit_tiny_keys.json"
 Y = "y_embedder.y_embedding"
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _perturbed(seed: int = 0, **kw) -> dict:
@@ -249,7 +245,7 @@ def test_simulated_tp_matmuls_equal_the_full_ones(tp):
 
 def test_trainer_tp_plan_is_the_converter_rule():
     """The trainer shards exactly the linears the converter's rules name, with the same kind and fused parts
-    (tp_output_check.py then checks the live shards bitwise against shard_tp)."""
+    (parallel_output_check.py tp then checks the live shards bitwise against shard_tp)."""
     from models.dit import tiny
     from trainer import parallel
 
@@ -263,17 +259,12 @@ def test_trainer_tp_plan_is_the_converter_rule():
 
 @pytest.mark.timeout(180)
 def test_tp2_output_and_gradients_equal_tp1(tmp_path):
-    """torchrun, 2 gloo CPU processes (tests/tp_output_check.py): fp32, only the reduction order differs, so the
+    """torchrun, 2 gloo CPU processes (tests/parallel_output_check.py tp): fp32, only the reduction order differs, so the
     output must match TP=1 to 1e-5 absolute (|out| <= ~3; measured 9.5e-7) and the gradients to 1e-5 relative (L2 per
     tensor; measured 5.7e-7); each rank's megatron-layer weights equal shard_tp(layout="ours") bitwise."""
-    out = tmp_path / "tp.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "tp_output_check.py"), str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    print(res)
+    from parallel_output_check import run_check
+
+    res = run_check("tp", tmp_path, timeout=170)
     assert res["tp"] == 2 and res["backend"] == "local" and res["state_dict_keys_unchanged"]
     assert res["layer_types"] == ["DiTColumnParallelLinear", "DiTRowParallelLinear"]
     assert res["shard_mismatch"] == []

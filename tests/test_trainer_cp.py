@@ -2,37 +2,25 @@
 
 Checked: CP=2 gives the same DiT output (1e-5 absolute; measured 0.0) and parameter gradients (1e-5 relative, L2 per
 tensor; measured 5.0e-7) as CP=1 from the same weights and inputs, with an I2V conditioning frame and a padded text
-mask (tests/cp_output_check.py); a token count CP does not divide is a ValueError; a 3-step stage with
+mask (tests/parallel_output_check.py cp); a token count CP does not divide is a ValueError; a 3-step stage with
 context_parallel=2 through the real launch path (run_stage -> TorchX local_cwd -> torchrun) has the losses and grad
 norms of a CP=1 run (1e-5 relative); the config counts CP in the world size.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from common.config import StageConfig
+from parallel_output_check import run_check
 from test_trainer import write_latent_dataset
 from test_trainer_dist import TOL, _metrics, _run, _stage
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(60)
 def test_cp2_output_and_gradients_equal_cp1(tmp_path):
-    out = tmp_path / "cp.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "cp_output_check.py"), str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=55)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    print(res)
+    res = run_check("cp", tmp_path, timeout=55)
     assert (res["cp"], res["dp"]) == (2, 1) and res["grads_nonzero"]
     assert res["out_max_abs"] < 1e-5 and res["out_scale"] > 0.1
     assert res["grad_max_rel"] < 1e-5
