@@ -32,7 +32,8 @@ def dp_sum(values) -> list:
     """Sum a few numbers over the data-parallel group (float64, one all_reduce)."""
     from megatron.core import parallel_state
 
-    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None  # NCCL: GPU only
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64, device=on)
     dist.all_reduce(x, group=parallel_state.get_data_parallel_group())
     return x.tolist()
 
