@@ -169,7 +169,9 @@ class StageConfig:
     micro_batch_size: int = 2   # per data-parallel rank
     tensor_parallel: int = 1
     data_parallel: int = 2
-    context_parallel: int = 1   # CP ranks split each clip's tokens (all-gathered K/V); must divide video tokens + 2
+    context_parallel: int = 1   # CP ranks split each clip's tokens (all-gathered K/V); any count: the model pads
+    sequence_parallel: bool = False   # Megatron SP: TP ranks also split the tokens between the TP linears (any
+                                      # count: the model pads); no effect with tensor_parallel=1
     nnodes: int = 1
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -185,6 +187,8 @@ class StageConfig:
     checkpoint_format: str = "full"   # "full": unsharded safetensors + per-rank optimizer files; "dist": also a
                                       # megatron dist_checkpointing folder (sharded, reshardable between TP sizes)
     distributed_optimizer: bool = False   # megatron DDP + DistributedOptimizer (needs checkpoint_format "dist")
+    full_weights: str = "every"   # when rank 0 gathers and writes the full model/ema.safetensors: "every" checkpoint,
+                                  # or only at the stage's "final" step (needs "dist"; export others from dist/)
 
     def __post_init__(self) -> None:
         for k in ("steps", "micro_batch_size", "tensor_parallel", "data_parallel", "context_parallel", "nnodes", "checkpoint_interval", "keep_checkpoints"):
@@ -208,9 +212,11 @@ class StageConfig:
         if self.distributed_optimizer and self.checkpoint_format != "dist":
             raise ValueError(f"stage '{self.name}': distributed_optimizer needs checkpoint_format 'dist' (its state "
                              "is saved sharded with megatron dist_checkpointing)")
-        if self.context_parallel > 1 and (self.checkpoint_format != "full" or self.distributed_optimizer):
-            raise ValueError(f"stage '{self.name}': context_parallel > 1 supports checkpoint_format 'full' without "
-                             "distributed_optimizer only")
+        if self.full_weights not in ("every", "final"):
+            raise ValueError(f"stage '{self.name}': full_weights must be 'every' or 'final', got '{self.full_weights}'")
+        if self.full_weights == "final" and self.checkpoint_format != "dist":
+            raise ValueError(f"stage '{self.name}': full_weights 'final' needs checkpoint_format 'dist' (the other "
+                             "checkpoints then hold the weights only in dist/)")
 
     @property
     def world_size(self) -> int:

@@ -11,8 +11,11 @@
 Module names follow the released HF checkpoint (`blocks.{i}.attn.qkv`, `...cross_attn.kv_linear`, `...mlp.fc1`,
 `final_layer.linear`, ...). Every Linear is a plain `nn.Linear`: the tensor-parallel step (trainer/) swaps them for
 sharded ones. qkv rows are laid out (3, heads, head_dim) and kv rows (2, heads, head_dim); the attention modules infer
-the number of local heads from the Linear's output width, so column-sharded qkv/kv and row-sharded proj work unchanged.
-This file imports nothing distributed.
+the number of local heads from the Linear's output width, so column-sharded qkv/kv and row-sharded proj work unchanged,
+and the sequence length from the q/qkv Linear's output (sequence parallelism: those gather the sequence chunks).
+This file imports nothing distributed: context/sequence parallelism (trainer/parallel.py) replace identity hooks
+(`token_split`/`token_gather`, `seq_split`/`seq_gather`, `attn.kv_gather`) and set `token_multiple`, to which the
+forward pads the token sequence so the splits divide it evenly (pad keys are never attended to: exact for any L).
 """
 from __future__ import annotations
 
@@ -159,13 +162,19 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.kv_gather = _identity   # context parallelism (trainer/parallel.py): all-gather local k, v along a dim
 
-    def forward(self, x_BLD: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor) -> torch.Tensor:
-        b, l, _ = x_BLD.shape
-        qkv = self.qkv(x_BLD).view(b, l, 3, -1, self.head_dim)      # local heads inferred from the Linear's width
+    def forward(self, x_BLD: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor, pad: int = 0) -> torch.Tensor:
+        """pad: the last `pad` tokens of the full (gathered) sequence are padding (MUGDiT.token_multiple): their keys
+        and values are dropped, so no query attends to them; the pad queries' outputs are discarded by the caller."""
+        qkv = self.qkv(x_BLD)          # sequence parallelism: the column-parallel qkv gathers the full sequence
+        b, l = qkv.shape[:2]
+        qkv = qkv.view(b, l, 3, -1, self.head_dim)                  # local heads inferred from the Linear's width
         q_BHLD, k_BHLD, v_BHLD = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q_BHLD = apply_rope(self.q_norm(q_BHLD), cos_LK, sin_LK)
         k_BHLD = apply_rope(self.k_norm(k_BHLD), cos_LK, sin_LK)
-        out_BHLD = attention(q_BHLD, self.kv_gather(k_BHLD, 2), self.kv_gather(v_BHLD, 2))
+        k_BHSD, v_BHSD = self.kv_gather(k_BHLD, 2), self.kv_gather(v_BHLD, 2)   # S: the full sequence's keys
+        if pad:
+            k_BHSD, v_BHSD = k_BHSD[:, :, :-pad], v_BHSD[:, :, :-pad]
+        out_BHLD = attention(q_BHLD, k_BHSD, v_BHSD)
         return self.proj(out_BHLD.transpose(1, 2).reshape(b, l, -1))  # row-sharded proj: a partial sum
 
 
@@ -180,8 +189,9 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x_BLD: torch.Tensor, y_BSD: torch.Tensor, keep_BS: torch.Tensor) -> torch.Tensor:
-        (b, l, _), s = x_BLD.shape, y_BSD.shape[1]
-        q_BHLD = self.q_norm(self.q_linear(x_BLD).view(b, l, -1, self.head_dim).transpose(1, 2))
+        q_BLD, s = self.q_linear(x_BLD), y_BSD.shape[1]   # L of q, not x: sequence parallelism gathers it
+        b, l = q_BLD.shape[:2]
+        q_BHLD = self.q_norm(q_BLD.view(b, l, -1, self.head_dim).transpose(1, 2))
         k_BHSD, v_BHSD = self.kv_linear(y_BSD).view(b, s, 2, -1, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out_BHLD = attention(q_BHLD, self.k_norm(k_BHSD), v_BHSD, mask=keep_BS[:, None, None, :])
         return self.proj(out_BHLD.transpose(1, 2).reshape(b, l, -1))
@@ -200,9 +210,10 @@ class MUGDiTBlock(nn.Module):
         self.mlp = MLP(h, int(h * cfg.mlp_ratio), h)
         self.scale_shift_table = nn.Parameter(torch.randn(6, h) / h ** 0.5)
 
-    def forward(self, x_BLD, y_BSD, keep_BS, tmod_BL6D, cos_LK, sin_LK) -> torch.Tensor:
+    def forward(self, x_BLD, y_BSD, keep_BS, tmod_BL6D, cos_LK, sin_LK, pad: int = 0) -> torch.Tensor:
+        """pad: trailing pad tokens of the full sequence, never attended to (see SelfAttention)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table + tmod_BL6D).unbind(2)
-        x_BLD = x_BLD + gate_msa * self.attn(modulate(self.norm(x_BLD), shift_msa, scale_msa), cos_LK, sin_LK)
+        x_BLD = x_BLD + gate_msa * self.attn(modulate(self.norm(x_BLD), shift_msa, scale_msa), cos_LK, sin_LK, pad)
         x_BLD = x_BLD + self.cross_attn(self.cross_attn_norm(x_BLD), y_BSD, keep_BS)
         return x_BLD + gate_mlp * self.mlp(modulate(self.norm(x_BLD), shift_mlp, scale_mlp))
 
@@ -241,6 +252,17 @@ class MUGDiT(nn.Module):
         # contiguous chunk of the L token dim / all-gather the chunks back (after the per-token final layer)
         self.token_split = _identity
         self.token_gather = _identity
+        # sequence parallelism hooks, identity here (set by trainer.parallel.parallelize(sequence_parallel=True)):
+        # after token_split, keep this TP rank's chunk of x and the per-token modulations (not the RoPE angles:
+        # the column-parallel linears gather the sequence before attention); gather before token_gather
+        self.seq_split = _identity
+        self.seq_gather = _identity
+        # the splits above need the token count to divide evenly: forward pads [start, video, end] at its end to a
+        # multiple of token_multiple (set by the trainer to the product of the split factors: cp, times tp with
+        # sequence parallelism). Pad tokens are zeros with the end token's (t=0) modulation and the identity RoPE
+        # rotation; their keys are dropped in self-attention and their outputs before unpatchifying, so they change
+        # nothing else (everything but self-attention is per token) and get no gradient.
+        self.token_multiple = 1
         self.init_weights()
 
     @torch.no_grad()
@@ -305,7 +327,10 @@ class MUGDiT(nn.Module):
 
         # 1. patch embedding
         x_BND = self.x_embedder(x_BCTHW.to(dtype))                               # (B, T*H*W, h)
-        x_BLD = torch.cat([self.start_token.expand(b, 1, -1), x_BND, self.end_token.expand(b, 1, -1)], dim=1)
+        n = x_BND.shape[1]
+        pad = -(n + 2) % self.token_multiple               # parallel splits: pad L = N + 2 to a multiple (__init__)
+        x_BLD = torch.cat([self.start_token.expand(b, 1, -1), x_BND, self.end_token.expand(b, 1, -1)]
+                          + ([x_BND.new_zeros(b, pad, x_BND.shape[2])] if pad else []), dim=1)
 
         # 2. conditioning: rows [0, b) use t, rows [b, 2b) use t=0 (clean conditioning frames, start/end tokens)
         if fps_B is None:
@@ -317,23 +342,27 @@ class MUGDiT(nn.Module):
             else cond_mask_BT.to(x_BCTHW.device, torch.bool).view(b, T, pt).all(-1)
         noisy_BN = (~cond_BT).repeat_interleave(H * W, dim=1)                     # (B, N) token-level
         edge_B1 = torch.zeros(b, 1, dtype=torch.bool, device=x_BCTHW.device)     # start/end take t=0, as the reference
-        noisy_BL = torch.cat([edge_B1, noisy_BN, edge_B1], dim=1)                 # (B, L = N + 2)
+        noisy_BL = torch.cat([edge_B1, noisy_BN, edge_B1.expand(b, 1 + pad)], dim=1)   # (B, L = N + 2 + pad)
         tmod_BL6D = torch.where(noisy_BL[:, :, None, None], tmod_2B6D[:b, None], tmod_2B6D[b:, None])
         y_BSD = self.y_embedder(text_BSD.to(dtype), force_drop_B)                # (B, S, h)
         keep_BS = text_mask_BS.to(x_BCTHW.device, torch.bool)
 
         # 3. blocks
         angles_LK = rope_angles(rope_positions(T, H, W, device=x_BCTHW.device), cfg.head_dim)
+        if pad:                                                                   # angle 0: cos 1, sin 0 (identity)
+            angles_LK = torch.cat([angles_LK, angles_LK.new_zeros(pad, angles_LK.shape[1])])
         cos_LK, sin_LK = angles_LK.cos(), angles_LK.sin()
         c_BLD = torch.where(noisy_BL[:, :, None], c_2BD[:b, None], c_2BD[b:, None])   # final modulation from c
         x_BLD, tmod_BL6D, c_BLD = (self.token_split(v, 1) for v in (x_BLD, tmod_BL6D, c_BLD))
         cos_LK, sin_LK = self.token_split(cos_LK, 0), self.token_split(sin_LK, 0)
+        x_BLD, tmod_BL6D, c_BLD = (self.seq_split(v, 1) for v in (x_BLD, tmod_BL6D, c_BLD))
         for block in self.blocks:
-            x_BLD = block(x_BLD, y_BSD, keep_BS, tmod_BL6D, cos_LK, sin_LK)       # (B, L, h)
+            x_BLD = block(x_BLD, y_BSD, keep_BS, tmod_BL6D, cos_LK, sin_LK, pad)  # (B, L, h)
 
-        # 4. output: final layer per token (modulation from c, not t_block(c)), drop start/end, unpatchify, keep the
-        # velocity half
-        out_BNP = self.token_gather(self.final_layer(x_BLD, c_BLD), 1)[:, 1:-1]   # (B, N, pt*ph*pw*2C)
+        # 4. output: final layer per token (modulation from c, not t_block(c)), drop start, end and pad tokens,
+        # unpatchify, keep the velocity half
+        out_BLP = self.seq_gather(self.final_layer(x_BLD, c_BLD), 1)
+        out_BNP = self.token_gather(out_BLP, 1)[:, 1:n + 1]                      # (B, N, pt*ph*pw*2C)
         out_BCTHW = rearrange(out_BNP, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                               t=T, h=H, w=W, pt=pt, ph=ph, pw=pw)
         return out_BCTHW[:, :c].float()

@@ -1,15 +1,21 @@
-"""TP=2 or CP=2 vs one process: the same DiT output and gradients from the same weights and inputs.
+"""TP=2, CP=2 or TP=2 + sequence parallelism vs one process: the same DiT output and gradients from the same weights
+and inputs.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/parallel_output_check.py {tp,cp} OUT.json
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/parallel_output_check.py {tp,cp,sp} OUT.json
 
 Each of the 2 gloo/CPU processes builds the same seeded, perturbed tiny MUGDiT (4 heads, so 2 per TP rank; 3*4*4 = 48
 video tokens + 2 = 2 CP chunks of 25) and computes the single-process output and parameter gradients, with a text
 padding mask and an I2V conditioning frame. Then:
 - ``tp``: ``trainer.parallel.parallelize`` over the 2-rank TP group; also checks the local weights equal
   ``models.convert.shard_tp(full, 2, rank, layout="ours")`` bitwise; gradients are gathered to full tensors.
-- ``cp``: ``trainer.parallel.apply_context_parallel`` (tokens split in 2 chunks, K/V all-gathered); also checks a
-  token count CP does not divide raises ValueError.
-Rank 0 writes the differences to OUT.json. ``run_check`` (used by test_convert.py and test_trainer_cp.py) launches it.
+- ``cp``: ``trainer.parallel.apply_context_parallel`` (tokens split in 2 chunks, K/V all-gathered).
+- ``sp``: three TP=2 copies: plain, ``sequence_parallel=True``, and sequence-parallel with activation recomputation;
+  each also takes 3 AdamW steps (``sync_gradients``, ``clip_grad_norm_tp``) next to the one-process model, and the
+  full weights after them are compared (``weights_max_abs`` vs TP=1, ``sp_vs_tp_weights_max_abs`` vs plain TP=2).
+- ``cp`` and ``sp`` also run an odd token count (latent [24, 3, 6, 10]: 3*3*5 = 45 video tokens + 2 = 47, which
+  neither split divides: the model pads to 48, ``MUGDiT.token_multiple``), with and without activation
+  recomputation, against one process: ``odd_{cp,cp_ac,sp,sp_ac}_{out_max_abs,grad_max_rel}``.
+Rank 0 writes the differences to OUT.json. ``run_check`` (used by test_convert.py, test_trainer_cp.py and test_trainer_sp.py) launches it.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ def main(mode: str, out_path: str) -> None:
     from models.dit import tiny
     from trainer import device, parallel
 
-    layout = device.init_distributed(tp=2, seed=0) if mode == "tp" else device.init_distributed(tp=1, seed=0, cp=2)
+    layout = device.init_distributed(tp=1, seed=0, cp=2) if mode == "cp" else device.init_distributed(tp=2, seed=0)
     torch.manual_seed(0)
     model = tiny(num_heads=4, caption_dropout_prob=0.0).eval()
     g = torch.Generator().manual_seed(1)
@@ -58,6 +64,10 @@ def main(mode: str, out_path: str) -> None:
     mask[1, 9:] = False
     cond = torch.tensor([[True, False, False], [False, False, False]])
     weight = torch.randn(b, c, t, h, w, generator=g)   # a loss that reaches every output element
+    # odd token count: 3 * (6/2) * (10/2) = 45 video tokens + 2 = 47 (padded to 48 for the 2-way splits)
+    odd = (torch.randn(b, c, t, 6, 10, generator=g), t_B, text, mask, cond)
+    odd_weight = torch.randn(b, c, t, 6, 10, generator=g)
+    odd_ref = _out_and_grads(copy.deepcopy(model), odd, odd_weight) if mode != "tp" else None
 
     ref = copy.deepcopy(model)
     out1 = ref(x, t_B, text, mask, cond_mask_BT=cond)
@@ -66,6 +76,14 @@ def main(mode: str, out_path: str) -> None:
     full_sd = {k: v.clone() for k, v in model.state_dict().items()}
 
     result = {"rank": layout.rank, "tp": layout.tp, "cp": layout.cp, "dp": layout.dp}
+    if mode == "sp":
+        result.update(_sequence_parallel_check(model, ref, (x, t_B, text, mask, cond), weight, out1, grads1,
+                                               (odd, odd_weight, *odd_ref)))
+        if layout.rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(result, f, indent=1)
+        device.destroy()
+        return
     if mode == "tp":
         parallel.parallelize(model, 2)
         local = model.state_dict()
@@ -76,19 +94,17 @@ def main(mode: str, out_path: str) -> None:
             state_dict_keys_unchanged=sorted(local) == sorted(full_sd),
             shard_mismatch=sorted(k for k in expected if not torch.equal(local[k], expected[k])))
     else:
+        cp_ac = parallel.apply_activation_checkpointing(parallel.apply_context_parallel(copy.deepcopy(model)))
         parallel.apply_context_parallel(model)
+        for name, m in (("cp", model), ("cp_ac", cp_ac)):
+            result.update(_odd_diffs(name, m, odd, odd_weight, *odd_ref, sharded=False))
+        result["odd_token_multiple"] = model.token_multiple
     out2 = model(x, t_B, text, mask, cond_mask_BT=cond)
     (out2 * weight).sum().backward()
     parallel.sync_gradients(list(model.parameters()))
     grads2 = {n: p.grad for n, p in model.named_parameters()}
     if mode == "tp":
         grads2 = parallel.gather_full_state_dict(model, grads2)
-    else:
-        try:                                           # a token count CP=2 does not divide: 1*1*3 + 2 = 5 tokens
-            model(torch.randn(1, c, 1, 2, 6, generator=g), t_B[:1], text[:1], mask[:1])
-            result["odd_error"] = ""
-        except ValueError as e:
-            result["odd_error"] = str(e)
     result.update(
         out_max_abs=(out2 - out1).abs().max().item(),
         out_scale=out1.abs().max().item(),
@@ -101,7 +117,90 @@ def main(mode: str, out_path: str) -> None:
     device.destroy()
 
 
+def _out_and_grads(m, inputs, weight):
+    """Output and parameter gradients of one backward of ``(m(...) * weight).sum()`` on one process."""
+    out = m(*inputs[:4], cond_mask_BT=inputs[4])
+    (out * weight).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def _odd_diffs(name, m, inputs, weight, out1, grads1, sharded) -> dict:
+    """One forward/backward of the parallel ``m`` on ``inputs`` vs the one-process output and gradients."""
+    from trainer import parallel
+
+    m.zero_grad(set_to_none=True)
+    out = m(*inputs[:4], cond_mask_BT=inputs[4])
+    (out * weight).sum().backward()
+    parallel.sync_gradients(list(m.parameters()))
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    if sharded:
+        grads = parallel.gather_full_state_dict(m, grads)
+    m.zero_grad(set_to_none=True)
+    return {f"odd_{name}_out_max_abs": (out.detach() - out1).abs().max().item(),
+            f"odd_{name}_grad_max_rel": max(((grads[n] - grads1[n]).norm() / grads1[n].norm().clamp_min(1e-12)).item()
+                                            for n in grads1),
+            f"odd_{name}_grads_nonzero": all(grads1[n].abs().sum().item() > 0 for n in grads1)}
+
+
+def _sequence_parallel_check(model, ref, inputs, weight, out1, grads1, odd, steps: int = 3) -> dict:
+    """TP=2 plain / + SP / + SP and recomputation vs the one-process ``ref`` (``model`` is the unsharded copy):
+    output and gradients of one backward, then ``steps`` AdamW steps each; max differences. ``odd``: (inputs,
+    weight, one-process output, gradients) with a token count TP does not divide, run through the SP models."""
+    from trainer import parallel
+
+    def step_all(m, sharded):
+        # eps 1e-6, not 1e-8: at the first step some cross-attention gradients are ~1e-9 (rounding noise), which
+        # Adam would turn into ~lr/10 updates differing by 3.5e-5 between any two reduction orders (plain TP too)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-6, weight_decay=0.0)
+        outs = []
+        for i in range(steps):
+            out = m(*inputs[:4], cond_mask_BT=inputs[4])
+            opt.zero_grad(set_to_none=True)
+            (out * weight).sum().backward()
+            params = list(m.parameters())
+            parallel.sync_gradients(params)
+            parallel.clip_grad_norm_tp(params, 1.0)
+            opt.step()
+            outs.append(out.detach())
+        return outs, (parallel.gather_full_state_dict(m) if sharded else {k: v.detach() for k, v in
+                                                                           m.state_dict().items()})
+
+    models = {"tp": parallel.parallelize(copy.deepcopy(model), 2),
+              "sp": parallel.parallelize(copy.deepcopy(model), 2, sequence_parallel=True),
+              "sp_ac": parallel.apply_activation_checkpointing(
+                  parallel.parallelize(copy.deepcopy(model), 2, sequence_parallel=True))}
+    res = {"sp_partial": sorted(n for n, p in models["sp"].named_parameters() if getattr(p, "_sp_partial", False)),
+           "sp_layers": sorted(n for n, m in models["sp"].named_modules() if getattr(m, "_seq_parallel", False))}
+    outs, grads = {}, {}
+    for name, m in models.items():
+        out = m(*inputs[:4], cond_mask_BT=inputs[4])
+        (out * weight).sum().backward()
+        parallel.sync_gradients(list(m.parameters()))
+        outs[name] = out.detach()
+        grads[name] = parallel.gather_full_state_dict(m, {n: p.grad for n, p in m.named_parameters()})
+        m.zero_grad(set_to_none=True)
+        res[f"{name}_out_max_abs"] = (outs[name] - out1).abs().max().item()
+        res[f"{name}_grad_max_abs"] = max((grads[name][n] - grads1[n]).abs().max().item() for n in grads1)
+        res[f"{name}_grad_max_rel"] = max(((grads[name][n] - grads1[n]).norm() /
+                                           grads1[n].norm().clamp_min(1e-12)).item() for n in grads1)
+    res["sp_vs_tp_grad_max_abs"] = max((grads["sp"][n] - grads["tp"][n]).abs().max().item() for n in grads1)
+    for name in ("sp", "sp_ac"):                       # before the AdamW steps: the weights are still ``model``'s
+        res.update(_odd_diffs(name, models[name], *odd, sharded=True))
+    res["odd_token_multiple"] = models["sp"].token_multiple
+    res["out_scale"] = out1.abs().max().item()
+    res["grads_nonzero"] = all(grads1[n].abs().sum().item() > 0 for n in grads1)
+    ref_outs, ref_w = step_all(ref, False)
+    trained = {name: step_all(m, True) for name, m in models.items()}
+    for name, (o, w) in trained.items():
+        res[f"{name}_steps_out_max_abs"] = max((a - b).abs().max().item() for a, b in zip(o, ref_outs))
+        res[f"{name}_weights_max_abs"] = max((w[k] - ref_w[k]).abs().max().item() for k in ref_w)
+        res[f"{name}_weights_moved"] = max((w[k] - model.state_dict()[k]).abs().max().item() for k in ref_w)
+    res["sp_vs_tp_weights_max_abs"] = max((trained["sp"][1][k] - trained["tp"][1][k]).abs().max().item()
+                                          for k in ref_w)
+    return res
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("tp", "cp"):
-        sys.exit("usage: parallel_output_check.py {tp,cp} OUT.json")
+    if len(sys.argv) != 3 or sys.argv[1] not in ("tp", "cp", "sp"):
+        sys.exit("usage: parallel_output_check.py {tp,cp,sp} OUT.json")
     main(sys.argv[1], sys.argv[2])

@@ -227,3 +227,36 @@ def test_tensor_parallel_head_inference_contract():
     mlp_parts = [local(blk.mlp, fc1=_col_shard(blk.mlp.fc1, 1, r), fc2=_row_shard(blk.mlp.fc2, r)) for r in range(2)]
     torch.testing.assert_close(sum(m(x) for m in mlp_parts), blk.mlp(x), atol=1e-5, rtol=1e-5)
     assert isinstance(blk.attn, SelfAttention) and isinstance(ca, CrossAttention) and isinstance(blk.mlp, MLP)
+
+
+def test_token_padding_is_exact_and_pads_get_no_gradient():
+    """token_multiple (set by the parallel splits) pads [start, video, end] at its end; with the pad keys dropped the
+    output and gradients are the unpadded model's, and the pad tokens receive exactly zero gradient."""
+    torch.manual_seed(0)
+    model = perturb(tiny(num_heads=4, caption_dropout_prob=0.0))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, C, 1, 2, 6, generator=g)                 # 1*1*3 video tokens + 2 = 5: odd
+    _, t, text, mask = make_inputs()
+    weight = torch.randn(x.shape, generator=g)
+    ref = copy.deepcopy(model)
+    out1 = ref(x, t, text, mask)
+    (out1 * weight).sum().backward()
+    for multiple in (2, 4, 7):
+        padded = copy.deepcopy(model)
+        padded.token_multiple = multiple
+        seen = {}
+
+        def keep_block_input(mod, args):
+            args[0].retain_grad()
+            seen["x"] = args[0]
+
+        padded.blocks[0].register_forward_pre_hook(keep_block_input)
+        out2 = padded(x, t, text, mask)
+        (out2 * weight).sum().backward()
+        n_pad = -5 % multiple
+        assert seen["x"].shape[1] == 5 + n_pad
+        assert torch.count_nonzero(seen["x"].grad[:, 5:]) == 0 and torch.count_nonzero(seen["x"].grad[:, :5]) > 0
+        torch.testing.assert_close(out2, out1, atol=1e-5, rtol=0)
+        for (name, p1), p2 in zip(ref.named_parameters(), padded.parameters()):
+            rel = ((p2.grad - p1.grad).norm() / p1.grad.norm().clamp_min(1e-12)).item()
+            assert rel < 1e-5, (multiple, name, rel)

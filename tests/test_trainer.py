@@ -4,6 +4,7 @@ Single process, no torchrun (the multi-process runs are in test_trainer_dist.py)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from common.config import LaunchConfig, StageConfig
 from models.config import DiTConfig
-from trainer import checkpoint
+from trainer import checkpoint, device
 from trainer.component import train_stage
 from trainer.data import LatentDataset, StepSampler
 from trainer.job import StageJob
@@ -195,9 +196,11 @@ def test_checkpoint_atomic_layout_keep_n_and_resume_state(tmp_path):
     assert meta["step"] == 9 and meta["tensor_parallel"] == 1
     assert torch.equal(checkpoint.load_weights(last)["w"], torch.full((2, 3), 9.0))
     assert torch.equal(checkpoint.load_weights(last, ema=True)["w"], torch.full((2, 3), 4.5))
-    assert checkpoint.load_rank_state(last, 0, 1, 1)["step"] == 9
-    with pytest.raises(checkpoint.CheckpointError, match="tensor_parallel=1, data_parallel=1.*init_checkpoint"):
-        checkpoint.load_rank_state(last, 0, 2, 1)
+    one = device.Layout(rank=0, world_size=1, local_rank=0, tp=1, tp_rank=0, dp=1, dp_rank=0)
+    assert checkpoint.load_rank_state(last, one)["step"] == 9
+    with pytest.raises(checkpoint.CheckpointError, match="saved with tensor_parallel=1, context_parallel=1, "
+                       "data_parallel=1.*requests tensor_parallel=2.*init_checkpoint"):
+        checkpoint.load_rank_state(last, dataclasses.replace(one, tp=2, world_size=2))
 
 
 def test_checkpoint_checksum_mismatch_and_stale_tmp(tmp_path):
@@ -290,6 +293,18 @@ def test_kubernetes_dryrun_is_a_volcano_job():
         assert "--nnodes 2 --nproc_per_node 8" in cmd
         assert re.search(r"\$\{(TORCHX_RANK0_HOST|VC_TRAIN_0_HOSTS):=localhost\}:29500", cmd)   # replica 0 / others
         assert "-m trainer.train --job /shared/run/job.json" in cmd
+
+
+def test_local_launch_keeps_the_callers_pythonpath(tmp_path, monkeypatch):
+    """Workers see the repository first and then whatever the caller had on PYTHONPATH (packages carried to a GPU
+    machine lived there; the first GPU run lost them)."""
+    from trainer import launch as launch_mod
+
+    monkeypatch.setenv("PYTHONPATH", "/opt/extra-site")
+    job = StageJob(stage=StageConfig(name="pp"), dit=DiTConfig(**TINY_DIT), latents_dir="l", output_dir="o")
+    app = launch_mod._app(job, tmp_path / "job.json", LaunchConfig(scheduler="local_cwd"), 1, 1)
+    parts = app.roles[0].env["PYTHONPATH"].split(":")
+    assert parts == [str(launch_mod._REPO_ROOT), "/opt/extra-site"]
 
 
 # ------------------------------------------------------------------------------------------------ trainer CLI

@@ -7,17 +7,31 @@ is also the data position: batches are a pure function of seed and step); rank 0
 ``step_XXXXXXXX``, rewrites ``latest`` (atomically) and deletes all but the newest ``keep_checkpoints`` step
 folders. A crash at any point leaves the previous ``latest`` intact.
 
-``verify`` re-hashes a step folder and raises ``CheckpointError`` naming the file on a mismatch. Exact resume
-(``load_rank_state``) requires the same TP/DP layout; weights-only init (``load_weights``) works with any TP size
-because the weights are stored unsharded.
+``verify`` re-hashes a step folder and raises ``CheckpointError`` naming the file on a mismatch. Weights-only init
+(``load_weights``) works with any layout because the weights are stored unsharded. Resume (``load_rank_state``) reads
+the optimizer/RNG file of the matching rank; ``meta.json`` records the layout that wrote it (tensor_parallel,
+context_parallel, data_parallel) and ``resume_source_rank`` decides whether another layout can resume:
+
+- same (tp, cp, dp): exact resume, every rank reads its own file;
+- only context_parallel changed (no distributed optimizer): the AdamW state of a TP rank is the same on all its CP
+  (and DP) replicas, so rank (tp_rank, cp_rank, dp_rank) reads the file of (tp_rank, 0, dp_rank); same batches;
+- tensor_parallel changed: only for ``checkpoint_format: dist`` checkpoints whose Adam moments are in ``dist/``
+  (meta ``optimizer_in_dist``, written by this trainer without the distributed optimizer): they are resharded like
+  the weights, and the per-rank file only contributes the RNG state, the Adam step count and the param groups;
+- anything else (data_parallel changed: it sets the global batch and which clips each step reads; the distributed
+  optimizer's ``dp_reshardable`` state; TP changed in the "full" format, whose per-rank files hold TP shards) raises
+  ``CheckpointError`` naming the saved and the requested layout.
 
 Stage ``checkpoint_format: dist`` adds ``dist/``: a megatron ``dist_checkpointing`` checkpoint (torch_dist: every
 rank writes its own shards, ``.metadata`` + ``common.pt`` + ``metadata.json``) written collectively into the temporary
 folder by ``save(dist_state=...)``, so it is renamed, checksummed (every file of ``dist/`` is in meta.json) and pruned
 with the rest. ``load_dist`` verifies those checksums and loads into the caller's sharded state dict, whatever TP
-size wrote it (``trainer.parallel.dist_sharded_state_dict``). The full ``model.safetensors``/``ema.safetensors`` are
-still written by rank 0 in this format (export, evaluation and registration read them; cheap at the tiny scale,
-at 10B they would be gathered offline from ``dist/`` instead).
+or CP size wrote it (``trainer.parallel.dist_sharded_state_dict``). The full ``model.safetensors``/``ema.safetensors``
+are written by rank 0 at every checkpoint (stage ``full_weights: every``) or, with ``full_weights: final``, only at
+the stage's last step (meta ``full_weights``: whether this folder has them): gathering 10B fp32 weights (~43 GB) on
+one rank at every checkpoint is wasted work, and ``python -m trainer.export`` reads ``dist/`` offline instead.
+Export, evaluation, registration and the next stage's ``init_checkpoint`` read the stage's last step folder, which
+always has them.
 """
 from __future__ import annotations
 
@@ -26,7 +40,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -64,7 +78,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dict[str, torch.Tensor]],
          ema_sd: Optional[Dict[str, torch.Tensor]], rank_state: Dict[str, Any], meta: Dict[str, Any],
          keep: int, barrier: Callable[[], None] = _barrier, dist_state: Optional[Dict[str, Any]] = None) -> Path:
-    """Write step folder ``step`` (collective). ``model_sd``/``ema_sd`` are the full state dicts, needed on rank 0.
+    """Write step folder ``step`` (collective). ``model_sd``/``ema_sd`` are the full state dicts, needed on rank 0
+    unless ``dist_state`` is given and both are None (then the weights are only in ``dist/``).
     ``dist_state``: a megatron sharded state dict every rank passes, saved with ``dist_checkpointing`` in ``dist/``."""
     from safetensors.torch import save_file
 
@@ -82,9 +97,10 @@ def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dic
         from megatron.core import dist_checkpointing
         dist_checkpointing.save(dist_state, str(tmp / DIST))
     torch.save({**rank_state, "step": step}, tmp / "optim" / f"rank{rank:05d}.pt")
-    if rank == 0:
+    if rank == 0 and (model_sd is not None or ema_sd is not None or dist_state is None):
         if model_sd is None or ema_sd is None:
-            raise ValueError("checkpoint.save: rank 0 needs the full model and EMA state dicts")
+            raise ValueError("checkpoint.save: rank 0 needs the full model and EMA state dicts (both, or neither "
+                             "with a dist_state)")
         save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in ema_sd.items()}, str(tmp / "ema.safetensors"))
     barrier()
@@ -137,6 +153,9 @@ def verify(step_dir: str | Path, only: Optional[list] = None, under: Optional[st
     if under is not None and not any(n.startswith(under + "/") for n in meta["checksums"]):
         raise CheckpointError(f"checkpoint {step_dir} has no {under}/ files (was it saved with checkpoint_format "
                               "'full'?)")
+    for name in only or []:
+        if name not in meta["checksums"]:
+            raise CheckpointError(f"checkpoint {step_dir} has no {name} (not listed in meta.json)")
     for name, expected in meta["checksums"].items():
         if only is not None and name not in only:
             continue
@@ -153,26 +172,77 @@ def verify(step_dir: str | Path, only: Optional[list] = None, under: Optional[st
     return meta
 
 
+def has_full_weights(step_dir: str | Path, ema: bool = False) -> bool:
+    """Whether the step folder holds the full ``model.safetensors`` (``ema.safetensors``): listed in its meta.json."""
+    return ("ema.safetensors" if ema else "model.safetensors") in read_meta(step_dir).get("checksums", {})
+
+
 def load_weights(step_dir: str | Path, ema: bool = False) -> Dict[str, torch.Tensor]:
     """The full (unsharded) model or EMA state dict of a step folder, after verifying its checksum."""
     from safetensors.torch import load_file
 
     name = "ema.safetensors" if ema else "model.safetensors"
+    if not has_full_weights(step_dir, ema) and has_dist(step_dir):
+        raise CheckpointError(f"checkpoint {step_dir} has no {name}: it was saved with full_weights 'final' before "
+                              "the stage's last step, so its weights are only in dist/; write the file with "
+                              f"`python -m trainer.export {step_dir} OUT.safetensors --layout ours"
+                              f"{' --ema' if ema else ''}`, or load dist/ (checkpoint_format 'dist')")
     verify(step_dir, only=[name])
     return load_file(str(Path(step_dir) / name))
 
 
-def load_rank_state(step_dir: str | Path, rank: int, tensor_parallel: int, data_parallel: int) -> Dict[str, Any]:
-    """This rank's optimizer/RNG/step state for an exact resume; the layout must match the one that saved it."""
+LAYOUT_KEYS = ("tensor_parallel", "context_parallel", "data_parallel")
+
+
+def saved_layout(meta: Dict[str, Any]) -> Tuple[int, int, int]:
+    """(tensor_parallel, context_parallel, data_parallel) of a checkpoint (context_parallel 1 before it was recorded)."""
+    return int(meta.get("tensor_parallel", 1)), int(meta.get("context_parallel", 1)), int(meta.get("data_parallel", 1))
+
+
+def layout_str(layout: Tuple[int, int, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in zip(LAYOUT_KEYS, layout))
+
+
+def resume_source_rank(step_dir: str | Path, meta: Dict[str, Any], *, tp: int, cp: int, dp: int, rank: int,
+                       tp_rank: int, cp_rank: int, dp_rank: int) -> int:
+    """The global rank whose ``optim/rankNNNNN.pt`` this rank resumes from (see the module docstring), or
+    ``CheckpointError`` naming the saved and the requested layout when this layout cannot resume the checkpoint.
+    Global ranks follow megatron's order: rank = tp_rank + tp * (cp_rank + cp * dp_rank)."""
+    saved, requested = saved_layout(meta), (tp, cp, dp)
+    if saved == requested:
+        return rank
+    s_tp, s_cp, s_dp = saved
+    fmt, distopt = meta.get("checkpoint_format", "full"), bool(meta.get("distributed_optimizer", False))
+    why = []
+    if dp != s_dp:
+        why.append("data_parallel sets the global batch (micro_batch_size x data_parallel) and which clips each step "
+                   "reads, so a resume keeps it")
+    if distopt:
+        why.append("the distributed optimizer's state in dist/ ('dp_reshardable', sharded over the data x context "
+                   "parallel ranks of each tensor-parallel rank) is only resumed at the layout that wrote it")
+    elif tp != s_tp and not (fmt == "dist" and meta.get("optimizer_in_dist")):
+        why.append("its AdamW state is in optim/rankNNNNN.pt, one file per global rank holding that rank's "
+                   "tensor-parallel shard, which is not resharded (checkpoint_format 'dist' stores it reshardably)")
+    if why:
+        raise CheckpointError(
+            f"cannot resume {step_dir}: it was saved with {layout_str(saved)} (checkpoint_format {fmt}"
+            f"{', distributed_optimizer' if distopt else ''}), this stage requests {layout_str(requested)}: "
+            f"{'; '.join(why)}. Rerun with the saved layout, or use a new output_dir and pass this step folder as "
+            "init_checkpoint (weights only, any layout)")
+    return tp_rank % s_tp + s_tp * (s_cp * dp_rank)   # CP rank 0 of the same TP (or any TP, resharded) and DP rank
+
+
+def load_rank_state(step_dir: str | Path, layout) -> Dict[str, Any]:
+    """This rank's optimizer/RNG/step state for resuming (``layout``: a ``trainer.device.Layout``): the file
+    ``resume_source_rank`` picks, with ``"resharded": True`` added when the layout differs from the saved one."""
     meta = read_meta(step_dir)
-    saved = (meta.get("tensor_parallel"), meta.get("data_parallel"))
-    if saved != (tensor_parallel, data_parallel):
-        raise CheckpointError(f"cannot resume {step_dir}: it was saved with tensor_parallel={saved[0]}, "
-                              f"data_parallel={saved[1]}, this run has {tensor_parallel}/{data_parallel}; use a new "
-                              "output_dir and pass this step folder as init_checkpoint (weights only)")
-    name = f"optim/rank{rank:05d}.pt"
+    src = resume_source_rank(step_dir, meta, tp=layout.tp, cp=layout.cp, dp=layout.dp, rank=layout.rank,
+                             tp_rank=layout.tp_rank, cp_rank=layout.cp_rank, dp_rank=layout.dp_rank)
+    name = f"optim/rank{src:05d}.pt"
     verify(step_dir, only=[name])
-    return torch.load(Path(step_dir) / name, map_location="cpu", weights_only=True)
+    state = torch.load(Path(step_dir) / name, map_location="cpu", weights_only=True)
+    state["resharded"] = saved_layout(meta) != (layout.tp, layout.cp, layout.dp)
+    return state
 
 
 def has_dist(step_dir: str | Path) -> bool:

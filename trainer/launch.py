@@ -3,7 +3,8 @@
 ``run_stage`` builds the ``trainer.component.train_stage`` AppDef for the stage's layout, submits it with TorchX's
 programmatic runner (``local_cwd`` on this machine, ``kubernetes`` = Volcano on a cluster), polls its status, streams
 the new lines of every replica's combined log to ``progress`` while it runs (the loss of every step), stops it after
-``launch.timeout_s`` and raises ``RuntimeError`` with the last 40 log lines if it does not succeed.
+``launch.timeout_s`` and raises ``RuntimeError`` with the last 40 log lines if it does not succeed. The "launched"
+and "finished" lines name the stage's parallel layout (``layout_summary``: ``tp=2 cp=1 dp=4 sp=off``).
 
 For local_cwd, logs are at ``log_dir/torchx/<app_id>/train/<replica>/{stdout,stderr,combined}.log`` (the runner has
 to be this process: ``torchx status`` from another one cannot see a local app). On kubernetes the runner reads pod
@@ -13,6 +14,7 @@ logs through the API instead, and job_path / output_dir must be on a volume ever
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 import sys
@@ -41,11 +43,19 @@ def app_name(stage_name: str) -> str:
     return ("train-" + re.sub(r"[^a-z0-9]+", "-", stage_name.lower()).strip("-"))[:52].rstrip("-")
 
 
+def layout_summary(stage) -> str:
+    """The parallel layout of a stage for the progress lines: ``tp=2 cp=1 dp=4 sp=on`` (sp: sequence parallelism,
+    only in effect with tp > 1)."""
+    sp = bool(getattr(stage, "sequence_parallel", False)) and stage.tensor_parallel > 1
+    return (f"tp={stage.tensor_parallel} cp={getattr(stage, 'context_parallel', 1)} dp={stage.data_parallel} "
+            f"sp={'on' if sp else 'off'}")
+
+
 def _app(job: StageJob, job_path: Path, launch: LaunchConfig, nnodes: int, nproc_per_node: int):
     if launch.scheduler == "local_cwd":   # this venv's interpreter; the repo on PYTHONPATH whatever the cwd is
         return train_stage(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, python=sys.executable,
                            image=str(_REPO_ROOT), rdzv_port=free_port(), cpu=launch.cpu, gpu=launch.gpu,
-                           memMB=launch.memory_mb, env={"PYTHONPATH": str(_REPO_ROOT)},
+                           memMB=launch.memory_mb, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")]))},
                            name=app_name(job.stage.name))
     return train_stage(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image,
                        cpu=launch.cpu, gpu=launch.gpu, memMB=launch.memory_mb, name=app_name(job.stage.name))
@@ -105,8 +115,7 @@ def run_stage(job: StageJob, job_path: Path, launch: LaunchConfig, log_dir: Path
     log_dir.mkdir(parents=True, exist_ok=True)
     with get_runner() as runner:
         handle = runner.run(app, scheduler=launch.scheduler, cfg=_cfg(launch, log_dir))
-        progress(f"launched {handle} ({stage.nnodes}x{stage.nproc_per_node} processes, tp={stage.tensor_parallel}, "
-                 f"dp={stage.data_parallel})")
+        progress(f"launched {handle} ({stage.nnodes}x{stage.nproc_per_node} processes, {layout_summary(stage)})")
         app_id = parse_app_handle(handle).app_id
         tail = _LogTail(log_dir / "torchx" / app_id) if launch.scheduler == "local_cwd" else None
         deadline = time.monotonic() + launch.timeout_s
@@ -128,7 +137,7 @@ def run_stage(job: StageJob, job_path: Path, launch: LaunchConfig, log_dir: Path
         if state != AppState.SUCCEEDED:
             raise RuntimeError(f"stage '{stage.name}' ended {state.name} ({handle}); last log lines:\n"
                                + _last_lines(runner, handle, tail))
-        progress(f"stage '{stage.name}' finished ({handle})")
+        progress(f"stage '{stage.name}' finished ({handle}; {layout_summary(stage)})")
 
 
 def _last_lines(runner, handle: str, tail: _LogTail | None) -> str:

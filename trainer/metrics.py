@@ -58,7 +58,9 @@ class MetricsLog:
         if job.mlflow_tracking_uri:
             from mlflow.tracking import MlflowClient
             self.client = MlflowClient(job.mlflow_tracking_uri)
-        print(f"stage={job.stage.name} world={layout.world_size} tp={layout.tp} dp={layout.dp} params={n_params} "
+        sp = "on" if job.stage.sequence_parallel and layout.tp > 1 else "off"
+        print(f"stage={job.stage.name} world={layout.world_size} tp={layout.tp} cp={layout.cp} dp={layout.dp} sp={sp} "
+              f"params={n_params} "
               f"start_step={start} steps={job.stage.steps} recompute={job.stage.recompute} "
               f"peak_tflops={self.peak / 1e12:.3f}", flush=True)
 

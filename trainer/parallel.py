@@ -12,7 +12,7 @@ dicts). The attention modules infer their local head count from the linear's out
 Parameter names stay ``weight``/``bias``: the state-dict keys are the unsharded model's. Everything else (norms,
 embedders, adaLN tables, final layer) is replicated across TP ranks.
 
-Gradients (``sync_gradients``): no sequence parallelism, so replicated parameters outside the sharded modules get
+Gradients (``sync_gradients``): without sequence parallelism, replicated parameters outside the sharded modules get
 identical gradients on every TP rank (the column-parallel input gradient is all-reduced inside megatron's autograd
 function). Replicated parameters *inside* a sharded attention module (the per-head QK RMSNorm weights) only see this
 rank's heads, so their gradients are partial sums: they are summed over the TP group (``_tp_partial``). Then one
@@ -20,17 +20,37 @@ flattened all_reduce over ``parallel_state.get_data_parallel_group()`` averages 
 DDP wrapper: its contiguous grad buffers and hooks buy overlap we do not need at this size, and plain all_reduces
 keep ``param.grad`` where torch's optimizer and clipping expect it.
 
+Sequence parallelism (``parallelize(..., sequence_parallel=True)``, ``stage.sequence_parallel``) is Megatron's:
+the linears are built with ``TransformerConfig.sequence_parallel``, so a column-parallel linear all-gathers the
+sequence chunks of its input (backward: reduce-scatter of the input gradient) and a row-parallel one reduce-scatters
+its output instead of all-reducing it, both along dim 0; ``_TensorOnly`` therefore feeds them sequence-first rows
+([B, l, D] -> [l, B, D] -> [l*B, D], and back to [B, l', D]). The cross-attention ``kv_linear`` reads the
+replicated text and is built without SP (``_OFF_SEQUENCE``). MUGDiT's ``seq_split`` hook (after CP's
+``token_split``) keeps TP rank r's contiguous chunk r of the tokens, of the per-token adaLN modulation and of the
+final-layer modulation, not of the RoPE angles: qkv gathers the (CP-local) sequence before RoPE. So norms,
+modulation, gated residuals and the final layer run on L/tp tokens, attention on the full sequence for the local
+heads; ``seq_gather`` all-gathers the final layer's output. Gradients follow Megatron: the split's backward
+all-gathers the chunks' gradients (everything before it -- embedders, t_block, start/end tokens -- gets the full
+gradient on every TP rank) and the gather's backward keeps this rank's chunk. The replicated parameters used on the
+chunk (blocks' ``scale_shift_table`` and ``cross_attn_norm``, the row-parallel biases, ``final_layer.*``) then hold
+partial sums: they are tagged ``_sp_partial`` and summed over TP like ``_tp_partial`` (``partial_over_tp``).
+tests/test_trainer_sp.py checks outputs, gradients and weights after AdamW steps against TP without SP and TP=1,
+with and without recomputation. With TP=1 there is nothing to split (megatron turns SP off too).
+
+Any token count (padding): the splits need L = N + 2 tokens per clip ([start, video, end]) divisible by cp (CP) and
+by cp*tp (CP and SP), which most latent shapes are not (TP=4 at 720p 5 s: 50400 + 2). ``apply_context_parallel``
+and the SP hooks therefore multiply ``model.token_multiple`` (1 in the model) by cp and tp, and MUGDiT's forward
+pads the sequence at its end to a multiple of it before the splits: zero tokens with the end token's (t=0)
+modulation and an identity RoPE rotation (cos 1, sin 0). Self-attention drops the pad keys/values once k and v are
+complete (after SP's qkv gather and CP's K/V all-gather), the forward drops the pad outputs after ``token_gather``,
+and everything else is per token, so real tokens never see the pad ones, which get exactly zero gradient: the
+result is that of the unsplit model at any L (tests/parallel_output_check.py, odd-L cases). The padding costs at
+most cp*tp - 1 tokens of compute per clip (MUG-V instead keeps start/end replicated and trims/pads around attention,
+spec §6.2).
+
 ``apply_activation_checkpointing`` recomputes each block in the backward (``stage.recompute``).
 
 Not implemented (the config has no switch for them):
-- Sequence parallelism. Megatron's SP shards the sequence dim of a sequence-first [S, B, H] activation between the
-  TP ranks and has the column-parallel linears all-gather it and the row-parallel ones reduce-scatter it. Our DiT is
-  [B, L, D] and ``_TensorOnly`` flattens it to [B*L, D], so the gather along dim 0 would interleave samples wrongly
-  unless the blocks ran sequence-first. Beyond that: the cross-attention kv_linear reads the (replicated) text, so
-  it must stay a plain TP layer; the per-token adaLN table [B, L, 6, h], RoPE angles and residuals would have to be
-  sliced per rank; MUG-V keeps the start/end tokens replicated on every rank (spec §6.2, trim/pad around
-  attention); and the replicated weights used on the sharded sequence (cross_attn_norm, scale_shift_table) need a
-  TP all-reduce of their gradients. Feasible, not done.
 - Ring attention for context parallelism (``apply_context_parallel`` all-gathers K/V instead: exact and simple, but
   every rank holds the full K/V of a layer; a ring with a log-sum-exp merge would not).
 - Pipeline parallelism (MUG-V replicates the embedders on every stage, spec §6.4). Not done.
@@ -67,9 +87,15 @@ class _TensorOnly:
         super().__init__(*args, **kwargs)
         self._load_state_dict_pre_hooks.clear()   # megatron's hook would insert an _extra_state key on load
 
+    _seq_parallel = False   # set by parallelize: megatron gathers / reduce-scatters dim 0 (the sequence)
+
     def forward(self, x):
-        y, _ = super().forward(x.reshape(-1, x.shape[-1]))
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        if not self._seq_parallel:
+            y, _ = super().forward(x.reshape(-1, x.shape[-1]))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        b = x.shape[0]                                                   # x: [B, l, D], l = this rank's tokens
+        y, _ = super().forward(x.transpose(0, 1).reshape(-1, x.shape[-1]))   # sequence-first rows [l*B, D]
+        return y.view(-1, b, y.shape[-1]).transpose(0, 1)                # [B, l', O]: l' = l*tp (column), l/tp (row)
 
 
 def _te_usable() -> bool:
@@ -124,12 +150,20 @@ def _no_init(weight: torch.Tensor) -> None:
     """Weights are copied from the unsharded model after construction."""
 
 
-def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend: str = "local") -> nn.Module:
+# sharded linears whose input is not the token sequence (the cross-attention K/V read the replicated text): built
+# without sequence parallelism
+_OFF_SEQUENCE = (".cross_attn.kv_linear",)
+
+
+def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend: str = "local",
+                sequence_parallel: bool = False) -> nn.Module:
     """Shard the plan's linears over the TP process group in place (TP=1: the model is returned untouched).
 
     ``tp_group`` defaults to megatron's tensor-parallel group (built by ``trainer.device.init_distributed``); it is
     handed to every parallel layer. ``backend`` goes to ``tp_layer_specs``. Call it on the model already on its
-    device: parameters are tagged (``_tp_sharded``, ``_tp_partial``) and the tags live on the Parameter objects.
+    device: parameters are tagged (``_tp_sharded``, ``_tp_partial``, ``_sp_partial``) and the tags live on the
+    Parameter objects. ``sequence_parallel``: Megatron sequence parallelism (module docstring): the linears (but
+    ``_OFF_SEQUENCE``) gather / reduce-scatter the sequence and MUGDiT's ``seq_split``/``seq_gather`` hooks are set.
     """
     if tp_group_size == 1:
         return model
@@ -151,9 +185,14 @@ def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend:
         raise TypeError("parallelize: the model has no .cfg (DiTConfig); is this a MUGDiT?")
     if dit.num_heads % tp_group_size:
         raise ValueError(f"parallelize: tensor_parallel={tp_group_size} must divide dit.num_heads ({dit.num_heads})")
-    config = TransformerConfig(num_layers=dit.depth, hidden_size=dit.hidden_size, num_attention_heads=dit.num_heads,
-                               tensor_model_parallel_size=tp_group_size, use_cpu_initialization=True,
-                               perform_initialization=False, params_dtype=targets[0][1].weight.dtype)
+    if sequence_parallel and not (hasattr(model, "seq_split") and hasattr(model, "token_multiple")):
+        raise TypeError("parallelize: sequence_parallel needs the model's seq_split/seq_gather hooks and "
+                        "token_multiple (MUGDiT)")
+    configs = {sp: TransformerConfig(num_layers=dit.depth, hidden_size=dit.hidden_size,
+                                     num_attention_heads=dit.num_heads, tensor_model_parallel_size=tp_group_size,
+                                     use_cpu_initialization=True, perform_initialization=False,
+                                     params_dtype=targets[0][1].weight.dtype, sequence_parallel=sp)
+               for sp in {False, sequence_parallel}}
     specs = tp_layer_specs(backend)
     for name, lin in targets:
         if type(lin) is not nn.Linear:
@@ -164,10 +203,11 @@ def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend:
             raise ValueError(f"parallelize: {name} [{out_f}x{in_f}] cannot be split over tp={tp_group_size}; "
                              "tensor_parallel must divide dit.num_heads")
         bias = lin.bias is not None
-        new = build_module(specs[kind], in_f, out_f, config=config, init_method=_no_init, bias=bias,
+        sp = sequence_parallel and not name.endswith(_OFF_SEQUENCE)
+        new = build_module(specs[kind], in_f, out_f, config=configs[sp], init_method=_no_init, bias=bias,
                            tp_group=tp_group)
         new.to(device=lin.weight.device, dtype=lin.weight.dtype)   # before tagging: a later .to() may swap params
-        new._tp_plan = (kind, parts)
+        new._tp_plan, new._seq_parallel = (kind, parts), sp
         with torch.no_grad():
             new.weight.copy_(shard_tensor(lin.weight.detach(), kind, parts, rank, tp_group_size))
             if bias:
@@ -182,7 +222,52 @@ def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend:
         for p in model.get_submodule(parent_name).parameters():
             if id(p) not in in_tp_linears:
                 p._tp_partial = True
+    if sequence_parallel:
+        _set_sequence_parallel_hooks(model, tp_group, rank, tp_group_size)
     return model
+
+
+class _SPSplit(torch.autograd.Function):
+    """Keep this TP rank's contiguous chunk of ``dim`` (sequence parallelism); backward: all-gather the chunks'
+    gradients, so whatever ran before the split gets the full gradient on every TP rank (Megatron's
+    scatter_to_sequence_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, rank, tp):
+        ctx.dim, ctx.group, ctx.tp = dim, group, tp
+        n = x.shape[dim] // tp
+        return x.narrow(dim, rank * n, n).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        return _cp_all_gather(g, ctx.dim, ctx.group, ctx.tp), None, None, None, None
+
+
+def _set_sequence_parallel_hooks(model: nn.Module, tp_group, rank: int, tp: int) -> None:
+    """MUGDiT's ``seq_split`` / ``seq_gather`` over the TP group (``token_multiple`` times tp: the model pads the
+    tokens so the split divides them), and ``_sp_partial`` on the replicated parameters used on the sequence chunk:
+    every parameter of the blocks and the final layer that is not TP-sharded and not already a per-head partial sum
+    (scale_shift_tables, cross_attn_norm, row-parallel biases, final_layer.linear)."""
+
+    def seq_split(x, dim):
+        if x.shape[dim] % tp:   # the model pads to token_multiple; this would be a bug, not a config error
+            raise RuntimeError(f"seq_split: {x.shape[dim]} tokens, not a multiple of tp={tp} (token_multiple="
+                               f"{model.token_multiple})")
+        return _SPSplit.apply(x, dim, tp_group, rank, tp)
+
+    model.token_multiple *= tp
+    model.seq_split = seq_split
+    model.seq_gather = lambda x, dim: _CPGatherReplicated.apply(x, dim, tp_group, rank, tp)
+    for part in (*model.blocks, model.final_layer):
+        for p in part.parameters():
+            if not getattr(p, "_tp_sharded", False) and not getattr(p, "_tp_partial", False):
+                p._sp_partial = True
+
+
+def partial_over_tp(p: nn.Parameter) -> bool:
+    """Whether ``p``'s gradient is this TP rank's partial sum (per-head QK norms; with sequence parallelism the
+    replicated parameters used on the sequence chunk): it must be summed over the TP group."""
+    return getattr(p, "_tp_partial", False) or getattr(p, "_sp_partial", False)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -230,8 +315,9 @@ def _cp_all_gather(x, dim, group, cp):
 
 
 class _CPGatherReplicated(torch.autograd.Function):
-    """All-gather the chunks along ``dim``; everything downstream is computed identically on every CP rank, so the
-    incoming gradient is the same everywhere and the backward just keeps this rank's chunk of it."""
+    """All-gather the chunks along ``dim``; everything downstream is computed identically on every rank of the group
+    (CP, or TP for sequence parallelism), so the incoming gradient is the same everywhere and the backward just keeps
+    this rank's chunk of it."""
 
     @staticmethod
     def forward(ctx, x, dim, group, rank, cp):
@@ -263,12 +349,13 @@ def apply_context_parallel(model: nn.Module, cp_group=None) -> nn.Module:
     """Context parallelism (all-gather-KV, exact) over ``cp_group`` (default: megatron's CP group); 1 rank: no-op.
 
     Sets MUGDiT's identity hooks: ``token_split`` keeps CP rank r's contiguous chunk r of the L = N + 2 tokens
-    ([start, video, end]) and of the per-token adaLN modulation, final-layer modulation and RoPE angles (L must be
-    divisible by the CP size: ValueError otherwise); every block's ``attn.kv_gather`` all-gathers k and v over the
-    group so local queries attend to the full sequence (cross-attention and MLP are per token, text is replicated);
-    ``token_gather`` all-gathers the final layer's per-token output, so the output and the loss are the same on every
-    CP rank. Every parameter then holds this rank's chunk's share of the gradient: ``sync_gradients`` sums them over
-    CP (parameters are tagged ``_cp_partial``).
+    ([start, video, end], padded at the end to a multiple of ``model.token_multiple``, which this multiplies by cp)
+    and of the per-token adaLN modulation, final-layer modulation and RoPE angles; every block's ``attn.kv_gather``
+    all-gathers k and v over the group so local queries attend to the full sequence (the attention then drops the pad
+    keys; cross-attention and MLP are per token, text is replicated); ``token_gather`` all-gathers the final layer's
+    per-token output (the model drops the pad tail), so the output and the loss are the same on every CP rank.
+    Every parameter then holds this rank's chunk's share of the gradient: ``sync_gradients`` sums them over CP
+    (parameters are tagged ``_cp_partial``).
     """
     if cp_group is None:
         from megatron.core import parallel_state
@@ -277,15 +364,17 @@ def apply_context_parallel(model: nn.Module, cp_group=None) -> nn.Module:
     if cp == 1:
         return model
     blocks = getattr(model, "blocks", None)
-    if blocks is None or not hasattr(model, "token_split"):
-        raise TypeError("apply_context_parallel: the model has no .blocks / .token_split hooks; is this a MUGDiT?")
+    if blocks is None or not hasattr(model, "token_split") or not hasattr(model, "token_multiple"):
+        raise TypeError("apply_context_parallel: the model has no .blocks / .token_split hooks / .token_multiple; "
+                        "is this a MUGDiT?")
 
     def token_split(x, dim):
-        if x.shape[dim] % cp:
-            raise ValueError(f"context_parallel={cp} must divide the token count per clip: {x.shape[dim]} = video "
-                             f"tokens + 2 (start/end); pick a context_parallel or latent shape where it does")
+        if x.shape[dim] % cp:   # the model pads to token_multiple; this would be a bug, not a config error
+            raise RuntimeError(f"token_split: {x.shape[dim]} tokens, not a multiple of cp={cp} (token_multiple="
+                               f"{model.token_multiple})")
         return _CPSplit.apply(x, dim, rank, cp)
 
+    model.token_multiple *= cp
     model.token_split = token_split
     model.token_gather = lambda x, dim: _CPGatherReplicated.apply(x, dim, cp_group, rank, cp)
     for block in blocks:
@@ -363,7 +452,7 @@ def _all_reduce_flat(grads: List[torch.Tensor], group, divide_by: int = 1) -> No
 
 
 def sync_gradients(params: Iterable[nn.Parameter]) -> None:
-    """After backward: sum partial grads over TP (``_tp_partial``), then sum over CP and average over DP.
+    """After backward: sum partial grads over TP (``partial_over_tp``), then sum over CP and average over DP.
 
     With context parallelism every CP rank holds its token chunk's share of each gradient and the same loss, so one
     all_reduce over megatron's DP+CP group divided by the DP size (not CP) gives the DP mean of the full gradients.
@@ -377,7 +466,7 @@ def sync_gradients(params: Iterable[nn.Parameter]) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        _all_reduce_flat([p.grad for p in params if getattr(p, "_tp_partial", False)],
+        _all_reduce_flat([p.grad for p in params if partial_over_tp(p)],
                          parallel_state.get_tensor_model_parallel_group())
     dp = parallel_state.get_data_parallel_world_size()
     if dp * parallel_state.get_context_parallel_world_size() > 1:
@@ -412,18 +501,21 @@ def dist_sharded_state_dict(local_sd: Dict[str, torch.Tensor], prefix: str = "mo
     (resharding): a column-parallel weight/bias with ``parts`` fused blocks (qkv = 3, kv = 2, else 1) is stored as
     [parts, out/parts, (in)] with this rank holding fragment ``tp_rank`` of ``tp`` on axis 1 (the per-part head
     slices of ``shard_tensor``); a row-parallel weight is fragmented on axis 1; everything else (row-parallel biases,
-    norms, embedders) is replicated, saved by TP rank 0 of DP rank 0 (``replica_id`` (0, tp_rank, dp_rank)). The
-    values are views of ``local_sd``'s tensors in that layout (reshape them back with ``local_sd``'s shapes after a
-    load). Keys are the state-dict keys of the unsharded model with ``prefix``.
+    norms, embedders) is replicated, saved by TP rank 0 of DP-CP rank 0. ``replica_id`` follows megatron-core's
+    ``make_(tp_)sharded_tensor_for_checkpoint``: (0, tp_rank or 0, dp_cp_rank) with dp_cp_rank =
+    ``get_data_parallel_rank(with_context_parallel=True)``, because the CP ranks of a DP rank hold replicas of the
+    same shards (without CP in it, two CP ranks would both claim the main replica). The values are views of
+    ``local_sd``'s tensors in that layout (reshape them back with ``local_sd``'s shapes after a load). The stored
+    layout depends on neither TP nor CP. Keys are the state-dict keys of the unsharded model with ``prefix``.
     """
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    tp, tp_rank = 1, 0
+    tp, tp_rank, dp_rank = 1, 0, 0
     if parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    dp_rank = parallel_state.get_data_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+        dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
     out: Dict[str, object] = {}
     for key, t in local_sd.items():
         rule, parts = tp_rule(key)

@@ -16,7 +16,8 @@ Several nodes (run on each of the N nodes; HEAD is node 0's address; output_dir 
 (the platform launches it through TorchX: ``trainer.launch.run_stage`` / ``trainer.component.train_stage``).
 
 The loop: resolve the runtime, join the process groups (TP from the stage), build MUGDiT with one seed on every rank,
-shard it over TP (and wrap every block in activation checkpointing when ``stage.recompute``), AdamW; resume from
+shard it over TP (with Megatron sequence parallelism when ``stage.sequence_parallel``; and wrap every block in
+activation checkpointing when ``stage.recompute``), AdamW; resume from
 ``output_dir/latest`` if present, else load ``init_checkpoint`` weights; then per step: this DP rank's micro-batch
 (``trainer.data.StepSampler``: one bucket per micro-batch, token counts balanced across DP ranks), rectified-flow
 inputs from a generator seeded by (seed, step, dp_rank) (identical on the TP and CP ranks that share a batch), loss,
@@ -36,9 +37,16 @@ AdamW state of every rank and the RNG state, so on CPU (deterministic algorithms
 bitwise equal to an uninterrupted one (tests/test_trainer_dist.py kills rank 1 with ``$VGEN_TEST_KILL_AFTER_STEP``).
 
 Checkpoint format (``stage.checkpoint_format``): "full" (default) as above; "dist" adds a megatron
-``dist_checkpointing`` folder ``dist/`` with the sharded model and EMA (and the distributed optimizer's state), from
-which resume and ``init_checkpoint`` load, resharding between TP sizes (``trainer.checkpoint``). The full
-``model.safetensors``/``ema.safetensors`` are still written by rank 0 for export/evaluation/registration.
+``dist_checkpointing`` folder ``dist/`` with the sharded model, EMA and optimizer state (torch AdamW's moments, whose
+step counts and param groups stay in ``optim/``, or the distributed optimizer's state), from which resume and
+``init_checkpoint`` load, resharding between TP and CP sizes (``trainer.parallel.dist_sharded_state_dict``: CP
+ranks are replicas, replica ids count them like megatron's ``get_data_parallel_rank(with_context_parallel=True)``).
+meta.json records tensor_parallel, context_parallel and data_parallel; resuming at another layout goes through
+``trainer.checkpoint.resume_source_rank``: a changed CP always works, a changed TP with "dist" (torch AdamW), anything
+else (DP, the distributed optimizer, TP in "full") stops with both layouts named. The full
+``model.safetensors``/``ema.safetensors`` (export, evaluation, registration, the next stage's init) are gathered
+to rank 0 at every checkpoint, or with ``stage.full_weights: final`` ("dist" only) just at the stage's last step;
+``python -m trainer.export --source dist`` writes them offline from any step's ``dist/``.
 
 Distributed optimizer (``stage.distributed_optimizer``, needs "dist"): megatron DDP + ``DistributedOptimizer``
 (Adam state sharded over DP; without Apex/TE it wraps torch AdamW), clipping inside ``opt.step()``, the LR set on
@@ -52,6 +60,9 @@ AdamW then uses the wrong bias correction and advances the shared counter once p
 resumed losses drift (step 4: 2.200741 vs 2.225655 uninterrupted). The trainer saves the Adam step count in
 ``optim/rankNNNNN.pt`` (``adam_step``) and after the load gives every parameter its own step tensor with that
 count (``_restore_adam_step``): a resumed run is then bitwise equal to an uninterrupted one (tests/test_trainer_ckpt.py).
+With context parallelism its Adam state is sharded over the DP x CP ranks and megatron DDP averages the gradients
+over them, while each CP rank holds only its tokens' share of a gradient: the trainer multiplies the grad buffer by
+cp before the reduce (losses equal the torch-AdamW CP=2 run's, tests/test_trainer_ckpt_cp.py).
 """
 from __future__ import annotations
 
@@ -80,7 +91,8 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-10   # spec §5.2
 def train(job: StageJob) -> None:
     stage = job.stage
     data = _check_inputs(job)
-    rt = device.resolve_runtime(heavy_shim=stage.checkpoint_format == "dist" or stage.distributed_optimizer)
+    rt = device.resolve_runtime(heavy_shim=stage.checkpoint_format == "dist" or stage.distributed_optimizer
+                                or _init_from_dist(job))
     layout = device.init_distributed(stage.tensor_parallel, seed=stage.seed, runtime=rt, cp=stage.context_parallel)
     try:
         if layout.world_size != stage.world_size:
@@ -147,14 +159,8 @@ def _check_inputs(job: StageJob) -> LatentDataset:
                          f"and dit.hidden_size={job.dit.hidden_size}")
     if job.init_checkpoint and not Path(job.init_checkpoint).is_dir():
         raise FileNotFoundError(f"init_checkpoint not found: {job.init_checkpoint} (expected a step_XXXXXXXX folder)")
-    cp, pt, ph, pw = job.stage.context_parallel, *job.dit.patch_size
-    data = LatentDataset(job.latents_dir, split="train", top_fraction=job.stage.top_fraction)
-    for shape in sorted(set(data.shapes)):
-        tokens = (shape[-3] // pt) * (shape[-2] // ph) * (shape[-1] // pw) + 2
-        if tokens % cp:
-            raise ValueError(f"stage '{job.stage.name}': context_parallel={cp} must divide the tokens per clip "
-                             f"(video tokens + start/end = {tokens} for latent shape {shape})")
-    return data
+    # any token count works with context/sequence parallelism: the model pads it to the split (trainer/parallel.py)
+    return LatentDataset(job.latents_dir, split="train", top_fraction=job.stage.top_fraction)
 
 
 def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
@@ -163,7 +169,10 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
     torch.manual_seed(job.stage.seed)              # the same full weights on every rank, then each keeps its shard
     model = MUGDiT(job.dit)
     model.y_embedder.dropout_prob = 0.0   # CFG drop is drawn here (force_drop_B): seeded per step, same on TP ranks
-    model = parallel.parallelize(model.to(rt.device), layout.tp).train()
+    sp = job.stage.sequence_parallel and layout.tp > 1
+    if job.stage.sequence_parallel and not sp and layout.rank == 0:
+        print("sequence_parallel: off (tensor_parallel=1: no TP group to split the sequence over)", flush=True)
+    model = parallel.parallelize(model.to(rt.device), layout.tp, sequence_parallel=sp).train()
     if layout.cp > 1:
         parallel.apply_context_parallel(model)
     if job.stage.recompute:
@@ -204,11 +213,15 @@ def _inner_optimizers(opt):
 
 
 def _restore(job: StageJob, layout: device.Layout, model, opt, ddp=None) -> Tuple[int, Dict[str, torch.Tensor]]:
-    """Exact resume from output_dir/latest, else weights from init_checkpoint, else scratch. Returns (step, ema).
+    """Resume from output_dir/latest, else weights from init_checkpoint, else scratch. Returns (step, ema).
 
-    ``checkpoint_format: dist``: weights and EMA come from the step folder's ``dist/`` (resharded to this TP size;
-    an ``init_checkpoint`` saved with any TP size works), the optimizer from ``optim/`` (exact resume needs the
-    same layout) or, with the distributed optimizer, from ``dist/`` as well."""
+    Resume reads the per-rank file ``checkpoint.load_rank_state`` picks: the layout that wrote the checkpoint
+    (meta.json) resumes exactly; a changed context_parallel (or, for "dist" checkpoints with the Adam moments in
+    ``dist/``, tensor_parallel) resumes resharded; any other change is a ``CheckpointError`` naming both layouts.
+    ``checkpoint_format: dist``: weights, EMA and the Adam moments (or the distributed optimizer's state) come from
+    the step folder's ``dist/``, resharded to this TP/CP layout; an ``init_checkpoint`` with ``dist/`` loads from it
+    (any TP/CP size wrote it), also in a "full" stage when the folder has no ``model.safetensors`` (``full_weights:
+    final`` before the last step)."""
     last, start = checkpoint.latest(job.output_dir), 0
     fmt = job.stage.checkpoint_format
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -220,33 +233,78 @@ def _restore(job: StageJob, layout: device.Layout, model, opt, ddp=None) -> Tupl
                 f"cannot resume {last}: it was saved with checkpoint_format={saved[0]}, distributed_optimizer="
                 f"{saved[1]}, this stage has {fmt}/{job.stage.distributed_optimizer}; use a new output_dir and "
                 "pass this step folder as init_checkpoint (weights only)")
-        state = checkpoint.load_rank_state(last, layout.rank, layout.tp, layout.dp)
+        state = checkpoint.load_rank_state(last, layout)
+        if state["resharded"] and layout.rank == 0:
+            print(f"resuming {last.name} (saved with {checkpoint.layout_str(checkpoint.saved_layout(meta))}) "
+                  f"resharded to tensor_parallel={layout.tp}, context_parallel={layout.cp}, "
+                  f"data_parallel={layout.dp}", flush=True)
         if fmt == "dist":
-            _load_dist(last, model, ema, opt if ddp is not None else None, state)
+            _load_dist(last, model, ema, opt, state, distopt=ddp is not None)
         else:
             parallel.load_full_state_dict(model, checkpoint.load_weights(last))
             for k, v in parallel.shard_full_state_dict(model, checkpoint.load_weights(last, ema=True)).items():
                 ema[k].copy_(v)
-        if ddp is None:
             opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
     elif job.init_checkpoint:
-        if fmt == "dist" and checkpoint.has_dist(job.init_checkpoint):
-            _load_dist(job.init_checkpoint, model, None, None, None)
+        if _init_from_dist(job):
+            _load_dist(job.init_checkpoint, model)
         else:
             parallel.load_full_state_dict(model, checkpoint.load_weights(job.init_checkpoint))
         ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return start, ema
 
 
-def _load_dist(step_dir, model, ema, opt, rank_state) -> None:
-    """Load ``dist/`` into the model (and the EMA and the distributed optimizer when given), resharding over TP."""
+def _init_from_dist(job: StageJob) -> bool:
+    """Whether ``init_checkpoint``'s weights are read from its ``dist/`` (needs the heavy CPU shim, see ``train``)."""
+    init = job.init_checkpoint
+    if not init or not checkpoint.has_dist(init):
+        return False
+    return job.stage.checkpoint_format == "dist" or not checkpoint.has_full_weights(init)
+
+
+def _trainable(model):
+    """(name, param) of the parameters the optimizer holds, in its order (the same for every TP size)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _adam_moments_sharded(model, opt) -> Dict[str, Dict[str, object]]:
+    """The torch AdamW moments as dist_checkpointing ShardedTensors ("adam.exp_avg.<param>", ...): the same global
+    layout as the weights, so they reshard over TP and CP with them."""
+    named = [(n, p) for n, p in _trainable(model) if p in opt.state]
+    return {m: parallel.dist_sharded_state_dict({n: opt.state[p][m] for n, p in named}, f"adam.{m}.")
+            for m in ADAM_MOMENTS}
+
+
+def _optimizer_without_moments(opt) -> dict:
+    """``opt.state_dict()`` minus the Adam moments (in ``dist/``): param groups and per-parameter step counts."""
+    sd = opt.state_dict()
+    return {"param_groups": sd["param_groups"],
+            "state": {i: {k: v for k, v in s.items() if k not in ADAM_MOMENTS} for i, s in sd["state"].items()}}
+
+
+def _load_dist(step_dir, model, ema=None, opt=None, rank_state=None, distopt=False) -> None:
+    """Load ``dist/`` into the model (and the EMA and the optimizer when given), resharding over TP and CP.
+
+    ``opt``: the distributed optimizer (``distopt``: its state is in ``dist/``), or torch AdamW, whose moments are in
+    ``dist/`` when ``rank_state["optimizer"]`` was saved without them (else, older checkpoints, all of its state is
+    in ``rank_state``)."""
     local = model.state_dict()
     request = {"model": parallel.dist_sharded_state_dict(local, "model.")}
     if ema is not None:
         request["ema"] = parallel.dist_sharded_state_dict(ema, "ema.")
-    if opt is not None:
+    adam_sd = rank_state.get("optimizer") if rank_state is not None and opt is not None and not distopt else None
+    trainable = _trainable(model)
+    moments_in_dist = adam_sd is not None and bool(rank_state.get("optimizer_in_dist"))
+    if moments_in_dist:
+        saved = {int(i): trainable[int(i)] for i in adam_sd["state"]}
+        request["adam"] = {m: parallel.dist_sharded_state_dict({n: torch.empty_like(p) for n, p in saved.values()},
+                                                               f"adam.{m}.") for m in ADAM_MOMENTS}
+    if opt is not None and distopt:
         for inner in _inner_optimizers(opt):   # the no-Apex path has no Adam state until a first step
             inner._init_optimizer_states_with_dummy_values()
         request["optimizer"] = opt.sharded_state_dict({}, is_loading=True, metadata=DISTOPT_METADATA)
@@ -256,9 +314,18 @@ def _load_dist(step_dir, model, ema, opt, rank_state) -> None:
             if name in loaded:
                 for k, t in target.items():
                     t.copy_(loaded[name][k].reshape(t.shape))
-        if opt is not None:
+        if opt is not None and distopt:
             opt.load_state_dict(loaded["optimizer"])
             _restore_adam_step(opt, rank_state)
+    if moments_in_dist:
+        state = {i: {**s} for i, s in adam_sd["state"].items()}
+        for i, s in state.items():
+            name, p = saved[int(i)]
+            for m in ADAM_MOMENTS:
+                s[m] = loaded["adam"][m][name].reshape(p.shape)
+        opt.load_state_dict({"param_groups": adam_sd["param_groups"], "state": state})
+    elif adam_sd is not None:
+        opt.load_state_dict(adam_sd)
 
 
 def _adam_step(opt) -> float:
@@ -315,11 +382,13 @@ def _train_step(job: StageJob, model, opt, batch: Batch, step: int, layout: devi
         opt.zero_grad()
         loss.backward()
         from megatron.core import parallel_state
-        if layout.tp > 1:   # per-head QK-norm grads are partial over TP (see trainer/parallel.py)
+        if layout.tp > 1:   # per-head QK-norm grads (and SP's chunk grads) are partial over TP (trainer/parallel.py)
             parallel._all_reduce_flat([p.main_grad for p in model.parameters()
-                                       if p.requires_grad and getattr(p, "_tp_partial", False)],
+                                       if p.requires_grad and parallel.partial_over_tp(p)],
                                       parallel_state.get_tensor_model_parallel_group())
-        ddp.finish_grad_sync()   # reduce-scatter over DP, pre-scaled by 1/dp
+        if layout.cp > 1:   # CP ranks hold their tokens' share of each gradient; DDP averages over DP x CP ranks
+            ddp.scale_gradients(float(layout.cp))   # so x cp: the reduce then sums over CP and averages over DP
+        ddp.finish_grad_sync()   # reduce-scatter over DP x CP, pre-scaled by 1/(dp*cp)
         for group in opt.param_groups:
             group["lr"] = lr
         ok, grad_norm, _ = opt.step()
@@ -347,22 +416,34 @@ def _ema_update(ema: Dict[str, torch.Tensor], model, decay: float) -> None:
 
 
 def _save(job: StageJob, layout: device.Layout, model, opt, ema, step: int, loss: float, ddp=None) -> None:
+    """Write step folder ``step`` (collective). The full weights are gathered to rank 0 unless ``full_weights:
+    final`` and this is not the stage's last step; "dist" also saves the weights, EMA and optimizer state sharded."""
     st = job.stage
-    full, full_ema = parallel.gather_full_state_dict(model), parallel.gather_full_state_dict(model, ema)
+    dist_fmt = st.checkpoint_format == "dist"
+    write_full = not dist_fmt or st.full_weights == "every" or step >= st.steps
+    full = full_ema = None
+    if write_full:   # collective over TP
+        full, full_ema = parallel.gather_full_state_dict(model), parallel.gather_full_state_dict(model, ema)
     meta = {"stage": st.name, "config_hash": job.config_hash, "tensor_parallel": layout.tp,
-            "data_parallel": layout.dp, "dit": to_dict(job.dit), "loss": loss,
-            "checkpoint_format": st.checkpoint_format, "distributed_optimizer": st.distributed_optimizer}
+            "context_parallel": layout.cp, "data_parallel": layout.dp, "dit": to_dict(job.dit), "loss": loss,
+            "checkpoint_format": st.checkpoint_format, "distributed_optimizer": st.distributed_optimizer,
+            "optimizer_in_dist": dist_fmt, "full_weights": write_full,
+            "sequence_parallel": st.sequence_parallel and layout.tp > 1}
     rank_state = {"rng": torch.get_rng_state()}
-    if ddp is None:
-        rank_state["optimizer"] = opt.state_dict()
-    else:
+    if ddp is not None:
         rank_state["adam_step"] = _adam_step(opt)
+    elif dist_fmt:   # the moments go to dist/ (reshardable); steps and param groups stay here
+        rank_state["optimizer"], rank_state["optimizer_in_dist"] = _optimizer_without_moments(opt), True
+    else:
+        rank_state["optimizer"] = opt.state_dict()
     dist_state = None
-    if st.checkpoint_format == "dist":
+    if dist_fmt:
         dist_state = {"model": parallel.dist_sharded_state_dict(model.state_dict(), "model."),
                       "ema": parallel.dist_sharded_state_dict(ema, "ema.")}
         if ddp is not None:
             dist_state["optimizer"] = opt.sharded_state_dict({}, metadata=DISTOPT_METADATA)
+        else:
+            dist_state["adam"] = _adam_moments_sharded(model, opt)
     root = layout.rank == 0
     checkpoint.save(job.output_dir, step, rank=layout.rank, model_sd=full if root else None,
                     ema_sd=full_ema if root else None, rank_state=rank_state, meta=meta,
@@ -377,6 +458,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message="When using async grad allreduce")  # the component sets it on GPU
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            "is deprecated")   # megatron's sequence-parallel collectives
     try:
         train(StageJob.read(args.job))
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
