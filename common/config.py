@@ -166,12 +166,18 @@ class StageConfig:
     steps: int = 10
     lr: float = 3e-4            # tiny model from scratch; the released MUG-V fine-tune uses 1e-5 (spec §5.2)
     warmup_steps: int = 2
-    micro_batch_size: int = 2   # per data-parallel rank
+    micro_batch_size: int = 2   # per data-parallel rank and micro-batch
+    micro_batches: int = 1      # gradient accumulation: micro-batches per DP rank per optimizer step (global batch
+                                # = micro_batch_size * micro_batches * data_parallel); the pipeline's micro-batches
     tensor_parallel: int = 1
     data_parallel: int = 2
     context_parallel: int = 1   # CP ranks split each clip's tokens (all-gathered K/V); any count: the model pads
     sequence_parallel: bool = False   # Megatron SP: TP ranks also split the tokens between the TP linears (any
                                       # count: the model pads); no effect with tensor_parallel=1
+    pipeline_parallel: int = 1   # PP stages: each keeps dit.depth / pipeline_parallel consecutive blocks (conditioning
+                                 # embedders replicated, x_embedder on the first, final layer on the last; megatron's
+                                 # 1F1B over micro_batches); combines with TP, SP, CP and "dist" checkpoints,
+                                 # not yet with the distributed optimizer. MUG-V's 512-GPU example: PP 4
     nnodes: int = 1
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -191,12 +197,13 @@ class StageConfig:
                                   # or only at the stage's "final" step (needs "dist"; export others from dist/)
 
     def __post_init__(self) -> None:
-        for k in ("steps", "micro_batch_size", "tensor_parallel", "data_parallel", "context_parallel", "nnodes", "checkpoint_interval", "keep_checkpoints"):
+        for k in ("steps", "micro_batch_size", "micro_batches", "tensor_parallel", "data_parallel", "context_parallel",
+                  "pipeline_parallel", "nnodes", "checkpoint_interval", "keep_checkpoints"):
             if getattr(self, k) < 1:
                 raise ValueError(f"stage '{self.name}': {k} must be >= 1, got {getattr(self, k)}")
         if self.world_size % self.nnodes:
-            raise ValueError(f"stage '{self.name}': tensor_parallel*context_parallel*data_parallel must be divisible "
-                             "by nnodes")
+            raise ValueError(f"stage '{self.name}': tensor_parallel*context_parallel*pipeline_parallel*data_parallel "
+                             "must be divisible by nnodes")
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"stage '{self.name}': top_fraction must be in (0, 1], got {self.top_fraction}")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
@@ -217,10 +224,15 @@ class StageConfig:
         if self.full_weights == "final" and self.checkpoint_format != "dist":
             raise ValueError(f"stage '{self.name}': full_weights 'final' needs checkpoint_format 'dist' (the other "
                              "checkpoints then hold the weights only in dist/)")
+        if self.pipeline_parallel > 1 and self.distributed_optimizer:
+            raise ValueError(f"stage '{self.name}': pipeline_parallel={self.pipeline_parallel} is not supported with "
+                             "distributed_optimizer yet (the conditioning embedders every pipeline stage holds would "
+                             "need their grads summed over the stages inside megatron DDP, and counted once in its "
+                             "grad norm); use torch AdamW (distributed_optimizer: false)")
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel * self.context_parallel * self.data_parallel
+        return self.tensor_parallel * self.context_parallel * self.pipeline_parallel * self.data_parallel
 
     @property
     def nproc_per_node(self) -> int:
@@ -266,6 +278,9 @@ class TrainConfig:
             if self.dit.hidden_size % s.tensor_parallel or self.dit.num_heads % s.tensor_parallel:
                 raise ValueError(f"{where}.tensor_parallel ({s.tensor_parallel}) must divide dit.num_heads "
                                  f"({self.dit.num_heads}) and dit.hidden_size")
+            if self.dit.depth % s.pipeline_parallel:
+                raise ValueError(f"{where}.pipeline_parallel ({s.pipeline_parallel}) must divide dit.depth "
+                                 f"({self.dit.depth}): every stage keeps depth / pipeline_parallel blocks")
 
 
 @dataclass

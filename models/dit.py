@@ -307,7 +307,20 @@ class MUGDiT(nn.Module):
         key padding mask (True = real token, >= 1 per sample); cond_mask_BT: True where latent frame t is a clean
         conditioning frame (I2V: frame 0), which takes the t=0 modulation; fps_B: default 24; force_drop_B: True
         replaces the caption by the null caption (CFG). Returns float32 [B, in_channels, T, H, W].
+
+        The pieces (``condition``, ``embed``, ``run_blocks``, ``head``) are what a pipeline stage runs a part of
+        (trainer/parallel.py): every stage computes the conditioning, the first embeds, each runs its blocks, the
+        last the head.
         """
+        ctx = self.condition(x_BCTHW, t_B, text_BSD, text_mask_BS, cond_mask_BT, fps_B, force_drop_B)
+        return self.head(self.run_blocks(self.embed(x_BCTHW, ctx), ctx), ctx)
+
+    def condition(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text_BSD: torch.Tensor,
+                  text_mask_BS: torch.Tensor, cond_mask_BT: Optional[torch.Tensor] = None,
+                  fps_B: Optional[torch.Tensor] = None, force_drop_B: Optional[torch.Tensor] = None) -> dict:
+        """Check the inputs and compute everything the blocks and the head read besides the residual stream x:
+        text, per-token modulations, RoPE angles (already split by the CP/SP hooks), and the token geometry.
+        Uses only the conditioning embedders (t, fps, t_block, caption), never x_embedder or the tokens."""
         cfg = self.cfg
         b, c, t, h, w = x_BCTHW.shape
         pt, ph, pw = cfg.patch_size
@@ -323,16 +336,11 @@ class MUGDiT(nn.Module):
         if cond_mask_BT is not None and cond_mask_BT.shape != (b, t):
             raise ValueError(f"cond_mask must be [B, T] = {(b, t)}, got {tuple(cond_mask_BT.shape)}")
         T, H, W = t // pt, h // ph, w // pw
-        dtype = self.x_embedder.proj.weight.dtype
-
-        # 1. patch embedding
-        x_BND = self.x_embedder(x_BCTHW.to(dtype))                               # (B, T*H*W, h)
-        n = x_BND.shape[1]
+        dtype = self.t_block[1].weight.dtype
+        n = T * H * W
         pad = -(n + 2) % self.token_multiple               # parallel splits: pad L = N + 2 to a multiple (__init__)
-        x_BLD = torch.cat([self.start_token.expand(b, 1, -1), x_BND, self.end_token.expand(b, 1, -1)]
-                          + ([x_BND.new_zeros(b, pad, x_BND.shape[2])] if pad else []), dim=1)
 
-        # 2. conditioning: rows [0, b) use t, rows [b, 2b) use t=0 (clean conditioning frames, start/end tokens)
+        # conditioning: rows [0, b) use t, rows [b, 2b) use t=0 (clean conditioning frames, start/end tokens)
         if fps_B is None:
             fps_B = torch.full((b,), DEFAULT_FPS, device=x_BCTHW.device)
         t_2B = torch.cat([t_B.to(dtype), torch.zeros_like(t_B, dtype=dtype)])   # timestep cast to the model dtype
@@ -347,25 +355,43 @@ class MUGDiT(nn.Module):
         y_BSD = self.y_embedder(text_BSD.to(dtype), force_drop_B)                # (B, S, h)
         keep_BS = text_mask_BS.to(x_BCTHW.device, torch.bool)
 
-        # 3. blocks
         angles_LK = rope_angles(rope_positions(T, H, W, device=x_BCTHW.device), cfg.head_dim)
         if pad:                                                                   # angle 0: cos 1, sin 0 (identity)
             angles_LK = torch.cat([angles_LK, angles_LK.new_zeros(pad, angles_LK.shape[1])])
         cos_LK, sin_LK = angles_LK.cos(), angles_LK.sin()
         c_BLD = torch.where(noisy_BL[:, :, None], c_2BD[:b, None], c_2BD[b:, None])   # final modulation from c
-        x_BLD, tmod_BL6D, c_BLD = (self.token_split(v, 1) for v in (x_BLD, tmod_BL6D, c_BLD))
+        tmod_BL6D, c_BLD = (self.token_split(v, 1) for v in (tmod_BL6D, c_BLD))
         cos_LK, sin_LK = self.token_split(cos_LK, 0), self.token_split(sin_LK, 0)
-        x_BLD, tmod_BL6D, c_BLD = (self.seq_split(v, 1) for v in (x_BLD, tmod_BL6D, c_BLD))
-        for block in self.blocks:
-            x_BLD = block(x_BLD, y_BSD, keep_BS, tmod_BL6D, cos_LK, sin_LK, pad)  # (B, L, h)
+        tmod_BL6D, c_BLD = (self.seq_split(v, 1) for v in (tmod_BL6D, c_BLD))
+        return dict(y_BSD=y_BSD, keep_BS=keep_BS, tmod_BL6D=tmod_BL6D, cos_LK=cos_LK, sin_LK=sin_LK, c_BLD=c_BLD,
+                    pad=pad, n=n, THW=(T, H, W), channels=c, dtype=dtype)
 
-        # 4. output: final layer per token (modulation from c, not t_block(c)), drop start, end and pad tokens,
-        # unpatchify, keep the velocity half
-        out_BLP = self.seq_gather(self.final_layer(x_BLD, c_BLD), 1)
-        out_BNP = self.token_gather(out_BLP, 1)[:, 1:n + 1]                      # (B, N, pt*ph*pw*2C)
+    def embed(self, x_BCTHW: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The residual stream entering block 0: [start, patch tokens, end, pad], split by the CP/SP hooks."""
+        b = x_BCTHW.shape[0]
+        x_BND = self.x_embedder(x_BCTHW.to(ctx["dtype"]))                        # (B, T*H*W, h)
+        pad = ctx["pad"]
+        x_BLD = torch.cat([self.start_token.expand(b, 1, -1), x_BND, self.end_token.expand(b, 1, -1)]
+                          + ([x_BND.new_zeros(b, pad, x_BND.shape[2])] if pad else []), dim=1)
+        return self.seq_split(self.token_split(x_BLD, 1), 1)
+
+    def run_blocks(self, x_BLD: torch.Tensor, ctx: dict, start: int = 0, end: Optional[int] = None) -> torch.Tensor:
+        """Blocks [start, end) (default: all) on the residual stream."""
+        for block in self.blocks[start:end]:
+            x_BLD = block(x_BLD, ctx["y_BSD"], ctx["keep_BS"], ctx["tmod_BL6D"], ctx["cos_LK"], ctx["sin_LK"],
+                          ctx["pad"])                                               # (B, L, h)
+        return x_BLD
+
+    def head(self, x_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Final layer per token (modulation from c, not t_block(c)), drop start, end and pad tokens, unpatchify,
+        keep the velocity half: float32 [B, in_channels, T, H, W]."""
+        pt, ph, pw = self.cfg.patch_size
+        T, H, W = ctx["THW"]
+        out_BLP = self.seq_gather(self.final_layer(x_BLD, ctx["c_BLD"]), 1)
+        out_BNP = self.token_gather(out_BLP, 1)[:, 1:ctx["n"] + 1]               # (B, N, pt*ph*pw*2C)
         out_BCTHW = rearrange(out_BNP, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
                               t=T, h=H, w=W, pt=pt, ph=ph, pw=pw)
-        return out_BCTHW[:, :c].float()
+        return out_BCTHW[:, :ctx["channels"]].float()
 
 
 def count_params(model: nn.Module) -> int:

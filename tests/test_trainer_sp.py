@@ -47,8 +47,13 @@ def test_sp_output_gradients_and_weights_equal_tp_and_tp1(tmp_path):
         assert res[f"{name}_steps_out_max_abs"] < 1e-5, name
         assert res[f"{name}_weights_max_abs"] < 1e-5 < res[f"{name}_weights_moved"], name
     assert res["sp_vs_tp_weights_max_abs"] < 1e-5
-    assert res["odd_token_multiple"] == 2                  # 47 tokens, padded to 48
-    for name in ("sp", "sp_ac"):
+    assert_odd_tokens_exact(res, ("sp", "sp_ac"))
+
+
+def assert_odd_tokens_exact(res: dict, names) -> None:
+    """The odd case of parallel_output_check (47 tokens, padded to 48) matches one process, plain and recomputed."""
+    assert res["odd_token_multiple"] == 2
+    for name in names:
         assert res[f"odd_{name}_out_max_abs"] < 1e-5, name
         assert res[f"odd_{name}_grad_max_rel"] < 1e-5 and res[f"odd_{name}_grads_nonzero"], name
 

@@ -10,7 +10,8 @@ folders. A crash at any point leaves the previous ``latest`` intact.
 ``verify`` re-hashes a step folder and raises ``CheckpointError`` naming the file on a mismatch. Weights-only init
 (``load_weights``) works with any layout because the weights are stored unsharded. Resume (``load_rank_state``) reads
 the optimizer/RNG file of the matching rank; ``meta.json`` records the layout that wrote it (tensor_parallel,
-context_parallel, data_parallel) and ``resume_source_rank`` decides whether another layout can resume:
+context_parallel, pipeline_parallel, data_parallel, micro_batches) and ``resume_source_rank`` decides whether
+another layout can resume:
 
 - same (tp, cp, dp): exact resume, every rank reads its own file;
 - only context_parallel changed (no distributed optimizer): the AdamW state of a TP rank is the same on all its CP
@@ -18,6 +19,8 @@ context_parallel, data_parallel) and ``resume_source_rank`` decides whether anot
 - tensor_parallel changed: only for ``checkpoint_format: dist`` checkpoints whose Adam moments are in ``dist/``
   (meta ``optimizer_in_dist``, written by this trainer without the distributed optimizer): they are resharded like
   the weights, and the per-rank file only contributes the RNG state, the Adam step count and the param groups;
+- pipeline_parallel or micro_batches changed: always refused (a per-rank file holds one stage's blocks; the
+  micro-batches per step set the global batch);
 - anything else (data_parallel changed: it sets the global batch and which clips each step reads; the distributed
   optimizer's ``dp_reshardable`` state; TP changed in the "full" format, whose per-rank files hold TP shards) raises
   ``CheckpointError`` naming the saved and the requested layout.
@@ -204,10 +207,21 @@ def layout_str(layout: Tuple[int, int, int]) -> str:
 
 
 def resume_source_rank(step_dir: str | Path, meta: Dict[str, Any], *, tp: int, cp: int, dp: int, rank: int,
-                       tp_rank: int, cp_rank: int, dp_rank: int) -> int:
+                       tp_rank: int, cp_rank: int, dp_rank: int, pp: int = 1, pp_rank: int = 0,
+                       micro_batches: int = 1) -> int:
     """The global rank whose ``optim/rankNNNNN.pt`` this rank resumes from (see the module docstring), or
     ``CheckpointError`` naming the saved and the requested layout when this layout cannot resume the checkpoint.
-    Global ranks follow megatron's order: rank = tp_rank + tp * (cp_rank + cp * dp_rank)."""
+    Global ranks follow megatron's order: rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank)).
+    A changed pipeline_parallel (each rank's optimizer file holds its stage's blocks) or micro_batches (the global
+    batch and the clips of each step) is always refused."""
+    s_pp, s_micro = int(meta.get("pipeline_parallel", 1)), int(meta.get("micro_batches", 1))
+    if (s_pp, s_micro) != (pp, micro_batches):
+        raise CheckpointError(
+            f"cannot resume {step_dir}: it was saved with pipeline_parallel={s_pp}, micro_batches={s_micro}, this "
+            f"stage requests pipeline_parallel={pp}, micro_batches={micro_batches}: the per-rank optimizer files "
+            "hold one pipeline stage's blocks each, and micro_batches sets the global batch (micro_batch_size x "
+            "micro_batches x data_parallel) and which clips each step reads. Rerun with the saved values, or use a "
+            "new output_dir and pass this step folder as init_checkpoint (weights only, any layout)")
     saved, requested = saved_layout(meta), (tp, cp, dp)
     if saved == requested:
         return rank
@@ -229,15 +243,18 @@ def resume_source_rank(step_dir: str | Path, meta: Dict[str, Any], *, tp: int, c
             f"{', distributed_optimizer' if distopt else ''}), this stage requests {layout_str(requested)}: "
             f"{'; '.join(why)}. Rerun with the saved layout, or use a new output_dir and pass this step folder as "
             "init_checkpoint (weights only, any layout)")
-    return tp_rank % s_tp + s_tp * (s_cp * dp_rank)   # CP rank 0 of the same TP (or any TP, resharded) and DP rank
+    # CP rank 0 of the same TP (or any TP, resharded), DP rank and PP stage
+    return tp_rank % s_tp + s_tp * (s_cp * (dp_rank + s_dp * pp_rank))
 
 
-def load_rank_state(step_dir: str | Path, layout) -> Dict[str, Any]:
+def load_rank_state(step_dir: str | Path, layout, micro_batches: int = 1) -> Dict[str, Any]:
     """This rank's optimizer/RNG/step state for resuming (``layout``: a ``trainer.device.Layout``): the file
     ``resume_source_rank`` picks, with ``"resharded": True`` added when the layout differs from the saved one."""
     meta = read_meta(step_dir)
     src = resume_source_rank(step_dir, meta, tp=layout.tp, cp=layout.cp, dp=layout.dp, rank=layout.rank,
-                             tp_rank=layout.tp_rank, cp_rank=layout.cp_rank, dp_rank=layout.dp_rank)
+                             tp_rank=layout.tp_rank, cp_rank=layout.cp_rank, dp_rank=layout.dp_rank,
+                             pp=getattr(layout, "pp", 1), pp_rank=getattr(layout, "pp_rank", 0),
+                             micro_batches=micro_batches)
     name = f"optim/rank{src:05d}.pt"
     verify(step_dir, only=[name])
     state = torch.load(Path(step_dir) / name, map_location="cpu", weights_only=True)

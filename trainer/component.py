@@ -32,7 +32,8 @@ def train_stage(job_path: str, nnodes: int = 1, nproc_per_node: int = 2,
 
     Args:
         job_path: the StageJob JSON (trainer/job.py), at a path every replica can read
-        nnodes: replicas (nodes); the stage's tensor_parallel*data_parallel must equal nnodes*nproc_per_node
+        nnodes: replicas (nodes); the stage's world size (tensor_parallel*context_parallel*pipeline_parallel*
+                data_parallel, ``StageConfig.world_size``) must equal nnodes*nproc_per_node
         nproc_per_node: worker processes per node (at most ``gpu`` when gpu > 0)
         image: container image (kubernetes); local_cwd ignores it and runs in the current directory
         python: interpreter inside the image (local: ``sys.executable``, so the venv is used)

@@ -1,6 +1,8 @@
 """Deterministic batches from a LatentDataset folder (format: docs/artifacts.md), read directly.
 
 Batches are a pure function of (seed, step, dp_rank), so a resumed run sees exactly the batches it would have seen.
+With gradient accumulation (``stage.micro_batches`` = M) the trainer builds the sampler for dp*M ranks and gives
+micro-batch m of DP rank r the rank r*M+m.
 
 Schedule (``StepSampler``): samples are grouped by ``latent_shape`` (the bucket); a micro-batch never mixes shapes.
 Epoch e shuffles each bucket with ``numpy.random.default_rng([seed, e, bucket])`` and cuts it into micro-batches

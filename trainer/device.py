@@ -9,9 +9,12 @@ no-ops and a ``TorchFunctionMode`` answers every ``device="cuda"``/``.cuda()`` w
 ``Tensor.type()`` report ``torch.cuda.*`` (megatron checks that string). Nothing happens at import time, and
 nothing of either shim is installed on GPU.
 
-``init_distributed(tp, seed)`` joins the process group torchrun describes in the environment (RANK, WORLD_SIZE,
-MASTER_ADDR, ...) or, when started as a plain ``python`` process, a one-process group; then builds megatron's
-tensor/data-parallel groups and seeds its RNG tracker. ``destroy()`` undoes both.
+Pipeline parallelism (megatron's 1F1B schedule and p2p ops) needs the heavy shim on CPU too: the schedule allocates
+``device="cuda"`` counters and calls ``torch.cuda.synchronize()`` after its batched isend/irecv (gloo has both ops).
+
+``init_distributed(tp, seed, cp=, pp=)`` joins the process group torchrun describes in the environment (RANK,
+WORLD_SIZE, MASTER_ADDR, ...) or, when started as a plain ``python`` process, a one-process group; then builds
+megatron's tensor/context/data/pipeline-parallel groups and seeds its RNG tracker. ``destroy()`` undoes both.
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ class Layout:
     dp_rank: int
     cp: int = 1               # context parallel: CP ranks of one (tp_rank, dp_rank) split the tokens of one batch
     cp_rank: int = 0
+    pp: int = 1               # pipeline parallel: PP stage pp_rank holds blocks [pp_rank*D/pp, (pp_rank+1)*D/pp)
+    pp_rank: int = 0
 
 
 def install_cpu_shim() -> None:
@@ -163,9 +168,10 @@ def resolve_runtime(heavy_shim: bool = False) -> Runtime:
     return Runtime(torch.device("cpu"), "gloo", torch.float32)
 
 
-def init_distributed(tp: int, seed: int = 0, runtime: Runtime | None = None, cp: int = 1) -> Layout:
-    """Join the process group and build megatron's TP/CP/DP groups (TP ranks are adjacent global ranks, then CP;
-    ``dp`` = world / (tp*cp) and ``dp_rank`` exclude CP, so the CP ranks of one DP rank share its batch)."""
+def init_distributed(tp: int, seed: int = 0, runtime: Runtime | None = None, cp: int = 1, pp: int = 1) -> Layout:
+    """Join the process group and build megatron's TP/CP/DP/PP groups (megatron's order tp-cp-ep-dp-pp: TP ranks are
+    adjacent global ranks, then CP, then DP, PP outermost; ``dp`` = world / (tp*cp*pp) and ``dp_rank`` exclude CP
+    and PP, so the CP ranks and the PP stages of one DP rank share its batch)."""
     from megatron.core import parallel_state, tensor_parallel
 
     rt = runtime or resolve_runtime()
@@ -176,15 +182,18 @@ def init_distributed(tp: int, seed: int = 0, runtime: Runtime | None = None, cp:
         else:                      # a plain `python -m trainer.train`: a one-process group, no network
             dist.init_process_group(rt.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
-    if tp < 1 or cp < 1 or world % (tp * cp):
-        raise ValueError(f"tensor_parallel*context_parallel={tp}*{cp} must divide the number of processes ({world}): "
-                         f"launch tensor_parallel*context_parallel*data_parallel processes")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    if tp < 1 or cp < 1 or pp < 1 or world % (tp * cp * pp):
+        raise ValueError(f"tensor_parallel*context_parallel*pipeline_parallel={tp}*{cp}*{pp} must divide the number "
+                         f"of processes ({world}): launch tensor_parallel*context_parallel*pipeline_parallel*"
+                         "data_parallel processes")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                             pipeline_model_parallel_size=pp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return Layout(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), tp=tp,
-                  tp_rank=parallel_state.get_tensor_model_parallel_rank(), dp=world // (tp * cp),
+                  tp_rank=parallel_state.get_tensor_model_parallel_rank(), dp=world // (tp * cp * pp),
                   dp_rank=parallel_state.get_data_parallel_rank(), cp=cp,
-                  cp_rank=parallel_state.get_context_parallel_rank())
+                  cp_rank=parallel_state.get_context_parallel_rank(), pp=pp,
+                  pp_rank=parallel_state.get_pipeline_model_parallel_rank())
 
 
 def destroy() -> None:

@@ -4,7 +4,7 @@
 programmatic runner (``local_cwd`` on this machine, ``kubernetes`` = Volcano on a cluster), polls its status, streams
 the new lines of every replica's combined log to ``progress`` while it runs (the loss of every step), stops it after
 ``launch.timeout_s`` and raises ``RuntimeError`` with the last 40 log lines if it does not succeed. The "launched"
-and "finished" lines name the stage's parallel layout (``layout_summary``: ``tp=2 cp=1 dp=4 sp=off``).
+and "finished" lines name the stage's parallel layout (``layout_summary``: ``tp=2 cp=1 dp=4 sp=off pp=1``).
 
 For local_cwd, logs are at ``log_dir/torchx/<app_id>/train/<replica>/{stdout,stderr,combined}.log`` (the runner has
 to be this process: ``torchx status`` from another one cannot see a local app). On kubernetes the runner reads pod
@@ -44,11 +44,14 @@ def app_name(stage_name: str) -> str:
 
 
 def layout_summary(stage) -> str:
-    """The parallel layout of a stage for the progress lines: ``tp=2 cp=1 dp=4 sp=on`` (sp: sequence parallelism,
-    only in effect with tp > 1)."""
+    """The parallel layout of a stage for the progress lines: ``tp=2 cp=1 dp=4 sp=on pp=1`` (sp: sequence
+    parallelism, only in effect with tp > 1; pp: pipeline stages), plus ``micro_batches=M`` when M > 1 (gradient
+    accumulation / pipeline micro-batches)."""
     sp = bool(getattr(stage, "sequence_parallel", False)) and stage.tensor_parallel > 1
+    m = getattr(stage, "micro_batches", 1)
     return (f"tp={stage.tensor_parallel} cp={getattr(stage, 'context_parallel', 1)} dp={stage.data_parallel} "
-            f"sp={'on' if sp else 'off'}")
+            f"sp={'on' if sp else 'off'} pp={getattr(stage, 'pipeline_parallel', 1)}"
+            + (f" micro_batches={m}" if m > 1 else ""))
 
 
 def _app(job: StageJob, job_path: Path, launch: LaunchConfig, nnodes: int, nproc_per_node: int):

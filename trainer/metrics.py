@@ -32,14 +32,30 @@ def dp_sum(values) -> list:
     """Sum a few numbers over the data-parallel group (float64, one all_reduce)."""
     from megatron.core import parallel_state
 
+    return group_sum(values, parallel_state.get_data_parallel_group())
+
+
+def group_sum(values, group) -> list:
+    """Sum a few numbers over ``group`` (float64, one all_reduce)."""
     on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None  # NCCL: GPU only
     x = torch.tensor([float(v) for v in values], dtype=torch.float64, device=on)
-    dist.all_reduce(x, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(x, group=group)
     return x.tolist()
 
 
 def param_count(model, layout: device.Layout) -> int:
-    return sum(p.numel() * (layout.tp if getattr(p, "_tp_sharded", False) else 1) for p in model.parameters())
+    """The unsharded model's parameters (collective over PP: each stage counts its part, the replicated
+    conditioning embedders once)."""
+    n = sum(p.numel() * (layout.tp if getattr(p, "_tp_sharded", False) else 1) for p in model.parameters()
+            if not (layout.pp_rank > 0 and getattr(p, "_pp_replicated", False)))
+    if layout.pp == 1:
+        return n
+    from megatron.core import parallel_state
+
+    x = torch.tensor([float(n)], dtype=torch.float64,
+                     device=torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None)
+    dist.all_reduce(x, group=parallel_state.get_pipeline_model_parallel_group())
+    return int(x.item())
 
 
 class MetricsLog:
@@ -59,13 +75,14 @@ class MetricsLog:
             from mlflow.tracking import MlflowClient
             self.client = MlflowClient(job.mlflow_tracking_uri)
         sp = "on" if job.stage.sequence_parallel and layout.tp > 1 else "off"
-        print(f"stage={job.stage.name} world={layout.world_size} tp={layout.tp} cp={layout.cp} dp={layout.dp} sp={sp} "
-              f"params={n_params} "
+        print(f"stage={job.stage.name} world={layout.world_size} tp={layout.tp} cp={layout.cp} pp={layout.pp} "
+              f"dp={layout.dp} sp={sp} micro_batches={job.stage.micro_batches} params={n_params} "
               f"start_step={start} steps={job.stage.steps} recompute={job.stage.recompute} "
               f"peak_tflops={self.peak / 1e12:.3f}", flush=True)
 
     def write(self, step: int, loss: float, grad_norm: float, lr: float, work, seconds: float) -> None:
-        """``work`` = (samples, video tokens, model FLOPs) of the whole step, summed over DP ranks."""
+        """``work`` = (samples, video tokens, model FLOPs) of the whole step, summed over micro-batches and DP
+        ranks."""
         if not self.on:
             return
         samples, tokens, flops = work

@@ -50,10 +50,29 @@ spec §6.2).
 
 ``apply_activation_checkpointing`` recomputes each block in the backward (``stage.recompute``).
 
+Pipeline parallelism (``apply_pipeline_parallel``, ``stage.pipeline_parallel``; spec §6.4): PP stage s keeps blocks
+[s*D/pp, (s+1)*D/pp) of the model (the others become parameterless ``_AbsentBlock`` placeholders, so state-dict keys
+stay the unsharded model's global ``blocks.{i}.*``), ``x_embedder`` and the start/end tokens only on the first
+stage, ``final_layer`` only on the last. The conditioning embedders (t, fps, t_block, caption) are replicated on every
+stage as in MUG-V: each stage computes the modulations, text and RoPE angles itself from the same inputs
+(``MUGDiT.condition``), so only the residual stream x ([B, L, D], padded L) crosses stages. Their gradients are each
+stage's partial sums (the blocks of that stage), so ``sync_gradients`` sums them over the PP group (tagged
+``_pp_replicated``, MUG-V's ``pipeline_parallel=True`` flag) and ``clip_grad_norm_tp`` sums the squares of the
+stage-owned parameters over PP and counts the replicated ones once. ``PipelineStage`` (with ``pipeline_config``)
+is what megatron-core's ``get_forward_backward_func()`` (1F1B without interleaving, ``variable_seq_lengths``: the
+token count changes with the bucket) runs: ``set_input_tensor`` + a forward through ``MUGDiT``'s own
+``condition``/``embed``/``run_blocks``/``head``, nothing duplicated. ``gather_full_state_dict`` also collects
+every stage's keys on PP rank 0 (the "full" checkpoint stays the unsharded model), ``shard_full_state_dict`` drops
+the keys of other stages; ``dist_sharded_state_dict`` keeps the global keys and makes PP rank 0 the main replica of the
+replicated embedders. The stages combine with the TP/SP/CP hooks above unchanged (the received x is the CP/SP
+chunk; every stage splits its own conditioning): PP=2 equals PP=1 with the same micro-batches alone and with TP=2 +
+SP (tests/test_trainer_pp.py), and with CP=2, TP=2 + recomputation and DP=2 (4 processes, by hand; weights <= 8.8e-7
+apart after 3-4 steps). Not with megatron's distributed optimizer (config error): its DDP would need the PP sum of
+the replicated embedders' grads and its grad norm would count them once per stage.
+
 Not implemented (the config has no switch for them):
 - Ring attention for context parallelism (``apply_context_parallel`` all-gathers K/V instead: exact and simple, but
   every rank holds the full K/V of a layer; a ring with a log-sum-exp merge would not).
-- Pipeline parallelism (MUG-V replicates the embedders on every stage, spec §6.4). Not done.
 """
 from __future__ import annotations
 
@@ -384,6 +403,87 @@ def apply_context_parallel(model: nn.Module, cp_group=None) -> nn.Module:
     return model
 
 
+class _AbsentBlock(nn.Module):
+    """Stands in for a DiT block that lives on another pipeline stage: no parameters, never called."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this DiT block lives on another pipeline stage")
+
+
+PP_REPLICATED = ("t_embedder.", "fps_embedder.", "t_block.", "y_embedder.")   # conditioning: on every PP stage
+
+
+def apply_pipeline_parallel(model: nn.Module, pp: int, pp_rank: int) -> nn.Module:
+    """Keep this PP stage's part of a MUGDiT in place (module docstring); pp=1: untouched. Call it after the TP/CP/SP
+    and recomputation wrappers, which then only keep the stage's parts. Sets ``model.pp_range = (start, end)``,
+    ``model.pp_stage = (pp_rank, pp)`` and ``model.pp_absent`` (state-dict key prefixes that live elsewhere)."""
+    depth = len(model.blocks)
+    if depth % pp:
+        raise ValueError(f"pipeline_parallel={pp} must divide dit.depth ({depth})")
+    per = depth // pp
+    start, end = pp_rank * per, (pp_rank + 1) * per
+    model.pp_range, model.pp_stage, model.pp_absent = (start, end), (pp_rank, pp), ()
+    if pp == 1:
+        return model
+    absent = [f"blocks.{i}." for i in range(depth) if not start <= i < end]
+    for i in range(depth):
+        if not start <= i < end:
+            model.blocks[i] = _AbsentBlock()
+    if pp_rank > 0:
+        model.x_embedder = None
+        model.start_token = None
+        model.end_token = None
+        absent += ["x_embedder.", "start_token", "end_token"]
+    if pp_rank < pp - 1:
+        model.final_layer = None
+        absent.append("final_layer.")
+    model.pp_absent = tuple(absent)
+    for name, p in model.named_parameters():
+        if name.startswith(PP_REPLICATED):
+            p._pp_replicated = True
+    return model
+
+
+def _on_other_stage(model: nn.Module, key: str) -> bool:
+    return any(key == a or key.startswith(a) for a in getattr(model, "pp_absent", ()))
+
+
+class PipelineStage:
+    """One PP stage of a MUGDiT as megatron-core's pipeline schedules want it: ``config`` (``pipeline_config``:
+    ``variable_seq_lengths``), ``model_type``, ``set_input_tensor`` (the residual stream received from the previous
+    stage) and a call that runs this stage's part: conditioning (every stage), embedding (first), its blocks, and
+    the head (last: the velocity; else the residual stream for the next stage)."""
+
+    def __init__(self, model: nn.Module, config):
+        from megatron.core.enums import ModelType
+
+        self.module, self.config, self.model_type = model, config, ModelType.encoder_or_decoder
+        self.rank, self.pp = model.pp_stage
+        self.input_tensor = None
+
+    def set_input_tensor(self, tensors) -> None:
+        self.input_tensor = tensors[0] if isinstance(tensors, (list, tuple)) else tensors
+
+    def __call__(self, x_BCTHW, t_B, text_BSD, text_mask_BS, **kw):
+        m = self.module
+        ctx = m.condition(x_BCTHW, t_B, text_BSD, text_mask_BS, **kw)
+        x_BLD = m.embed(x_BCTHW, ctx) if self.rank == 0 else self.input_tensor
+        x_BLD = m.run_blocks(x_BLD, ctx, *m.pp_range)
+        return m.head(x_BLD, ctx) if self.rank == self.pp - 1 else x_BLD.float()
+
+
+def pipeline_config(dit, pp: int, tp: int = 1):
+    """The megatron TransformerConfig the pipeline schedule reads (fp32 residual stream, variable shapes; only
+    ``hidden_size`` of the model fields is read, for the default tensor shape that ``variable_seq_lengths`` replaces;
+    the MoE dispatcher setting only silences its check against variable lengths: there are no experts)."""
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(num_layers=dit.depth, hidden_size=dit.hidden_size, num_attention_heads=dit.num_heads,
+                             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             pipeline_dtype=torch.float32, variable_seq_lengths=True, use_cpu_initialization=True,
+                             moe_token_dispatcher_type="alltoall")
+
+
 def _sharded_modules(model: nn.Module) -> Dict[str, Tuple[str, int]]:
     return {n: m._tp_plan for n, m in model.named_modules() if hasattr(m, "_tp_plan")}
 
@@ -395,8 +495,28 @@ def _tp_group():
 
 def gather_full_state_dict(model: nn.Module,
                            local_sd: Dict[str, torch.Tensor] | None = None) -> Dict[str, torch.Tensor]:
-    """Full (unsharded) fp32 CPU tensors for ``local_sd`` (default: the model's state dict); collective over TP."""
+    """Full (unsharded) fp32 CPU tensors for ``local_sd`` (default: the model's state dict); collective over TP,
+    and with pipeline parallelism over the PP group too: PP rank 0 gets every stage's keys (the other stages return
+    their own part only)."""
     local_sd = model.state_dict() if local_sd is None else local_sd
+    full = _gather_tp_state_dict(model, local_sd)
+    rank, pp = getattr(model, "pp_stage", (0, 1))
+    if pp == 1:
+        return full
+    from megatron.core import parallel_state
+    group = parallel_state.get_pipeline_model_parallel_group()
+    parts = [None] * pp if rank == 0 else None
+    dist.gather_object(full, parts, dst=dist.get_global_rank(group, 0), group=group)
+    if rank != 0:
+        return full
+    merged: Dict[str, torch.Tensor] = {}
+    for part in parts:   # the replicated conditioning embedders: identical on every stage, stage 0's kept
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return merged
+
+
+def _gather_tp_state_dict(model: nn.Module, local_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     plans = _sharded_modules(model)
     full: Dict[str, torch.Tensor] = {}
     for key, value in local_sd.items():
@@ -413,6 +533,8 @@ def gather_full_state_dict(model: nn.Module,
 def shard_full_state_dict(model: nn.Module, full_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """This TP rank's slices of a full state dict (keys checked against the model, with the differences named)."""
     own = model.state_dict()
+    if getattr(model, "pp_absent", ()):   # pipeline parallelism: the keys of the other stages' parts are not here
+        full_sd = {k: v for k, v in full_sd.items() if not _on_other_stage(model, k)}
     missing, unexpected = sorted(set(own) - set(full_sd)), sorted(set(full_sd) - set(own))
     if missing or unexpected:
         raise ValueError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
@@ -452,7 +574,8 @@ def _all_reduce_flat(grads: List[torch.Tensor], group, divide_by: int = 1) -> No
 
 
 def sync_gradients(params: Iterable[nn.Parameter]) -> None:
-    """After backward: sum partial grads over TP (``partial_over_tp``), then sum over CP and average over DP.
+    """After backward: sum partial grads over TP (``partial_over_tp``), the replicated conditioning embedders' over
+    PP (``apply_pipeline_parallel``), then sum over CP and average over DP.
 
     With context parallelism every CP rank holds its token chunk's share of each gradient and the same loss, so one
     all_reduce over megatron's DP+CP group divided by the DP size (not CP) gives the DP mean of the full gradients.
@@ -468,6 +591,9 @@ def sync_gradients(params: Iterable[nn.Parameter]) -> None:
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         _all_reduce_flat([p.grad for p in params if partial_over_tp(p)],
                          parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:   # replicated conditioning: per-stage partials
+        _all_reduce_flat([p.grad for p in params if getattr(p, "_pp_replicated", False)],
+                         parallel_state.get_pipeline_model_parallel_group())
     dp = parallel_state.get_data_parallel_world_size()
     if dp * parallel_state.get_context_parallel_world_size() > 1:
         _all_reduce_flat([p.grad for p in params], parallel_state.get_data_parallel_group(with_context_parallel=True),
@@ -475,19 +601,27 @@ def sync_gradients(params: Iterable[nn.Parameter]) -> None:
 
 
 def clip_grad_norm_tp(params: Iterable[nn.Parameter], max_norm: float) -> float:
-    """Clip to a global L2 norm: squares of TP-sharded grads are summed over the TP group, replicated ones once."""
+    """Clip to a global L2 norm: squares of TP-sharded grads are summed over the TP group, replicated ones once;
+    with pipeline parallelism the stages' sums are added up over the PP group, the conditioning embedders that every
+    stage holds (``_pp_replicated``, already summed over PP) counted once (on PP rank 0)."""
     from megatron.core import parallel_state
 
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
     sharded = [p.grad.float().pow(2).sum() for p in params if getattr(p, "_tp_sharded", False)]
-    replicated = [p.grad.float().pow(2).sum() for p in params if not getattr(p, "_tp_sharded", False)]
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    skip_dup = pp > 1 and parallel_state.get_pipeline_model_parallel_rank() > 0   # replicated over PP: count once
+    replicated = [p.grad.float().pow(2).sum() for p in params if not getattr(p, "_tp_sharded", False)
+                  and not (skip_dup and getattr(p, "_pp_replicated", False))]
     zero = torch.zeros((), device=params[0].grad.device)
     sq_sharded = torch.stack(sharded).sum() if sharded else zero.clone()
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(sq_sharded, group=parallel_state.get_tensor_model_parallel_group())
-    total = (sq_sharded + (torch.stack(replicated).sum() if replicated else zero)).sqrt()
+    total_sq = sq_sharded + (torch.stack(replicated).sum() if replicated else zero)
+    if pp > 1:
+        dist.all_reduce(total_sq, group=parallel_state.get_pipeline_model_parallel_group())
+    total = total_sq.sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(scale.to(p.grad.dtype))
@@ -507,17 +641,24 @@ def dist_sharded_state_dict(local_sd: Dict[str, torch.Tensor], prefix: str = "mo
     same shards (without CP in it, two CP ranks would both claim the main replica). The values are views of
     ``local_sd``'s tensors in that layout (reshape them back with ``local_sd``'s shapes after a load). The stored
     layout depends on neither TP nor CP. Keys are the state-dict keys of the unsharded model with ``prefix``.
+    Pipeline parallelism: every stage's keys are global (``blocks.{i}`` of the whole model), so the stages' shards
+    make up one model that loads at any PP size; the conditioning embedders every stage holds are replicas whose
+    replica id starts with the PP rank (stage 0 saves them).
     """
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    tp, tp_rank, dp_rank = 1, 0, 0
+    tp, tp_rank, dp_rank, pp_rank = 1, 0, 0, 0
     if parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     out: Dict[str, object] = {}
     for key, t in local_sd.items():
+        if pp_rank and key.startswith(PP_REPLICATED):   # held by every PP stage: stage 0 saves it
+            out[key] = ShardedTensor.from_rank_offsets(prefix + key, t, replica_id=(pp_rank, tp_rank, dp_rank))
+            continue
         rule, parts = tp_rule(key)
         if rule == "column":
             view = t.reshape(parts, t.shape[0] // parts, *t.shape[1:])

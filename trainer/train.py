@@ -4,7 +4,7 @@ One process (a job whose stage has tensor_parallel=1, data_parallel=1)::
 
     python -m trainer.train --job job.json
 
-Two processes on this machine (data_parallel=2, or tensor_parallel=2)::
+Two processes on this machine (data_parallel=2, tensor_parallel=2, context_parallel=2 or pipeline_parallel=2)::
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m trainer.train --job job.json
 
@@ -15,21 +15,30 @@ Several nodes (run on each of the N nodes; HEAD is node 0's address; output_dir 
 
 (the platform launches it through TorchX: ``trainer.launch.run_stage`` / ``trainer.component.train_stage``).
 
-The loop: resolve the runtime, join the process groups (TP from the stage), build MUGDiT with one seed on every rank,
-shard it over TP (with Megatron sequence parallelism when ``stage.sequence_parallel``; and wrap every block in
-activation checkpointing when ``stage.recompute``), AdamW; resume from
-``output_dir/latest`` if present, else load ``init_checkpoint`` weights; then per step: this DP rank's micro-batch
-(``trainer.data.StepSampler``: one bucket per micro-batch, token counts balanced across DP ranks), rectified-flow
-inputs from a generator seeded by (seed, step, dp_rank) (identical on the TP and CP ranks that share a batch), loss,
-backward, gradient sync (TP partial sums, CP sums, DP average), TP-aware global-norm clip, AdamW step at ``lr_at(step)``
-(warmup, then constant / cosine / linear to ``min_lr``), EMA, metrics from rank 0 and a checkpoint every
-``checkpoint_interval`` steps and at the end. Bad input (missing latents, empty split, TP not dividing the heads)
-exits with status 2 and one message.
+The loop: resolve the runtime, join the process groups (TP, CP and PP from the stage; world = tp*cp*pp*dp), build
+MUGDiT with one seed on every rank, shard it over TP (with Megatron sequence parallelism when
+``stage.sequence_parallel``; and wrap every block in activation checkpointing when ``stage.recompute``), keep this
+pipeline stage's part (``stage.pipeline_parallel``), AdamW; resume from ``output_dir/latest`` if present, else load
+``init_checkpoint`` weights; then per step: this DP rank's ``stage.micro_batches`` micro-batches
+(``trainer.data.StepSampler`` built for dp*M "virtual ranks": micro-batch m of DP rank r is virtual rank r*M+m, so
+one bucket per micro-batch and token counts balanced across all micro-batches of the step), rectified-flow inputs
+from a generator seeded by (seed, step, virtual rank) (identical on the TP, CP and PP ranks that share a batch),
+loss / M and backward per micro-batch (gradient accumulation; with pipeline parallelism megatron-core's 1F1B
+schedule runs them through the stages, ``_pipeline_forward_backward``), one gradient sync (TP partial sums, PP sums
+of the replicated conditioning embedders, CP sums, DP average), global-norm clip (TP- and PP-aware), AdamW step at
+``lr_at(step)`` (warmup, then constant / cosine / linear to ``min_lr``), EMA, metrics from rank 0 and a checkpoint
+every ``checkpoint_interval`` steps and at the end. With M=1 the step is the computation it was before micro-batches
+existed (checked once: a 3-step DP=2 run's losses, model and EMA bitwise equal to the previous trainer's).
+M micro-batches of one DP rank give the weights of M DP ranks with one each (tests/test_trainer_pp.py). Bad input
+(missing latents, empty split, TP not dividing the heads, PP not dividing the depth) exits with status 2 and one
+message.
 
-Metrics per step (stdout, ``metrics.jsonl``, MLflow): loss (DP mean), grad_norm, lr, step_time_s, samples_per_s,
-tokens_per_s (video tokens of all DP ranks) and mfu = spec §6.5 model FLOPs (``models.flops``, E = 12, so
-recomputation is not counted) / step time / (world size x per-process peak, ``trainer.device.peak_flops_per_s``:
-``stage.peak_tflops``, else ``$VGEN_PEAK_TFLOPS``, else 989 TFLOP/s bf16 on H100/H200, 95 GFLOP/s per thread on CPU).
+Metrics per step (stdout, ``metrics.jsonl``, MLflow): loss (mean over micro-batches and DP ranks; with pipeline
+parallelism computed on the last stage and summed over the PP group so rank 0 has it), grad_norm, lr, step_time_s,
+samples_per_s, tokens_per_s (video tokens of all micro-batches and DP ranks) and mfu = spec §6.5 model FLOPs
+(``models.flops``, E = 12, so recomputation is not counted) / step time / (world size x per-process peak,
+``trainer.device.peak_flops_per_s``: ``stage.peak_tflops``, else ``$VGEN_PEAK_TFLOPS``, else 989 TFLOP/s bf16 on
+H100/H200, 95 GFLOP/s per thread on CPU).
 
 Precision: bf16 autocast on GPU with fp32 parameters, gradients and AdamW state (fp32 master weights); fp32 on CPU.
 Exact resume: every input of a step is a function of (seed, step) and the checkpoint holds the weights, EMA, the
@@ -41,12 +50,20 @@ Checkpoint format (``stage.checkpoint_format``): "full" (default) as above; "dis
 step counts and param groups stay in ``optim/``, or the distributed optimizer's state), from which resume and
 ``init_checkpoint`` load, resharding between TP and CP sizes (``trainer.parallel.dist_sharded_state_dict``: CP
 ranks are replicas, replica ids count them like megatron's ``get_data_parallel_rank(with_context_parallel=True)``).
-meta.json records tensor_parallel, context_parallel and data_parallel; resuming at another layout goes through
-``trainer.checkpoint.resume_source_rank``: a changed CP always works, a changed TP with "dist" (torch AdamW), anything
-else (DP, the distributed optimizer, TP in "full") stops with both layouts named. The full
-``model.safetensors``/``ema.safetensors`` (export, evaluation, registration, the next stage's init) are gathered
-to rank 0 at every checkpoint, or with ``stage.full_weights: final`` ("dist" only) just at the stage's last step;
-``python -m trainer.export --source dist`` writes them offline from any step's ``dist/``.
+meta.json records tensor_parallel, context_parallel, pipeline_parallel, data_parallel and micro_batches; resuming at
+another layout goes through ``trainer.checkpoint.resume_source_rank``: a changed CP always works, a changed TP with
+"dist" (torch AdamW), anything else (DP, PP, micro_batches, the distributed optimizer, TP in "full") stops with both
+layouts named. The full ``model.safetensors``/``ema.safetensors`` (export, evaluation, registration, the next
+stage's init) are gathered to rank 0 at every checkpoint, or with ``stage.full_weights: final`` ("dist" only) just
+at the stage's last step; ``python -m trainer.export --source dist`` writes them offline from any step's ``dist/``.
+
+Pipeline parallelism (``stage.pipeline_parallel``, spec §6.4; ``trainer.parallel.apply_pipeline_parallel``): stage s
+keeps blocks [s*D/pp, (s+1)*D/pp), the conditioning embedders are replicated on every stage (grads summed over PP),
+x_embedder and the start/end tokens live on the first stage, the final layer and the loss on the last. The residual
+stream is sent between stages by megatron-core's p2p ops (gloo on CPU) with ``variable_seq_lengths`` (shapes change
+with the bucket). "full" checkpoints gather every stage's part to rank 0 (model.safetensors stays the whole model);
+"dist" stores global block keys, so dist/ loads at any PP size. Verified with DP, TP (+SP), CP and recomputation
+(tests/test_trainer_pp.py, and 4-process runs by hand); the distributed optimizer with PP is a config error.
 
 Distributed optimizer (``stage.distributed_optimizer``, needs "dist"): megatron DDP + ``DistributedOptimizer``
 (Adam state sharded over DP; without Apex/TE it wraps torch AdamW), clipping inside ``opt.step()``, the LR set on
@@ -81,7 +98,7 @@ import torch
 
 from common.config import to_dict
 from trainer import checkpoint, device, metrics, parallel
-from trainer.data import Batch, LatentDataset, StepSampler
+from trainer.data import LatentDataset, StepSampler
 from trainer.job import StageJob
 
 EMA_DECAY = 0.999                  # tiny runs are a few hundred steps; MUG-V's flag value is 0.9999 (spec §4.6)
@@ -92,26 +109,31 @@ def train(job: StageJob) -> None:
     stage = job.stage
     data = _check_inputs(job)
     rt = device.resolve_runtime(heavy_shim=stage.checkpoint_format == "dist" or stage.distributed_optimizer
-                                or _init_from_dist(job))
-    layout = device.init_distributed(stage.tensor_parallel, seed=stage.seed, runtime=rt, cp=stage.context_parallel)
+                                or _init_from_dist(job) or stage.pipeline_parallel > 1)
+    layout = device.init_distributed(stage.tensor_parallel, seed=stage.seed, runtime=rt, cp=stage.context_parallel,
+                                     pp=stage.pipeline_parallel)
     try:
         if layout.world_size != stage.world_size:
-            raise ValueError(f"stage '{stage.name}' needs tensor_parallel*context_parallel*data_parallel = "
-                             f"{stage.world_size} "
+            raise ValueError(f"stage '{stage.name}' needs tensor_parallel*context_parallel*pipeline_parallel*"
+                             f"data_parallel = {stage.world_size} "
                              f"processes but {layout.world_size} were launched (nnodes*nproc_per_node)")
-        sampler = StepSampler(data.shapes, stage.micro_batch_size, layout.dp, stage.seed,
+        n_micro = stage.micro_batches   # micro-batch m of DP rank r is "virtual rank" r*M+m of the sampler
+        sampler = StepSampler(data.shapes, stage.micro_batch_size, layout.dp * n_micro, stage.seed,
                               patch_size=job.dit.patch_size, tokens_per_micro_batch=stage.tokens_per_micro_batch)
-        model, opt, ddp = _build(job, layout, rt)
+        model, opt, ddp, pipe = _build(job, layout, rt)
         start, ema = _restore(job, layout, model, opt, ddp)
         log = metrics.MetricsLog(job, layout, start, metrics.param_count(model, layout),
                           device.peak_flops_per_s(rt, stage.peak_tflops) * layout.world_size)
         kill_at = _test_kill_step(layout)
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
-            batch = data.batch(sampler.indices(step, layout.dp_rank)).to(rt.device)
-            loss, grad_norm, lr = _train_step(job, model, opt, batch, step, layout, rt, data.meta, ddp)
+            vranks = [layout.dp_rank * n_micro + m for m in range(n_micro)]
+            batches = [data.batch(sampler.indices(step, v)).to(rt.device) for v in vranks]
+            loss, grad_norm, lr = _train_step(job, model, opt, batches, vranks, step, layout, rt, data.meta, ddp,
+                                              pipe)
             _ema_update(ema, model, EMA_DECAY)
-            totals = metrics.dp_sum([loss, len(batch.clip_ids), *metrics.step_work(job.dit, batch)])   # loss, samples, tokens, FLOPs
+            work = [sum(w) for w in zip(*(metrics.step_work(job.dit, b) for b in batches))]   # tokens, FLOPs
+            totals = metrics.dp_sum([loss, sum(len(b.clip_ids) for b in batches), *work])   # loss, samples, ...
             log.write(step + 1, totals[0] / layout.dp, grad_norm, lr, totals[1:], time.perf_counter() - t0)
             if (step + 1) % stage.checkpoint_interval == 0 or step + 1 == stage.steps:
                 _save(job, layout, model, opt, ema, step + 1, totals[0] / layout.dp, ddp)
@@ -157,6 +179,9 @@ def _check_inputs(job: StageJob) -> LatentDataset:
     if heads % tp or job.dit.hidden_size % tp:
         raise ValueError(f"stage '{job.stage.name}': tensor_parallel={tp} must divide dit.num_heads={heads} "
                          f"and dit.hidden_size={job.dit.hidden_size}")
+    if job.dit.depth % job.stage.pipeline_parallel:
+        raise ValueError(f"stage '{job.stage.name}': pipeline_parallel={job.stage.pipeline_parallel} must divide "
+                         f"dit.depth={job.dit.depth} (every stage keeps depth / pipeline_parallel blocks)")
     if job.init_checkpoint and not Path(job.init_checkpoint).is_dir():
         raise FileNotFoundError(f"init_checkpoint not found: {job.init_checkpoint} (expected a step_XXXXXXXX folder)")
     # any token count works with context/sequence parallelism: the model pads it to the split (trainer/parallel.py)
@@ -177,12 +202,15 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
         parallel.apply_context_parallel(model)
     if job.stage.recompute:
         parallel.apply_activation_checkpointing(model)
+    parallel.apply_pipeline_parallel(model, layout.pp, layout.pp_rank)   # pp=1: no-op
+    pipe = parallel.PipelineStage(model, parallel.pipeline_config(job.dit, layout.pp, layout.tp)) \
+        if layout.pp > 1 else None
     if job.stage.distributed_optimizer:
         ddp, opt = _build_distributed_optimizer(job, layout, model)
-        return model, opt, ddp
+        return model, opt, ddp, pipe
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.stage.lr, betas=ADAM_BETAS,
                             eps=ADAM_EPS, weight_decay=job.stage.weight_decay)
-    return model, opt, None
+    return model, opt, None, pipe
 
 
 DISTOPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -233,7 +261,7 @@ def _restore(job: StageJob, layout: device.Layout, model, opt, ddp=None) -> Tupl
                 f"cannot resume {last}: it was saved with checkpoint_format={saved[0]}, distributed_optimizer="
                 f"{saved[1]}, this stage has {fmt}/{job.stage.distributed_optimizer}; use a new output_dir and "
                 "pass this step folder as init_checkpoint (weights only)")
-        state = checkpoint.load_rank_state(last, layout)
+        state = checkpoint.load_rank_state(last, layout, job.stage.micro_batches)
         if state["resharded"] and layout.rank == 0:
             print(f"resuming {last.name} (saved with {checkpoint.layout_str(checkpoint.saved_layout(meta))}) "
                   f"resharded to tensor_parallel={layout.tp}, context_parallel={layout.cp}, "
@@ -365,22 +393,37 @@ def flow_inputs(job: StageJob, latents_BCTHW: torch.Tensor, step: int, dp_rank: 
     return noise, t_B, rf.interpolate(latents_BCTHW, noise, t_B), drop_B.to(latents_BCTHW.device)
 
 
-def _train_step(job: StageJob, model, opt, batch: Batch, step: int, layout: device.Layout, rt: device.Runtime,
-                data_meta: dict, ddp=None) -> Tuple[float, float, float]:
+def _train_step(job: StageJob, model, opt, batches, vranks, step: int, layout: device.Layout, rt: device.Runtime,
+                data_meta: dict, ddp=None, pipe=None) -> Tuple[float, float, float]:
+    """One optimizer step over this DP rank's micro-batches (``batches``, sampled for virtual ranks ``vranks``):
+    each micro-batch's loss / M is backpropagated and the gradients accumulate, then they are synced once (TP
+    partial sums, PP sums of the replicated embedders, CP sums, DP average), clipped and applied. With pipeline
+    parallelism (``pipe``) megatron's 1F1B schedule runs the micro-batches through the stages. Returns (loss: the
+    mean over the micro-batches, on every rank; grad norm; lr)."""
     from models import rectified_flow as rf
 
     factor = int(data_meta.get("vae", {}).get("config", {}).get("spatial_downsample", 8))
-    x0 = batch.latents_BCTHW
-    noise, t_B, x_t, drop_B = flow_inputs(job, x0, step, layout.dp_rank, factor)
-    with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.autocast):
-        v_BCTHW = model(x_t, t_B, batch.text_BLD, batch.text_mask_BL, force_drop_B=drop_B)
-    loss = rf.flow_loss(v_BCTHW.float(), x0, noise).mean()
+    micro = [(b, *flow_inputs(job, b.latents_BCTHW, step, v, factor)) for b, v in zip(batches, vranks)]
+    n_micro = len(micro)
     st = job.stage
     lr = lr_at(step, st.lr, st.warmup_steps, st.lr_schedule, st.min_lr, st.steps)
-    if ddp is not None:   # megatron DDP + DistributedOptimizer: grads in ddp's buffer, clipping inside opt.step()
+    if ddp is not None:
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        loss.backward()
+    else:
+        opt.zero_grad(set_to_none=True)
+    if pipe is not None:
+        loss_value = _pipeline_forward_backward(pipe, micro, layout, rt)
+    else:
+        losses = []
+        for b, noise, t_B, x_t, drop_B in micro:
+            with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.autocast):
+                v_BCTHW = model(x_t, t_B, b.text_BLD, b.text_mask_BL, force_drop_B=drop_B)
+            loss = rf.flow_loss(v_BCTHW.float(), b.latents_BCTHW, noise).mean()
+            (loss / n_micro if n_micro > 1 else loss).backward()   # accumulate: the gradient of the mean loss
+            losses.append(float(loss.detach()))
+        loss_value = losses[0] if n_micro == 1 else sum(losses) / n_micro
+    if ddp is not None:   # megatron DDP + DistributedOptimizer: grads in ddp's buffer, clipping inside opt.step()
         from megatron.core import parallel_state
         if layout.tp > 1:   # per-head QK-norm grads (and SP's chunk grads) are partial over TP (trainer/parallel.py)
             parallel._all_reduce_flat([p.main_grad for p in model.parameters()
@@ -394,16 +437,44 @@ def _train_step(job: StageJob, model, opt, batch: Batch, step: int, layout: devi
         ok, grad_norm, _ = opt.step()
         if not ok:
             raise RuntimeError(f"step {step + 1}: the distributed optimizer skipped the update (inf/nan gradients)")
-        return float(loss.detach()), float(grad_norm), lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+        return loss_value, float(grad_norm), lr
     params = [p for p in model.parameters() if p.requires_grad]
     parallel.sync_gradients(params)
     grad_norm = parallel.clip_grad_norm_tp(params, job.stage.grad_clip)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
-    return float(loss.detach()), grad_norm, lr
+    return loss_value, grad_norm, lr
+
+
+def _pipeline_forward_backward(pipe, micro, layout: device.Layout, rt: device.Runtime) -> float:
+    """Forward and backward of the micro-batches through the pipeline stages with megatron-core's schedule
+    (``get_forward_backward_func``: 1F1B without interleaving, shapes sent ahead of every activation since the token
+    count changes with the bucket). The last stage computes the losses; the schedule scales each by 1/M (and by the
+    CP size, undone here). Returns the mean loss, sent from the last stage to every stage of the pipeline."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from models import rectified_flow as rf
+
+    losses = []
+
+    def forward_step(data_iterator, stage):
+        b, noise, t_B, x_t, drop_B = next(data_iterator)
+        with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.autocast):
+            out = stage(x_t, t_B, b.text_BLD, b.text_mask_BL, force_drop_B=drop_B)
+
+        def loss_func(v_BCTHW):
+            loss = rf.flow_loss(v_BCTHW.float(), b.latents_BCTHW, noise).mean()
+            losses.append(float(loss.detach()))
+            return (loss / layout.cp if layout.cp > 1 else loss), {}
+        return out, loss_func
+
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=pipe,
+                                num_microbatches=len(micro), seq_length=1, micro_batch_size=1, forward_only=False)
+    last = layout.pp_rank == layout.pp - 1
+    value = (losses[0] if len(losses) == 1 else sum(losses) / len(losses)) if last else 0.0
+    return metrics.group_sum([value], parallel_state.get_pipeline_model_parallel_group())[0]
 
 
 @torch.no_grad()
@@ -422,10 +493,11 @@ def _save(job: StageJob, layout: device.Layout, model, opt, ema, step: int, loss
     dist_fmt = st.checkpoint_format == "dist"
     write_full = not dist_fmt or st.full_weights == "every" or step >= st.steps
     full = full_ema = None
-    if write_full:   # collective over TP
+    if write_full:   # collective over TP (and PP: rank 0 gets every stage's part)
         full, full_ema = parallel.gather_full_state_dict(model), parallel.gather_full_state_dict(model, ema)
     meta = {"stage": st.name, "config_hash": job.config_hash, "tensor_parallel": layout.tp,
-            "context_parallel": layout.cp, "data_parallel": layout.dp, "dit": to_dict(job.dit), "loss": loss,
+            "context_parallel": layout.cp, "pipeline_parallel": layout.pp, "data_parallel": layout.dp,
+            "micro_batches": st.micro_batches, "dit": to_dict(job.dit), "loss": loss,
             "checkpoint_format": st.checkpoint_format, "distributed_optimizer": st.distributed_optimizer,
             "optimizer_in_dist": dist_fmt, "full_weights": write_full,
             "sequence_parallel": st.sequence_parallel and layout.tp > 1}

@@ -1,0 +1,192 @@
+"""Pipeline parallelism and gradient accumulation (``stage.pipeline_parallel``, ``stage.micro_batches``) through the
+real launch path (run_stage -> TorchX local_cwd -> torchrun -> trainer.train) on gloo CPU processes.
+
+One LatentDataset of clips with 50 and 47 tokens ([start, 48 or 45 video tokens, end]) and a depth-2 tiny DiT, so
+the pipeline's activations change shape between the micro-batches of one step. Checked: PP=2 (2 processes, 1F1B
+over 2 micro-batches of 1 clip, activation recomputation on) gives the losses, grad norms (1e-5 relative) and final
+weights (1e-5 absolute) of PP=1 with micro_batches=2 on 1 process and of data_parallel=2 with micro_batches=1 on 2
+processes, and so does TP=2 x PP=2 with sequence parallelism (4 processes): the same clips per step (micro-batch m
+of DP rank r is the sampler's virtual rank r*M+m) and the same flow inputs (seeded by (seed, step, virtual rank)).
+Measured: losses and grad norms equal to the printed digits, weights 2.1e-7 (PP=1, DP=2) and 8.8e-7 (TP2 x PP2 x
+SP) apart after 4 steps; megatron's distributed optimizer with micro_batches=2 on 1 process (gradients accumulated
+in its DDP buffer, one finish_grad_sync) too (7.7e-7). By hand, 3 steps, the same data: CP=2 x PP=2 5.1e-7, TP=2 x
+PP=2 with recomputation 3.0e-7, DP=2 x PP=2 (micro_batches 1) 2.1e-7 from PP=1 with micro_batches=2 (losses equal,
+grad norms <= 8.6e-8 relative). The full checkpoint of the PP run holds every key of the unsharded model (stage 1's
+blocks gathered to rank 0) and meta.json records pipeline_parallel and micro_batches; tokens/s and samples/s count
+both micro-batches. A PP=2 "dist" run whose stage-1 process SIGKILLs itself after step 3 resumes from step 2 and
+ends bitwise equal to the uninterrupted run (model, EMA, losses), and its dist/ read whole by one process is the
+gathered model.safetensors bitwise (PP=2 -> PP=1 resharding); the same with "full" checkpoints (per-rank AdamW
+files, full weights filtered to each stage's keys) was bitwise by hand. Config errors: depth not divisible by PP,
+PP with the distributed optimizer, and resuming with a changed pipeline_parallel or micro_batches.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import LaunchConfig, PipelineConfig, StageConfig, from_dict
+from models.config import DiTConfig
+from test_trainer import TINY_DIT, write_latent_dataset
+from test_trainer_sp import ODD_SHAPES
+from trainer import checkpoint
+from trainer.job import StageJob
+from trainer.launch import run_stage
+
+LAUNCH = LaunchConfig(scheduler="local_cwd", cpu=2, timeout_s=150)
+DIT2 = {**TINY_DIT, "depth": 2}
+TOL = 1e-5
+
+
+def _run(tmp: Path, name: str, latents: Path, out: Path | None = None, **kw) -> tuple[Path, list]:
+    stage = StageConfig(**{**dict(name=name, steps=4, lr=1e-3, warmup_steps=2, micro_batch_size=1,
+                                  tensor_parallel=1, data_parallel=1, checkpoint_interval=2, keep_checkpoints=3,
+                                  seed=1234), **kw})
+    out = out or tmp / name
+    job = StageJob(stage=stage, dit=DiTConfig(**DIT2), latents_dir=str(latents), output_dir=str(out),
+                   config_hash=name)
+    lines: list = []
+    run_stage(job, job.write(tmp / f"{name}.job.json"), LAUNCH, log_dir=tmp / f"{name}-logs", progress=lines.append)
+    return out, lines
+
+
+def _metrics(out: Path) -> list:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(step_dir: Path, name: str = "model.safetensors"):
+    from safetensors.torch import load_file
+    return load_file(str(step_dir / name))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pp")
+    latents = write_latent_dataset(tmp / "latents", shapes=ODD_SHAPES)
+    out = {"pp2": _run(tmp, "pp2", latents, pipeline_parallel=2, micro_batches=2, recompute=True)}
+    out["pp1"] = _run(tmp, "pp1", latents, micro_batches=2)
+    out["dp2"] = _run(tmp, "dp2", latents, data_parallel=2)
+    out["distopt"] = _run(tmp, "distopt", latents, micro_batches=2, checkpoint_format="dist",
+                          distributed_optimizer=True)
+    out["tp2pp2sp"] = _run(tmp, "tp2pp2sp", latents, pipeline_parallel=2, micro_batches=2, tensor_parallel=2,
+                           sequence_parallel=True)
+    return tmp, latents, out
+
+
+def test_steps_mix_token_counts_within_a_step():
+    """The schedule below: 2 virtual ranks x 1 clip per step; some step holds a 50- and a 47-token clip."""
+    from trainer.data import StepSampler
+
+    shapes = [tuple(s) for s in ODD_SHAPES]
+    sampler = StepSampler(shapes, 1, 2, 1234, patch_size=DiTConfig(**DIT2).patch_size)
+    per_step = [{shapes[i] for v in (0, 1) for i in sampler.indices(k, v)} for k in range(4)]
+    assert any(len(s) == 2 for s in per_step), per_step
+
+
+@pytest.mark.timeout(150)
+def test_pp2_equals_pp1_and_dp2(runs):
+    _, _, out = runs
+    rows = {k: _metrics(v[0]) for k, v in out.items()}
+    assert [r["step"] for r in rows["pp2"]] == [1, 2, 3, 4]
+    for name in ("pp1", "dp2", "tp2pp2sp", "distopt"):
+        for a, b in zip(rows["pp2"], rows[name]):
+            assert abs(a["loss"] - b["loss"]) <= TOL * abs(b["loss"]), (name, a, b)
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= TOL * abs(b["grad_norm"]), (name, a, b)
+    last = {k: checkpoint.latest(v[0]) for k, v in out.items()}
+    w = {k: _weights(d) for k, d in last.items()}
+    assert set(w["pp2"]) == set(w["pp1"])            # rank 0 wrote stage 1's blocks and final layer too
+    for name in ("pp1", "dp2", "tp2pp2sp", "distopt"):
+        diff = max((w["pp2"][k] - w[name][k]).abs().max().item() for k in w[name])
+        assert diff < TOL, (name, diff)
+        print(name, "max weight difference to pp2", diff)
+    meta = checkpoint.read_meta(last["pp2"])
+    assert (meta["pipeline_parallel"], meta["micro_batches"], meta["data_parallel"]) == (2, 2, 1)
+    assert set(meta["checksums"]) >= {"model.safetensors", "ema.safetensors", "optim/rank00000.pt",
+                                      "optim/rank00001.pt"}
+    for r in rows["pp2"]:   # 2 micro-batches of 1 clip per step, both counted
+        assert r["samples_per_s"] == pytest.approx(2 / r["step_time_s"])
+        assert r["tokens_per_s"] * r["step_time_s"] in (pytest.approx(96), pytest.approx(93), pytest.approx(90))
+    lines = out["pp2"][1]
+    assert any("pp=2 micro_batches=2" in line for line in lines if line.startswith("launched"))
+    from models.dit import MUGDiT, count_params
+    n_params = count_params(MUGDiT(DiTConfig(**DIT2)))   # counted over the stages, embedders once
+    assert any(line.startswith("stage=pp2 ") and " pp=2 " in line and f"params={n_params} " in line for line in lines)
+    print({k: [(r["loss"], r["grad_norm"]) for r in v] for k, v in rows.items()})
+
+
+@pytest.mark.timeout(150)
+def test_pp_stage_sigkilled_resumes_bitwise_from_dist(runs, monkeypatch, tmp_path):
+    """checkpoint_format "dist": weights, EMA and Adam moments of both stages in one dist/ (global block keys), so a
+    SIGKILLed PP=2 stage resumes from it bitwise, and the folder's dist/ read whole by one process (PP=1, TP=1:
+    ``trainer.export --source dist``) is bitwise the gathered model.safetensors."""
+    from trainer.export import load_dist_weights
+    from trainer.train import KILL_ENV
+
+    tmp, latents, out = runs
+    resume = tmp / "pp2-resume"
+    kw = dict(pipeline_parallel=2, micro_batches=2, recompute=True, checkpoint_format="dist")
+    monkeypatch.setenv(KILL_ENV, "1:3")              # the last stage's process, after step 3 (saved: step 2)
+    with pytest.raises(RuntimeError, match="ended FAILED"):
+        _run(tmp, "pp2-a", latents, out=resume, **kw)
+    monkeypatch.delenv(KILL_ENV)
+    assert checkpoint.latest(resume).name == "step_00000002"
+    _, lines = _run(tmp, "pp2-b", latents, out=resume, **kw)
+    assert any("start_step=2 steps=4" in line for line in lines)
+    assert [r["loss"] for r in _metrics(resume)] == [r["loss"] for r in _metrics(out["pp2"][0])]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = _weights(resume / "step_00000004", name), _weights(out["pp2"][0] / "step_00000004", name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), name
+        d = load_dist_weights(resume / "step_00000004", ema=name.startswith("ema"))
+        assert d.keys() == a.keys() and all(torch.equal(d[k], a[k]) for k in a), name
+    # a changed pipeline_parallel or micro_batches cannot resume it
+    step_dir = checkpoint.latest(resume)
+    meta = checkpoint.read_meta(step_dir)
+    kw = dict(tp=1, cp=1, dp=1, rank=0, tp_rank=0, cp_rank=0, dp_rank=0)
+    assert checkpoint.resume_source_rank(step_dir, meta, pp=2, pp_rank=1, micro_batches=2, **{**kw, "rank": 1}) == 1
+    with pytest.raises(checkpoint.CheckpointError, match=r"pipeline_parallel=2, micro_batches=2, this stage "
+                                                         r"requests pipeline_parallel=1, micro_batches=2"):
+        checkpoint.resume_source_rank(step_dir, meta, pp=1, micro_batches=2, **kw)
+    with pytest.raises(checkpoint.CheckpointError, match="micro_batches=4"):
+        checkpoint.resume_source_rank(step_dir, meta, pp=2, micro_batches=4, **kw)
+
+
+def test_pipeline_config_errors():
+    assert (StageConfig().pipeline_parallel, StageConfig().micro_batches) == (1, 1)
+    st = StageConfig(pipeline_parallel=2, data_parallel=2, micro_batches=4)
+    assert (st.world_size, st.nproc_per_node) == (4, 4)
+    with pytest.raises(ValueError, match="pipeline_parallel=2 is not supported with distributed_optimizer"):
+        StageConfig(pipeline_parallel=2, checkpoint_format="dist", distributed_optimizer=True)
+    st = StageConfig(pipeline_parallel=2, tensor_parallel=2, context_parallel=2, data_parallel=2, nnodes=2)
+    assert (st.world_size, st.nproc_per_node) == (16, 8)
+    for k in ("pipeline_parallel", "micro_batches"):
+        with pytest.raises(ValueError, match=f"{k} must be >= 1"):
+            StageConfig(**{k: 0})
+    with pytest.raises(ValueError, match=r"train\.stages\[0\]\.pipeline_parallel \(2\) must divide dit\.depth \(3\)"):
+        from_dict(PipelineConfig, {"train": {"dit": {"depth": 3}, "stages": [{"name": "a", "pipeline_parallel": 2}]}})
+
+
+def test_apply_pipeline_parallel_keeps_the_stage_part():
+    from models.dit import MUGDiT
+    from trainer import parallel
+
+    full = MUGDiT(DiTConfig(**{**TINY_DIT, "depth": 4})).state_dict()
+    parts = []
+    for rank in range(2):
+        m = parallel.apply_pipeline_parallel(MUGDiT(DiTConfig(**{**TINY_DIT, "depth": 4})), 2, rank)
+        assert m.pp_range == (2 * rank, 2 * rank + 2)
+        keys = set(m.state_dict())
+        parts.append(keys)
+        own = {"0", "1"} if rank == 0 else {"2", "3"}
+        assert all(k.split(".")[1] in own for k in keys if k.startswith("blocks."))
+        assert any(k.startswith("x_embedder.") for k in keys) is (rank == 0)
+        assert any(k.startswith("final_layer.") for k in keys) is (rank == 1)
+        assert all(getattr(p, "_pp_replicated", False) is n.startswith(parallel.PP_REPLICATED)
+                   for n, p in m.named_parameters())
+        # a full state dict loads into the stage (the other stages' keys are dropped)
+        sd = parallel.shard_full_state_dict(m, full)
+        assert set(sd) == keys
+    assert parts[0] | parts[1] == set(full)
+    with pytest.raises(ValueError, match=r"pipeline_parallel=3 must divide dit.depth \(4\)"):
+        parallel.apply_pipeline_parallel(MUGDiT(DiTConfig(**{**TINY_DIT, "depth": 4})), 3, 0)
