@@ -176,8 +176,9 @@ class StageConfig:
                                       # count: the model pads); no effect with tensor_parallel=1
     pipeline_parallel: int = 1   # PP stages: each keeps dit.depth / pipeline_parallel consecutive blocks (conditioning
                                  # embedders replicated, x_embedder on the first, final layer on the last; megatron's
-                                 # 1F1B over micro_batches); combines with TP, SP, CP and "dist" checkpoints,
-                                 # not yet with the distributed optimizer. MUG-V's 512-GPU example: PP 4
+                                 # 1F1B over micro_batches); combines with TP, SP, CP, "dist" checkpoints and
+                                 # the distributed optimizer (the embedders' grads summed over the stages before
+                                 # its DP reduce, counted once in its grad norm). MUG-V's 512-GPU example: PP 4
     nnodes: int = 1
     grad_clip: float = 1.0
     weight_decay: float = 0.0
@@ -224,11 +225,6 @@ class StageConfig:
         if self.full_weights == "final" and self.checkpoint_format != "dist":
             raise ValueError(f"stage '{self.name}': full_weights 'final' needs checkpoint_format 'dist' (the other "
                              "checkpoints then hold the weights only in dist/)")
-        if self.pipeline_parallel > 1 and self.distributed_optimizer:
-            raise ValueError(f"stage '{self.name}': pipeline_parallel={self.pipeline_parallel} is not supported with "
-                             "distributed_optimizer yet (the conditioning embedders every pipeline stage holds would "
-                             "need their grads summed over the stages inside megatron DDP, and counted once in its "
-                             "grad norm); use torch AdamW (distributed_optimizer: false)")
 
     @property
     def world_size(self) -> int:

@@ -67,8 +67,9 @@ the keys of other stages; ``dist_sharded_state_dict`` keeps the global keys and 
 replicated embedders. The stages combine with the TP/SP/CP hooks above unchanged (the received x is the CP/SP
 chunk; every stage splits its own conditioning): PP=2 equals PP=1 with the same micro-batches alone and with TP=2 +
 SP (tests/test_trainer_pp.py), and with CP=2, TP=2 + recomputation and DP=2 (4 processes, by hand; weights <= 8.8e-7
-apart after 3-4 steps). Not with megatron's distributed optimizer (config error): its DDP would need the PP sum of
-the replicated embedders' grads and its grad norm would count them once per stage.
+apart after 3-4 steps). With megatron's distributed optimizer the trainer sums the embedders' ``main_grad`` over
+PP before its DDP's DP reduce, and the copies on stages > 0 are tagged ``shared`` (megatron's flag for a parameter
+duplicated on another PP stage), so its ``get_main_grads_for_grad_norm`` counts them once.
 
 Not implemented (the config has no switch for them):
 - Ring attention for context parallelism (``apply_context_parallel`` all-gathers K/V instead: exact and simple, but
@@ -441,6 +442,9 @@ def apply_pipeline_parallel(model: nn.Module, pp: int, pp_rank: int) -> nn.Modul
     for name, p in model.named_parameters():
         if name.startswith(PP_REPLICATED):
             p._pp_replicated = True
+            # megatron's flag for a parameter duplicated on another PP stage: its optimizers' grad norm
+            # (``get_main_grads_for_grad_norm``: ``param_is_not_shared``) then counts the replicas once, on stage 0
+            p.shared = pp_rank > 0
     return model
 
 
