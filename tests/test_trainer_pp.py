@@ -127,24 +127,31 @@ def test_pp2_equals_pp1_and_dp2(runs):
     print({k: [(r["loss"], r["grad_norm"]) for r in v] for k, v in rows.items()})
 
 
+def _kill_and_resume(tmp, latents, resume, name: str, kill: str, monkeypatch, **kw) -> None:
+    """Run a 4-step stage whose process ``kill`` ("rank:step", step 3) SIGKILLs itself, check it saved step 2, rerun
+    it and check it started from there."""
+    from trainer.train import KILL_ENV
+
+    monkeypatch.setenv(KILL_ENV, kill)
+    with pytest.raises(RuntimeError, match="ended FAILED"):
+        _run(tmp, f"{name}-a", latents, out=resume, **kw)
+    monkeypatch.delenv(KILL_ENV)
+    assert checkpoint.latest(resume).name == "step_00000002"
+    _, lines = _run(tmp, f"{name}-b", latents, out=resume, **kw)
+    assert any("start_step=2 steps=4" in line for line in lines)
+
+
 @pytest.mark.timeout(150)
 def test_pp_stage_sigkilled_resumes_bitwise_from_dist(runs, monkeypatch, tmp_path):
     """checkpoint_format "dist": weights, EMA and Adam moments of both stages in one dist/ (global block keys), so a
     SIGKILLed PP=2 stage resumes from it bitwise, and the folder's dist/ read whole by one process (PP=1, TP=1:
     ``trainer.export --source dist``) is bitwise the gathered model.safetensors."""
     from trainer.export import load_dist_weights
-    from trainer.train import KILL_ENV
 
     tmp, latents, out = runs
     resume = tmp / "pp2-resume"
     kw = dict(pipeline_parallel=2, micro_batches=2, recompute=True, checkpoint_format="dist")
-    monkeypatch.setenv(KILL_ENV, "1:3")              # the last stage's process, after step 3 (saved: step 2)
-    with pytest.raises(RuntimeError, match="ended FAILED"):
-        _run(tmp, "pp2-a", latents, out=resume, **kw)
-    monkeypatch.delenv(KILL_ENV)
-    assert checkpoint.latest(resume).name == "step_00000002"
-    _, lines = _run(tmp, "pp2-b", latents, out=resume, **kw)
-    assert any("start_step=2 steps=4" in line for line in lines)
+    _kill_and_resume(tmp, latents, resume, "pp2", "1:3", monkeypatch, **kw)   # the last stage, after step 3
     assert [r["loss"] for r in _metrics(resume)] == [r["loss"] for r in _metrics(out["pp2"][0])]
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = _weights(resume / "step_00000004", name), _weights(out["pp2"][0] / "step_00000004", name)
@@ -170,18 +177,11 @@ def test_pp_distopt_sigkilled_resumes_bitwise(runs, monkeypatch):
     after step 3 resumes from step 2 bitwise equal to the uninterrupted run (losses, grad norms, model, EMA), and its
     dist/ read whole by one process is the gathered model.safetensors bitwise."""
     from trainer.export import load_dist_weights
-    from trainer.train import KILL_ENV
 
     tmp, latents, out = runs
     resume = tmp / "pp2distopt-resume"
     kw = dict(pipeline_parallel=2, micro_batches=2, checkpoint_format="dist", distributed_optimizer=True)
-    monkeypatch.setenv(KILL_ENV, "0:3")
-    with pytest.raises(RuntimeError, match="ended FAILED"):
-        _run(tmp, "pp2distopt-a", latents, out=resume, **kw)
-    monkeypatch.delenv(KILL_ENV)
-    assert checkpoint.latest(resume).name == "step_00000002"
-    _, lines = _run(tmp, "pp2distopt-b", latents, out=resume, **kw)
-    assert any("start_step=2 steps=4" in line for line in lines)
+    _kill_and_resume(tmp, latents, resume, "pp2distopt", "0:3", monkeypatch, **kw)
     ref = out["pp2distopt"][0]
     assert [(r["loss"], r["grad_norm"]) for r in _metrics(resume)] == \
         [(r["loss"], r["grad_norm"]) for r in _metrics(ref)]
