@@ -8,7 +8,7 @@ video tokens + 2 = 2 CP chunks of 25) and computes the single-process output and
 padding mask and an I2V conditioning frame. Then:
 - ``tp``: ``trainer.parallel.parallelize`` over the 2-rank TP group; also checks the local weights equal
   ``models.convert.shard_tp(full, 2, rank, layout="ours")`` bitwise; gradients are gathered to full tensors.
-- ``cp``: ``trainer.parallel.apply_context_parallel`` (tokens split in 2 chunks, K/V all-gathered).
+- ``cp``: ``trainer.tokens.apply_context_parallel`` (tokens split in 2 chunks, K/V all-gathered).
 - ``sp``: three TP=2 copies: plain, ``sequence_parallel=True``, and sequence-parallel with activation recomputation;
   each also takes 3 AdamW steps (``sync_gradients``, ``clip_grad_norm_tp``) next to the one-process model, and the
   full weights after them are compared (``weights_max_abs`` vs TP=1, ``sp_vs_tp_weights_max_abs`` vs plain TP=2).
@@ -47,7 +47,7 @@ def run_check(mode: str, tmp_path: Path, timeout: int) -> dict:
 def main(mode: str, out_path: str) -> None:
     from models.convert import shard_tp
     from models.dit import tiny
-    from trainer import device, parallel
+    from trainer import device, parallel, tokens
 
     layout = device.init_distributed(tp=1, seed=0, cp=2) if mode == "cp" else device.init_distributed(tp=2, seed=0)
     torch.manual_seed(0)
@@ -94,8 +94,8 @@ def main(mode: str, out_path: str) -> None:
             state_dict_keys_unchanged=sorted(local) == sorted(full_sd),
             shard_mismatch=sorted(k for k in expected if not torch.equal(local[k], expected[k])))
     else:
-        cp_ac = parallel.apply_activation_checkpointing(parallel.apply_context_parallel(copy.deepcopy(model)))
-        parallel.apply_context_parallel(model)
+        cp_ac = parallel.apply_activation_checkpointing(tokens.apply_context_parallel(copy.deepcopy(model)))
+        tokens.apply_context_parallel(model)
         for name, m in (("cp", model), ("cp_ac", cp_ac)):
             result.update(_odd_diffs(name, m, odd, odd_weight, *odd_ref, sharded=False))
         result["odd_token_multiple"] = model.token_multiple

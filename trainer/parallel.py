@@ -37,16 +37,8 @@ partial sums: they are tagged ``_sp_partial`` and summed over TP like ``_tp_part
 tests/test_trainer_sp.py checks outputs, gradients and weights after AdamW steps against TP without SP and TP=1,
 with and without recomputation. With TP=1 there is nothing to split (megatron turns SP off too).
 
-Any token count (padding): the splits need L = N + 2 tokens per clip ([start, video, end]) divisible by cp (CP) and
-by cp*tp (CP and SP), which most latent shapes are not (TP=4 at 720p 5 s: 50400 + 2). ``apply_context_parallel``
-and the SP hooks therefore multiply ``model.token_multiple`` (1 in the model) by cp and tp, and MUGDiT's forward
-pads the sequence at its end to a multiple of it before the splits: zero tokens with the end token's (t=0)
-modulation and an identity RoPE rotation (cos 1, sin 0). Self-attention drops the pad keys/values once k and v are
-complete (after SP's qkv gather and CP's K/V all-gather), the forward drops the pad outputs after ``token_gather``,
-and everything else is per token, so real tokens never see the pad ones, which get exactly zero gradient: the
-result is that of the unsplit model at any L (tests/parallel_output_check.py, odd-L cases). The padding costs at
-most cp*tp - 1 tokens of compute per clip (MUG-V instead keeps start/end replicated and trims/pads around attention,
-spec §6.2).
+Context parallelism and the token splits of both CP and SP (``apply_context_parallel``, the ``seq_split`` hooks
+and the padding that lets any token count split) live in ``trainer.tokens``.
 
 ``apply_activation_checkpointing`` recomputes each block in the backward (``stage.recompute``).
 
@@ -86,6 +78,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from models.convert import merge_tensors, shard_tensor, tp_rule
+from trainer import tokens
 
 def _plan_for(name: str) -> Tuple[str, int] | None:
     """("column" | "row", fused parts) for a linear module that is sharded, else None. The rules live once, in
@@ -243,45 +236,8 @@ def parallelize(model: nn.Module, tp_group_size: int, *, tp_group=None, backend:
             if id(p) not in in_tp_linears:
                 p._tp_partial = True
     if sequence_parallel:
-        _set_sequence_parallel_hooks(model, tp_group, rank, tp_group_size)
+        tokens.set_sequence_parallel_hooks(model, tp_group, rank, tp_group_size)
     return model
-
-
-class _SPSplit(torch.autograd.Function):
-    """Keep this TP rank's contiguous chunk of ``dim`` (sequence parallelism); backward: all-gather the chunks'
-    gradients, so whatever ran before the split gets the full gradient on every TP rank (Megatron's
-    scatter_to_sequence_parallel_region)."""
-
-    @staticmethod
-    def forward(ctx, x, dim, group, rank, tp):
-        ctx.dim, ctx.group, ctx.tp = dim, group, tp
-        n = x.shape[dim] // tp
-        return x.narrow(dim, rank * n, n).contiguous()
-
-    @staticmethod
-    def backward(ctx, g):
-        return _cp_all_gather(g, ctx.dim, ctx.group, ctx.tp), None, None, None, None
-
-
-def _set_sequence_parallel_hooks(model: nn.Module, tp_group, rank: int, tp: int) -> None:
-    """MUGDiT's ``seq_split`` / ``seq_gather`` over the TP group (``token_multiple`` times tp: the model pads the
-    tokens so the split divides them), and ``_sp_partial`` on the replicated parameters used on the sequence chunk:
-    every parameter of the blocks and the final layer that is not TP-sharded and not already a per-head partial sum
-    (scale_shift_tables, cross_attn_norm, row-parallel biases, final_layer.linear)."""
-
-    def seq_split(x, dim):
-        if x.shape[dim] % tp:   # the model pads to token_multiple; this would be a bug, not a config error
-            raise RuntimeError(f"seq_split: {x.shape[dim]} tokens, not a multiple of tp={tp} (token_multiple="
-                               f"{model.token_multiple})")
-        return _SPSplit.apply(x, dim, tp_group, rank, tp)
-
-    model.token_multiple *= tp
-    model.seq_split = seq_split
-    model.seq_gather = lambda x, dim: _CPGatherReplicated.apply(x, dim, tp_group, rank, tp)
-    for part in (*model.blocks, model.final_layer):
-        for p in part.parameters():
-            if not getattr(p, "_tp_sharded", False) and not getattr(p, "_tp_partial", False):
-                p._sp_partial = True
 
 
 def partial_over_tp(p: nn.Parameter) -> bool:
@@ -308,99 +264,6 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
             continue
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         block._recompute = True
-    return model
-
-
-class _CPSplit(torch.autograd.Function):
-    """Keep this CP rank's contiguous chunk of ``dim``; backward: the chunk's gradient, zero elsewhere (so every
-    parameter used before the split gets a partial gradient, summed over CP in ``sync_gradients``)."""
-
-    @staticmethod
-    def forward(ctx, x, dim, rank, cp):
-        ctx.dim, ctx.rank, ctx.shape = dim, rank, x.shape
-        n = x.shape[dim] // cp
-        return x.narrow(dim, rank * n, n).contiguous()
-
-    @staticmethod
-    def backward(ctx, g):
-        full = g.new_zeros(ctx.shape)
-        full.narrow(ctx.dim, ctx.rank * g.shape[ctx.dim], g.shape[ctx.dim]).copy_(g)
-        return full, None, None, None
-
-
-def _cp_all_gather(x, dim, group, cp):
-    parts = [torch.empty_like(x) for _ in range(cp)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
-class _CPGatherReplicated(torch.autograd.Function):
-    """All-gather the chunks along ``dim``; everything downstream is computed identically on every rank of the group
-    (CP, or TP for sequence parallelism), so the incoming gradient is the same everywhere and the backward just keeps
-    this rank's chunk of it."""
-
-    @staticmethod
-    def forward(ctx, x, dim, group, rank, cp):
-        ctx.dim, ctx.rank, ctx.n = dim, rank, x.shape[dim]
-        return _cp_all_gather(x, dim, group, cp)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.narrow(ctx.dim, ctx.rank * ctx.n, ctx.n).contiguous(), None, None, None, None
-
-
-class _CPGatherKV(torch.autograd.Function):
-    """All-gather K or V along ``dim``; each rank's queries contribute to every chunk's gradient, so the backward
-    sums the gradient over CP (all_reduce: gloo has no reduce_scatter) and keeps this rank's chunk."""
-
-    @staticmethod
-    def forward(ctx, x, dim, group, rank, cp):
-        ctx.dim, ctx.rank, ctx.n, ctx.group = dim, rank, x.shape[dim], group
-        return _cp_all_gather(x, dim, group, cp)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        return g.narrow(ctx.dim, ctx.rank * ctx.n, ctx.n).contiguous(), None, None, None, None
-
-
-def apply_context_parallel(model: nn.Module, cp_group=None) -> nn.Module:
-    """Context parallelism (all-gather-KV, exact) over ``cp_group`` (default: megatron's CP group); 1 rank: no-op.
-
-    Sets MUGDiT's identity hooks: ``token_split`` keeps CP rank r's contiguous chunk r of the L = N + 2 tokens
-    ([start, video, end], padded at the end to a multiple of ``model.token_multiple``, which this multiplies by cp)
-    and of the per-token adaLN modulation, final-layer modulation and RoPE angles; every block's ``attn.kv_gather``
-    all-gathers k and v over the group so local queries attend to the full sequence (the attention then drops the pad
-    keys; cross-attention and MLP are per token, text is replicated); ``token_gather`` all-gathers the final layer's
-    per-token output (the model drops the pad tail), so the output and the loss are the same on every CP rank.
-    Every parameter then holds this rank's chunk's share of the gradient: ``sync_gradients`` sums them over CP
-    (parameters are tagged ``_cp_partial``).
-    """
-    if cp_group is None:
-        from megatron.core import parallel_state
-        cp_group = parallel_state.get_context_parallel_group()
-    cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
-    if cp == 1:
-        return model
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not hasattr(model, "token_split") or not hasattr(model, "token_multiple"):
-        raise TypeError("apply_context_parallel: the model has no .blocks / .token_split hooks / .token_multiple; "
-                        "is this a MUGDiT?")
-
-    def token_split(x, dim):
-        if x.shape[dim] % cp:   # the model pads to token_multiple; this would be a bug, not a config error
-            raise RuntimeError(f"token_split: {x.shape[dim]} tokens, not a multiple of cp={cp} (token_multiple="
-                               f"{model.token_multiple})")
-        return _CPSplit.apply(x, dim, rank, cp)
-
-    model.token_multiple *= cp
-    model.token_split = token_split
-    model.token_gather = lambda x, dim: _CPGatherReplicated.apply(x, dim, cp_group, rank, cp)
-    for block in blocks:
-        block.attn.kv_gather = lambda x, dim: _CPGatherKV.apply(x, dim, cp_group, rank, cp)
-    for p in model.parameters():
-        p._cp_partial = True
     return model
 
 

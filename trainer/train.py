@@ -108,7 +108,7 @@ import numpy as np
 import torch
 
 from common.config import to_dict
-from trainer import checkpoint, device, metrics, parallel
+from trainer import checkpoint, device, metrics, parallel, tokens
 from trainer.data import LatentDataset, StepSampler
 from trainer.job import StageJob
 
@@ -195,7 +195,7 @@ def _check_inputs(job: StageJob) -> LatentDataset:
                          f"dit.depth={job.dit.depth} (every stage keeps depth / pipeline_parallel blocks)")
     if job.init_checkpoint and not Path(job.init_checkpoint).is_dir():
         raise FileNotFoundError(f"init_checkpoint not found: {job.init_checkpoint} (expected a step_XXXXXXXX folder)")
-    # any token count works with context/sequence parallelism: the model pads it to the split (trainer/parallel.py)
+    # any token count works with context/sequence parallelism: the model pads it to the split (trainer/tokens.py)
     return LatentDataset(job.latents_dir, split="train", top_fraction=job.stage.top_fraction)
 
 
@@ -210,7 +210,7 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
         print("sequence_parallel: off (tensor_parallel=1: no TP group to split the sequence over)", flush=True)
     model = parallel.parallelize(model.to(rt.device), layout.tp, sequence_parallel=sp).train()
     if layout.cp > 1:
-        parallel.apply_context_parallel(model)
+        tokens.apply_context_parallel(model)
     if job.stage.recompute:
         parallel.apply_activation_checkpointing(model)
     parallel.apply_pipeline_parallel(model, layout.pp, layout.pp_rank)   # pp=1: no-op
