@@ -19,37 +19,7 @@ from trainer.component import train_stage
 from trainer.data import LatentDataset, StepSampler
 from trainer.job import StageJob
 
-TINY_DIT = dict(hidden_size=48, depth=1, num_heads=2, caption_channels=64, max_text_len=16)  # head_dim 24
-
-
-def write_latent_dataset(root: Path, n_clips: int = 6, latent_shape=(24, 3, 8, 8), text_shape=(16, 64),
-                         n_val: int = 0, shapes=None, seed: int = 0) -> Path:
-    """A LatentDataset folder in the documented format (docs/artifacts.md) with learnable, seeded latents."""
-    import pandas as pd
-    from safetensors.torch import save_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    tensors, rows = {}, []
-    for i in range(n_clips):
-        cid = f"clip{i:04d}"
-        shape = tuple(shapes[i]) if shapes else tuple(latent_shape)
-        base = torch.linspace(-1, 1, shape[-1]).expand(*shape)        # smooth structure the DiT can fit
-        tensors[f"{cid}/latent"] = (base * (1 + i % 3) + 0.1 * torch.randn(shape, generator=g)).contiguous()
-        tensors[f"{cid}/text"] = torch.randn(text_shape, generator=g)
-        mask = torch.zeros(text_shape[0], dtype=torch.uint8)
-        mask[: 4 + i % 5] = 1
-        tensors[f"{cid}/text_mask"] = mask
-        rows.append(dict(clip_id=cid, shard="shard-00000.safetensors", split="val" if i < n_val else "train",
-                         latent_shape=list(shape), text_len=int(mask.sum()), caption=f"clip {i}", score=float(i),
-                         bucket="x".join(map(str, shape)), source_hash=f"src{i}"))
-    save_file(tensors, str(root / "shard-00000.safetensors"))
-    pd.DataFrame(rows).to_parquet(root / "index.parquet")
-    (root / "meta.json").write_text(json.dumps({"vae": {"config": {"spatial_downsample": 8}},
-                                                "latent_mean": [0.0] * latent_shape[0],
-                                                "latent_std": [1.0] * latent_shape[0], "content_hash": "test"}))
-    return root
-
+from helpers import TINY_DIT, write_latent_dataset
 
 # ------------------------------------------------------------------------------------------------ data
 

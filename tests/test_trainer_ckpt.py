@@ -16,31 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_trainer_dist import _metrics, _run, _stage
-from test_trainer import write_latent_dataset
+from helpers import (assert_equal_step_folders as _equal_step_folders, killed_and_rerun as _killed_and_rerun,
+                     run_stage_job as _run, stage_config as _stage, stage_metrics as _metrics, write_latent_dataset)
 from trainer import checkpoint
-from trainer.train import KILL_ENV
-
-
-def _equal_step_folders(a: Path, b: Path) -> None:
-    from safetensors.torch import load_file
-
-    for name in ("model.safetensors", "ema.safetensors"):
-        x, y = load_file(str(a / name)), load_file(str(b / name))
-        assert x.keys() == y.keys()
-        assert all(torch.equal(x[k], y[k]) for k in x), name
-
-
-def _killed_and_rerun(tmp: Path, name: str, stage, latents: Path, monkeypatch) -> Path:
-    out = tmp / name
-    monkeypatch.setenv(KILL_ENV, "1:3")
-    with pytest.raises(RuntimeError, match="ended FAILED"):
-        _run(tmp, f"{name}-a", stage, latents, out=out)
-    monkeypatch.delenv(KILL_ENV)
-    assert checkpoint.latest(out).name == "step_00000002"
-    _, lines = _run(tmp, f"{name}-b", stage, latents, out=out)
-    assert any("start_step=2 steps=4" in line for line in lines)
-    return out
 
 
 @pytest.fixture(scope="module")

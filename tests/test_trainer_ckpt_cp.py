@@ -22,9 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_trainer import write_latent_dataset
-from test_trainer_ckpt import _equal_step_folders, _killed_and_rerun
-from test_trainer_dist import TOL, _metrics, _run, _stage
+from helpers import (TOL, assert_equal_step_folders as _equal_step_folders, killed_and_rerun as _killed_and_rerun,
+                     run_stage_job as _run, stage_config as _stage, stage_metrics as _metrics, write_latent_dataset)
 from trainer import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,8 @@ import pytest
 
 from common.config import StageConfig
 from parallel_output_check import run_check
-from test_trainer import write_latent_dataset
-from test_trainer_dist import TOL, _metrics, _run, _stage
-from test_trainer_sp import ODD_SHAPES, assert_odd_tokens_exact, assert_steps_see_both_shapes
+from helpers import (ODD_SHAPES, TOL, assert_odd_tokens_exact, assert_steps_see_both_shapes, run_stage_job as _run,
+                     stage_config as _stage, stage_metrics as _metrics, write_latent_dataset)
 
 
 

@@ -17,36 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import LaunchConfig, StageConfig
 from models.config import DiTConfig
-from test_trainer import TINY_DIT, write_latent_dataset
+from helpers import (LAUNCH, TINY_DIT, TOL, run_stage_job as _run, stage_config as _stage, stage_metrics as _metrics,
+                     write_latent_dataset)
 from trainer import checkpoint
 from trainer.job import StageJob
 from trainer.launch import run_stage
-
-LAUNCH = LaunchConfig(scheduler="local_cwd", cpu=2, timeout_s=150)
-TOL = 1e-5
-
-
-def _stage(**kw) -> StageConfig:
-    base = dict(name="dp2", steps=30, lr=3e-3, warmup_steps=2, micro_batch_size=2, tensor_parallel=1,
-                data_parallel=2, checkpoint_interval=10, keep_checkpoints=3, seed=1234)
-    return StageConfig(**{**base, **kw})
-
-
-def _run(tmp: Path, name: str, stage: StageConfig, latents: Path, init: str = "", out: Path | None = None,
-         **job_kw) -> tuple[Path, list]:
-    out = out or tmp / name
-    job = StageJob(stage=stage, dit=DiTConfig(**TINY_DIT), latents_dir=str(latents), init_checkpoint=init,
-                   output_dir=str(out), config_hash=name, **job_kw)
-    lines: list = []
-    run_stage(job, job.write(tmp / f"{name}.job.json"), LAUNCH, log_dir=tmp / f"{name}-logs", progress=lines.append)
-    return out, lines
-
-
-def _metrics(out: Path) -> list:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -31,17 +31,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import LaunchConfig, PipelineConfig, StageConfig, from_dict
+from common.config import PipelineConfig, StageConfig, from_dict
 from models.config import DiTConfig
-from test_trainer import TINY_DIT, write_latent_dataset
-from test_trainer_sp import ODD_SHAPES
+from helpers import LAUNCH, ODD_SHAPES, TINY_DIT, TOL, load_weights as _weights, write_latent_dataset
 from trainer import checkpoint
 from trainer.job import StageJob
 from trainer.launch import run_stage
 
-LAUNCH = LaunchConfig(scheduler="local_cwd", cpu=2, timeout_s=150)
 DIT2 = {**TINY_DIT, "depth": 2}
-TOL = 1e-5
 
 
 def _run(tmp: Path, name: str, latents: Path, out: Path | None = None, **kw) -> tuple[Path, list]:
@@ -58,11 +55,6 @@ def _run(tmp: Path, name: str, latents: Path, out: Path | None = None, **kw) -> 
 
 def _metrics(out: Path) -> list:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(step_dir: Path, name: str = "model.safetensors"):
-    from safetensors.torch import load_file
-    return load_file(str(step_dir / name))
 
 
 @pytest.fixture(scope="module")

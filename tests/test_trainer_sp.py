@@ -22,10 +22,9 @@ from __future__ import annotations
 import pytest
 
 from common.config import PipelineConfig, StageConfig, from_dict
-from models.config import DiTConfig
 from parallel_output_check import run_check
-from test_trainer import TINY_DIT, write_latent_dataset
-from test_trainer_dist import TOL, _metrics, _run, _stage
+from helpers import (ODD_SHAPES, TOL, assert_odd_tokens_exact, assert_steps_see_both_shapes, run_stage_job as _run,
+                     stage_config as _stage, stage_metrics as _metrics, write_latent_dataset)
 from trainer import checkpoint
 
 SP_PARTIAL = {"attn.proj.bias", "cross_attn.proj.bias", "cross_attn_norm.bias", "cross_attn_norm.weight",
@@ -50,14 +49,6 @@ def test_sp_output_gradients_and_weights_equal_tp_and_tp1(tmp_path):
     assert_odd_tokens_exact(res, ("sp", "sp_ac"))
 
 
-def assert_odd_tokens_exact(res: dict, names) -> None:
-    """The odd case of parallel_output_check (47 tokens, padded to 48) matches one process, plain and recomputed."""
-    assert res["odd_token_multiple"] == 2
-    for name in names:
-        assert res[f"odd_{name}_out_max_abs"] < 1e-5, name
-        assert res[f"odd_{name}_grad_max_rel"] < 1e-5 and res[f"odd_{name}_grads_nonzero"], name
-
-
 def test_sequence_parallel_config_field():
     assert StageConfig().sequence_parallel is False
     cfg = from_dict(PipelineConfig, {"train": {"stages": [
@@ -65,18 +56,6 @@ def test_sequence_parallel_config_field():
     assert cfg.train.stages[0].sequence_parallel is True and cfg.train.stages[0].world_size == 2
     with pytest.raises(ValueError, match=r"train\.stages\[0\]\.sequence_parallel: expected bool"):
         from_dict(PipelineConfig, {"train": {"stages": [{"name": "a", "sequence_parallel": "yes"}]}})
-
-
-ODD_SHAPES = [(24, 3, 8, 8), (24, 3, 6, 10)] * 3   # 48 video tokens + 2 = 50 and 45 + 2 = 47 (odd)
-
-
-def assert_steps_see_both_shapes(latents, steps: int = 3, seed: int = 1234) -> None:
-    """The stage's first ``steps`` micro-batches (micro_batch_size 2, one DP rank) include both token counts."""
-    from trainer.data import LatentDataset, StepSampler
-
-    shapes = LatentDataset(latents, split="train").shapes
-    sampler = StepSampler(shapes, 2, 1, seed, patch_size=DiTConfig(**TINY_DIT).patch_size)
-    assert {shapes[i] for k in range(steps) for i in sampler.indices(k, 0)} == set(ODD_SHAPES)
 
 
 @pytest.mark.timeout(150)
