@@ -7,13 +7,12 @@ message (``"train.stages[1].tensor_parallel: expected int, got str"``). Cross-fi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
+from common.hashing import sha256_json
 from models.config import DiTConfig, VAEConfig
 
 
@@ -378,5 +377,4 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
 
 def config_hash(cfg: Any) -> str:
     """Stable content hash of a config (sha256 of canonical JSON), first 16 hex digits."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return sha256_json(to_dict(cfg), n=16)

@@ -7,6 +7,7 @@ from pathlib import Path
 from flytekit.types.directory import FlyteDirectory
 
 from common.config import TrackingConfig
+from common.hashing import code_version  # noqa: F401  TODO(rename): tasks/train/task.py imports it from here
 
 
 def artifact_dir(tracking: TrackingConfig, stage: str, key: str) -> Path:
@@ -42,17 +43,3 @@ def local_path(folder: FlyteDirectory) -> Path:
             f"artifact folder {path} no longer exists (a cached result points at deleted files); "
             "clear the cache with `pyflyte local-cache clear` and rerun")
     return path
-
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def code_version(*packages: str) -> str:
-    """Cache version derived from the source of the packages a task runs (so editing them invalidates its cache)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for pkg in sorted(packages):
-        for p in sorted((REPO_ROOT / pkg).rglob("*.py")):
-            h.update(p.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:12]

@@ -38,7 +38,6 @@ always has them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
+
+from common.hashing import sha256_file
 
 LATEST = "latest"
 DIST = "dist"
@@ -59,12 +60,7 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256 = sha256_file   # the full hex digest of meta.json "checksums" (tests/test_trainer_ckpt*.py call it too)
 
 
 def _barrier() -> None:

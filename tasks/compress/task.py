@@ -7,9 +7,9 @@ from flytekit import Resources, task
 
 from common import tracking
 from common.config import CompressConfig, TrackingConfig, config_hash, to_dict
-from common.lineage import hash_values
+from common.hashing import code_version, sha256_json
 from containers.images import curation_image
-from tasks.common import artifact_dir, code_version, fresh_dir, local_path, publish
+from tasks.common import artifact_dir, fresh_dir, local_path, publish
 from tasks.types import ClipManifest, FlyteDirectory, LatentDataset
 
 
@@ -21,7 +21,7 @@ def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: Tracking
 
     from tasks.compress.encode import run_compress
 
-    out = artifact_dir(tracking_cfg, "compress", hash_values(config_hash(cfg), manifest.content_hash))
+    out = artifact_dir(tracking_cfg, "compress", sha256_json([config_hash(cfg), manifest.content_hash], n=16))
     with tracking.child_run(tracking_cfg.root, parent_run, "compress") as _:
         import mlflow
 

@@ -19,9 +19,9 @@ from flytekit import Deck, Resources, map_task, task
 
 from common import tracking
 from common.config import CurateConfig, TrackingConfig, config_hash, to_dict
-from common.lineage import hash_values
+from common.hashing import code_version, sha256_json
 from containers.images import curation_image
-from tasks.common import artifact_dir, code_version, fresh_dir, publish
+from tasks.common import artifact_dir, fresh_dir, publish
 from tasks.types import ClipManifest, FlyteDirectory
 
 
@@ -53,7 +53,7 @@ def snapshot_inputs(cfg: CurateConfig) -> str:
     """Fingerprint of the raw inputs (names and sizes): curation's cache key changes when videos are added."""
     from common.storage import list_inputs
 
-    return hash_values(sorted(repr(i) for i in list_inputs(cfg.input_uri)))
+    return sha256_json([sorted(repr(i) for i in list_inputs(cfg.input_uri))], n=16)
 
 
 @task(container_image=curation_image)
@@ -93,7 +93,7 @@ def curate(cfg: CurateConfig, shards: List[ShardResult], tracking_cfg: TrackingC
     from tasks.curate.report import write_report
 
     results = [json.loads(s.result_json) for s in sorted(shards, key=lambda s: s.index)]
-    key = hash_values(config_hash(cfg), [s.result_json for s in sorted(shards, key=lambda s: s.index)])
+    key = sha256_json([config_hash(cfg), [s.result_json for s in sorted(shards, key=lambda s: s.index)]], n=16)
     out = artifact_dir(tracking_cfg, "curate", key)
     store = Path(shards[0].store) if shards else Path(store_dir(cfg, tracking_cfg))
     with tracking.child_run(tracking_cfg.root, parent_run, "curate") as _:

@@ -5,9 +5,9 @@ from flytekit import Deck, Resources, task
 
 from common import tracking
 from common.config import DiTConfig, EvalConfig, FlowConfig, TrackingConfig, config_hash, to_dict
-from common.lineage import hash_values
+from common.hashing import code_version, sha256_json
 from containers.images import curation_image
-from tasks.common import artifact_dir, code_version, fresh_dir, local_path, publish
+from tasks.common import artifact_dir, fresh_dir, local_path, publish
 from tasks.types import Checkpoint, EvalReport, FlyteDirectory, LatentDataset
 
 
@@ -17,7 +17,8 @@ def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentData
              tracking_cfg: TrackingConfig, parent_run: str) -> EvalReport:
     from tasks.evaluate.evaluate import run_evaluation
 
-    out = artifact_dir(tracking_cfg, "evaluate", hash_values(config_hash(cfg), checkpoint.content_hash, data.content_hash))
+    key = sha256_json([config_hash(cfg), checkpoint.content_hash, data.content_hash], n=16)
+    out = artifact_dir(tracking_cfg, "evaluate", key)
     root = local_path(checkpoint.folder)
     step_dir = root / (root / "latest").read_text().strip()
     with tracking.child_run(tracking_cfg.root, parent_run, "evaluate",

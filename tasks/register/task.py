@@ -5,9 +5,9 @@ from flytekit import task
 
 from common import tracking
 from common.config import PipelineConfig, config_hash
-from common.lineage import hash_values
+from common.hashing import code_version, sha256_json
 from containers.images import curation_image
-from tasks.common import code_version, local_path
+from tasks.common import local_path
 from tasks.types import Checkpoint, ClipManifest, EvalReport, LatentDataset, ModelVersion
 
 
@@ -29,7 +29,7 @@ def register(config: PipelineConfig, manifest: ClipManifest, data: LatentDataset
         "checkpoint_step": str(checkpoint.step),
         "data.latents_hash": data.content_hash,
         "data.manifest_hash": manifest.content_hash,
-        "data.sources_hash": hash_values(sorted(manifest.source_hashes)),
+        "data.sources_hash": sha256_json([sorted(manifest.source_hashes)], n=16),
         "data.num_sources": str(len(manifest.source_hashes)),
         "vae_identity": data.vae_identity,
         "text_encoder_identity": data.text_encoder_identity,

@@ -1,0 +1,88 @@
+"""The project's sha256 hashes, in one place: content hashes of artifacts, cache keys and code versions.
+
+Every hash is a lowercase sha256 hex digest; ``n`` keeps its first ``n`` hex digits (64 = the whole digest), for
+ids and keys that are read by people or used in folder names.
+
+    from common.hashing import code_version, sha256_bytes, sha256_dir, sha256_file, sha256_json
+
+    sha256_file("clip.mp4", n=16)                     # the file's bytes, streamed
+    sha256_bytes(pixels.tobytes(), b"0:17:1", n=16)    # the concatenation of byte strings
+    sha256_dir("manifest", exclude=("summary.json",))  # a folder: relative path + file hash of every file, sorted
+    sha256_json([config_dict, upstream_hash], n=16)    # a JSON-serialisable value, as canonical JSON
+    code_version("tasks/curate", "common")             # the *.py source of packages (paths from the repo root)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, List
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_CHUNK = 1 << 20
+
+
+def _hex(h, n: int) -> str:
+    if not 1 <= n <= 64:
+        raise ValueError(f"n is the number of hex digits kept, 1..64 (64 = the whole sha256), got {n}")
+    return h.hexdigest()[:n]
+
+
+def sha256_bytes(*parts: bytes, n: int = 64) -> str:
+    """sha256 of the concatenation of ``parts``."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return _hex(h, n)
+
+
+def sha256_file(path: str | Path, n: int = 64) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return _hex(h, n)
+
+
+def sha256_dir(path: str | Path, n: int = 64, exclude: Iterable[str] = ()) -> str:
+    """sha256 over ``<relative path>\\0<sha256 of the file>\\n`` of every file under ``path``, sorted by relative path;
+    ``exclude`` lists relative paths (posix, e.g. "summary.json", "vae/config.json") left out."""
+    root, skip = Path(path), set(exclude)
+    if not root.is_dir():
+        raise NotADirectoryError(f"sha256_dir: {root} is not a folder")
+    h = hashlib.sha256()
+    for rel, p in sorted((q.relative_to(root).as_posix(), q) for q in root.rglob("*") if q.is_file()):
+        if rel not in skip:
+            h.update(f"{rel}\0{sha256_file(p)}\n".encode())
+    return _hex(h, n)
+
+
+def sha256_json(value: object, n: int = 64) -> str:
+    """sha256 of ``value`` as canonical JSON (sorted keys, no spaces; non-JSON leaves such as paths as ``str``).
+    Hash several values as one list: ``sha256_json([a, b])``."""
+    blob = json.dumps(value, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return sha256_bytes(blob, n=n)
+
+
+def source_files(*paths: str | Path, exclude: Iterable[str] = ()) -> List[Path]:
+    """The *.py files of ``paths`` (folders are searched recursively, relative paths start at the repo root), sorted
+    by path, without those whose repo-relative path is in ``exclude``."""
+    skip = set(exclude)
+    files = set()
+    for p in paths:
+        p = REPO_ROOT / p
+        if not p.exists():
+            raise FileNotFoundError(f"code_version: {p} does not exist (paths are relative to {REPO_ROOT})")
+        files |= set(p.rglob("*.py")) if p.is_dir() else {p}
+    return sorted(f for f in files if f.relative_to(REPO_ROOT).as_posix() not in skip)
+
+
+def code_version(*paths: str | Path, n: int = 12, exclude: Iterable[str] = ()) -> str:
+    """Version of the code in ``paths`` (see ``source_files``): sha256 over ``<repo-relative path>\\0<bytes>`` of
+    every source file, so editing, adding or renaming one changes it. Task cache versions and the curation store
+    keys use it."""
+    h = hashlib.sha256()
+    for f in source_files(*paths, exclude=exclude):
+        h.update(f.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return _hex(h, n)
