@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.config import CaptionConfig, CurateConfig  # noqa: E402
 from common.storage import list_inputs  # noqa: E402
-from tasks.curate.curate import run_curation  # noqa: E402
+from tasks.curate.driver import run_curation  # noqa: E402
 from tasks.curate.decode import read_video  # noqa: E402
 from tasks.curate.synthetic import SceneSpec, make_scenes_video  # noqa: E402
 

@@ -13,10 +13,11 @@ import pytest
 
 from common.config import CurateConfig
 from common.storage import list_inputs
-from tasks.curate import curate as curate_mod
-from tasks.curate.curate import center_crop_resize, folder_hash, run_curation, window_starts
+from tasks.curate.curate import center_crop_resize, window_starts
 from tasks.curate.decode import DecodeError, _decode_pyav, read_video, write_clip
+from tasks.curate.driver import run_curation
 from tasks.curate.filters import assess
+from tasks.curate.manifest import SCHEMA, content_hash
 from tasks.curate.scenes import detect_scenes, detect_scenes_in_file
 from tasks.curate.synthetic import SceneSpec, make_scenes_video, render_scene, write_demo_set
 
@@ -124,10 +125,11 @@ def test_write_clip_roundtrip_is_reproducible(tmp_path):
 
 
 def test_windows_and_crop():
-    assert window_starts(0, 20, 17, 2) == [2]
-    assert window_starts(10, 50, 17, 2) == [12, 31]
-    assert window_starts(0, 16, 17, 2) == []
-    assert window_starts(0, 100, 17, 1) == [42]
+    two, one = CurateConfig(max_clips_per_scene=2), CurateConfig(max_clips_per_scene=1)
+    assert window_starts(0, 20, 17, two) == [2]
+    assert window_starts(10, 50, 17, two) == [12, 31]
+    assert window_starts(0, 16, 17, two) == []
+    assert window_starts(0, 100, 17, one) == [42]
     frames_THWC = np.zeros((2, 40, 100, 3), np.uint8)
     frames_THWC[:, :, 30:70] = 255   # the centre 40x40 square survives the crop to 1:1
     out_THWC = center_crop_resize(frames_THWC, 16, 16)
@@ -173,7 +175,7 @@ def test_run_curation_accounts_for_every_input(tmp_path):
     messages = []
     summary = run_curation(_cfg(tmp_path / "in"), tmp_path / "out", progress=messages.append)
     df = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pandas()
-    assert list(df.columns) == [f.name for f in curate_mod.SCHEMA]
+    assert list(df.columns) == [f.name for f in SCHEMA]
     # input level: 7 inputs (README is documentation, good.txt a sidecar) = 1 kept + 2 rejected + 4 failed
     assert (summary["inputs"], summary["kept"], summary["rejected"], summary["failed"]) == (7, 1, 2, 4)
     assert summary["inputs"] == summary["kept"] + summary["rejected"] + summary["failed"] == df.source_uri.nunique()
@@ -200,7 +202,7 @@ def test_run_curation_accounts_for_every_input(tmp_path):
     assert len(short) == 1 and short.iloc[0].reason == "scene too short: 10 < 17 frames"
     assert df[df.source_uri.str.endswith("allbad.mp4")].caption.eq("a video").all() and (kept.caption_source == "sidecar").all()
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
-    assert summary["content_hash"] == folder_hash(tmp_path / "out")
+    assert summary["content_hash"] == content_hash(tmp_path / "out")
     assert len(summary["source_hashes"]) == 7 and summary["source_hashes"][1] == "e3b0c44298fc1c14"  # sha256(b"")
     assert len([m for m in messages if re.match(r"\[\d/7\]", m)]) == 7
 

@@ -17,9 +17,9 @@ from flytekit import workflow
 
 from common.config import CaptionConfig, CurateConfig, TrackingConfig
 from tasks.curate import buckets
-from tasks.curate.curate import run_curation
 from tasks.curate.decode import DecodeError, read_video
 from tasks.curate.dedup import clip_phash, distance, find_duplicates
+from tasks.curate.driver import run_curation
 from tasks.curate.filters import assess
 from tasks.curate.scenes import analyse
 from tasks.curate.synthetic import SceneSpec, make_scenes_video, render_scene, render_video
@@ -67,7 +67,7 @@ def test_phash_near_duplicates():
 def test_gradual_transitions_and_cut_positions(transition):
     scenes = [SceneSpec("texture", 30), SceneSpec("texture", 30, seed=1), SceneSpec("texture", 30, seed=2)]
     frames_THWC, cuts, ranges = render_video(scenes, transitions=[transition, None])
-    result = analyse(frames_THWC, 8.0)
+    result = analyse(frames_THWC, 8.0, CurateConfig())
     assert len(result.cuts) == 1 and abs(result.cuts[0] - cuts[0]) <= 1
     (ts, te), = result.transitions
     (gs, ge), = ranges
@@ -87,10 +87,10 @@ def test_clip_with_missed_cut_is_dropped(tmp_path):
 
 def test_buckets():
     sizes = [[720, 1280], [832, 1104], [960, 960], [1104, 832], [1280, 720]]
-    assert buckets.size_bucket(1080, 1920, sizes) == (720, 1280)
-    assert buckets.size_bucket(1920, 1080, sizes) == (1280, 720)
-    assert buckets.size_bucket(600, 640, sizes) == (960, 960) and buckets.size_bucket(480, 640, sizes) == (832, 1104)
     cfg = CurateConfig(clip_frames=105, bucket_frames=[73], bucket_sizes=sizes, height=720, width=1280)
+    assert buckets.size_bucket(1080, 1920, cfg) == (720, 1280)
+    assert buckets.size_bucket(1920, 1080, cfg) == (1280, 720)
+    assert buckets.size_bucket(600, 640, cfg) == (960, 960) and buckets.size_bucket(480, 640, cfg) == (832, 1104)
     assert buckets.length_bucket(200, cfg, 24.0) == 105 and buckets.length_bucket(80, cfg, 24.0) == 73
     assert buckets.length_bucket(72, cfg, 24.0) is None
     assert buckets.lengths(CurateConfig(clip_frames=105, bucket_frames=[73], max_clip_s=4.0), 24.0) == [73]

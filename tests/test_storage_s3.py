@@ -11,7 +11,7 @@ import pytest
 
 from common.config import CurateConfig
 from common.storage import InputFile, fetch, list_inputs, read_text, s3_client, upload_dir
-from tasks.curate.curate import run_curation
+from tasks.curate.driver import run_curation
 from tasks.curate.synthetic import SceneSpec, make_scenes_video
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,10 +15,10 @@ from common.config import CurateConfig
 MUGV_720P = [[720, 1280], [832, 1110], [960, 960], [1108, 832], [1280, 720]]   # as published; configs round to /16
 
 
-def size_bucket(src_h: int, src_w: int, sizes: List[List[int]]) -> Tuple[int, int]:
-    """The [H, W] of ``sizes`` with the aspect closest to src_w/src_h."""
+def size_bucket(src_h: int, src_w: int, cfg: CurateConfig) -> Tuple[int, int]:
+    """The [H, W] of ``cfg.sizes`` with the aspect closest to src_w/src_h (the larger one on a tie)."""
     a = math.log(src_w / src_h)
-    h, w = min(sizes, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - a), -hw[0] * hw[1]))
+    h, w = min(cfg.sizes, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - a), -hw[0] * hw[1]))
     return int(h), int(w)
 
 

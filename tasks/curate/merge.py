@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.config import CurateConfig, to_dict
-from tasks.curate.curate import SCHEMA, _row, folder_hash
 from tasks.curate.dedup import find_duplicates
-from tasks.curate.shard import load_entry
+from tasks.curate.manifest import MANIFEST, SCHEMA, SUMMARY, content_hash, manifest_row
+from tasks.curate.store import load_entry
 
 
 def merge_shards(results: List[Dict[str, Any]], cfg: CurateConfig, store: Path, out_dir: Path,
@@ -45,7 +45,8 @@ def merge_shards(results: List[Dict[str, Any]], cfg: CurateConfig, store: Path, 
     seen: Dict[str, str] = {}
     for e in entries:
         if e["key"] and e["source_hash"] in seen:
-            rows = [[_row(e["source_hash"], "", "rejected", f"duplicate source (same bytes as {seen[e['source_hash']]})"),
+            earlier = seen[e["source_hash"]]
+            rows = [[manifest_row(e["source_hash"], "", "rejected", f"duplicate source (same bytes as {earlier})"),
                      "duplicate source"]]
         else:
             rows = load_entry(store, e["key"])["rows"] if e["key"] else e["rows"]
@@ -68,7 +69,7 @@ def merge_shards(results: List[Dict[str, Any]], cfg: CurateConfig, store: Path, 
         if row["status"] == "kept":
             shutil.copyfile(store / key / row["path"], out_dir / row["path"])
     rows = [r for r, _, _ in keyed]
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), out_dir / "manifest.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), out_dir / MANIFEST)
     outcome: Dict[str, str] = {}
     reasons: Dict[str, int] = {}
     for row, key, _ in keyed:
@@ -100,9 +101,9 @@ def merge_shards(results: List[Dict[str, Any]], cfg: CurateConfig, store: Path, 
         "input_status": {e["uri"]: outcome[e["uri"]] for e in entries},
         "input_uri": str(cfg.input_uri),
         "config": to_dict(cfg),
-        "content_hash": folder_hash(out_dir),
+        "content_hash": content_hash(out_dir),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     for i, e in enumerate(entries, 1):
         progress(f"[{i}/{len(entries)}] {e['name']}: {outcome[e['uri']]}")
     progress(f"curate: {summary['clips_kept']} clips kept from {counts['kept']}/{len(entries)} inputs "

@@ -25,6 +25,8 @@ import numpy as np
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
 from scenedetect.detector import FlashFilter
 
+from common.config import CurateConfig
+
 # Shorter than PySceneDetect's default (15) so that short shots are found and reported as "scene too short" instead
 # of being merged into the neighbouring shot.
 MIN_SCENE_LEN = 8
@@ -130,13 +132,13 @@ def cuts_to_scenes(cuts: List[int], num_frames: int) -> List[Tuple[int, int]]:
     return split_scenes(cuts, [], num_frames)
 
 
-def analyse(frames_THWC: np.ndarray, fps: float, threshold: float = 27.0, adaptive_threshold: float = 3.0,
-            analysis_width: int = 256, gradual_window: int = 8, gradual_min_change: float = 30.0,
-            gradual_max_residual: float = 0.25, min_scene_len: int = MIN_SCENE_LEN) -> SceneAnalysis:
-    """Cuts, gradual transitions, scenes and per-frame changes of decoded frames uint8 RGB [T,H,W,3]."""
-    small = downscale(frames_THWC, analysis_width)
-    cuts = detect_cuts(small, fps, threshold, min_scene_len, adaptive_threshold)
-    transitions = detect_gradual(small, gradual_window, gradual_min_change, gradual_max_residual)
+def analyse(frames_THWC: np.ndarray, fps: float, cfg: CurateConfig,
+            min_scene_len: int = MIN_SCENE_LEN) -> SceneAnalysis:
+    """Cuts, gradual transitions, scenes and per-frame changes of decoded frames uint8 RGB [T,H,W,3], with the
+    detector settings of ``cfg`` (scene_threshold, adaptive_threshold, analysis_width, gradual_*)."""
+    small = downscale(frames_THWC, cfg.analysis_width)
+    cuts = detect_cuts(small, fps, cfg.scene_threshold, min_scene_len, cfg.adaptive_threshold)
+    transitions = detect_gradual(small, cfg.gradual_window, cfg.gradual_min_change, cfg.gradual_max_residual)
     cuts = [c for c in cuts if not any(s <= c < e for s, e in transitions)]
     tiny = downscale(small, GRADUAL_SIZE)   # the cut check's mean HSV change needs no detail
     return SceneAnalysis(cuts, transitions, split_scenes(cuts, transitions, len(frames_THWC)), frame_changes(tiny))
@@ -144,8 +146,9 @@ def analyse(frames_THWC: np.ndarray, fps: float, threshold: float = 27.0, adapti
 
 def detect_scenes(frames_THWC: np.ndarray, fps: float, threshold: float = 27.0,
                   min_scene_len: int = MIN_SCENE_LEN) -> List[Tuple[int, int]]:
-    """Scene [start, end) frame ranges of decoded frames uint8 RGB [T,H,W,3] (default detector settings)."""
-    return analyse(frames_THWC, fps, threshold, min_scene_len=min_scene_len).scenes
+    """Scene [start, end) frame ranges of decoded frames uint8 RGB [T,H,W,3] (default detector settings but the
+    content threshold)."""
+    return analyse(frames_THWC, fps, CurateConfig(scene_threshold=threshold), min_scene_len).scenes
 
 
 def detect_scenes_in_file(path: str | Path, threshold: float = 27.0,

@@ -4,7 +4,7 @@ there).
     snapshot_inputs -> plan_curation -> map_task(curate_shard) -> curate (merge + report + MLflow child run "curate")
 
 Each shard is its own cached, retried task execution; its inputs go through the content-addressed per-input store
-(``shard.py``), so a shard re-run after new videos were added (the listing, hence the shards, changed) decodes only
+(``store.py``), so a shard re-run after new videos were added (the listing, hence the shards, changed) decodes only
 the new inputs. MLflow logging happens only in the merge task (one child run for the whole curation).
 """
 from __future__ import annotations
