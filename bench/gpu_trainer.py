@@ -37,22 +37,6 @@ from models.config import DiTConfig                    # noqa: E402
 from scaling import write_dataset                      # noqa: E402
 
 
-def write_structured(root: Path, n: int, latent_shape: tuple, text_shape: tuple) -> Path:
-    """``write_dataset``, then latents with smooth per-clip structure (random ones leave nothing to learn in 20
-    steps: the loss of pure-noise data stays flat, so "it learns" could not be checked)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    write_dataset(root, n, latent_shape, text_shape)
-    shard = root / "shard-00000.safetensors"
-    tensors = load_file(str(shard))
-    for i in range(n):
-        base = torch.linspace(-1, 1, latent_shape[-1]).expand(*latent_shape)
-        tensors[f"clip{i:04d}/latent"] = (base * (1 + i % 3) + 0.1 * tensors[f"clip{i:04d}/latent"]).contiguous()
-    save_file(tensors, str(shard))
-    return root
-
-
 def _stage(name: str, steps: int, **kw) -> StageConfig:
     base = dict(name=name, steps=steps, lr=1e-4, warmup_steps=2, micro_batch_size=2, tensor_parallel=1,
                 data_parallel=1, checkpoint_interval=5, keep_checkpoints=2, seed=7)
@@ -113,7 +97,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        latents = write_structured(tmp / "latents", 8, latent, (64, caption))
+        latents = write_dataset(tmp / "latents", 8, latent, (64, caption), structured=True)
         runs = {}
         for stage in (_stage("full", args.steps),
                       _stage("distopt", args.steps, distributed_optimizer=True, checkpoint_format="dist",

@@ -38,25 +38,25 @@ from common.config import LaunchConfig, StageConfig   # noqa: E402
 from models.config import DiTConfig                    # noqa: E402
 
 
-def write_dataset(root: Path, n: int, latent_shape: tuple, text_shape: tuple, seed: int = 0) -> Path:
-    """A LatentDataset folder (docs/artifacts.md) of ``n`` random clips of one shape."""
-    import pandas as pd
+def write_dataset(root: Path, n: int, latent_shape: tuple, text_shape: tuple, seed: int = 0,
+                  structured: bool = False) -> Path:
+    """A LatentDataset folder (``common.latents.LatentWriter``) of ``n`` random clips of one shape; ``structured``
+    adds a smooth per-clip pattern to the latents, so that a short run has something to learn."""
     import torch
-    from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
+    from common.latents import LatentWriter
+
     g = torch.Generator().manual_seed(seed)
-    tensors, rows = {}, []
+    writer = LatentWriter(root)
     for i in range(n):
-        cid = f"clip{i:04d}"
-        tensors[f"{cid}/latent"] = torch.randn(latent_shape, generator=g)
-        tensors[f"{cid}/text"] = torch.randn(text_shape, generator=g)
-        tensors[f"{cid}/text_mask"] = torch.ones(text_shape[0], dtype=torch.uint8)
-        rows.append(dict(clip_id=cid, shard="shard-00000.safetensors", split="train", latent_shape=list(latent_shape),
-                         text_len=text_shape[0], caption="", score=0.0, bucket="", source_hash=""))
-    save_file(tensors, str(root / "shard-00000.safetensors"))
-    pd.DataFrame(rows).to_parquet(root / "index.parquet")
-    (root / "meta.json").write_text(json.dumps({"vae": {"config": {"spatial_downsample": 8}}}))
+        latent = torch.randn(latent_shape, generator=g)
+        if structured:
+            base = torch.linspace(-1, 1, latent_shape[-1]).expand(*latent_shape)
+            latent = (base * (1 + i % 3) + 0.1 * latent).contiguous()
+        text = torch.randn(text_shape, generator=g)
+        writer.add(f"clip{i:04d}", latent, text, torch.ones(text_shape[0], dtype=torch.uint8), score=0.0)
+    writer.finish({"vae": {"config": {"spatial_downsample": 8}}, "latent_mean": [0.0] * latent_shape[0],
+                   "latent_std": [1.0] * latent_shape[0]})
     return root
 
 

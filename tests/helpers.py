@@ -25,30 +25,22 @@ ODD_SHAPES = [(24, 3, 8, 8), (24, 3, 6, 10)] * 3   # 48 video tokens + 2 = 50 an
 
 def write_latent_dataset(root: Path, n_clips: int = 6, latent_shape=(24, 3, 8, 8), text_shape=(16, 64),
                          n_val: int = 0, shapes=None, seed: int = 0) -> Path:
-    """A LatentDataset folder in the documented format (docs/artifacts.md) with learnable, seeded latents."""
-    import pandas as pd
-    from safetensors.torch import save_file
+    """A LatentDataset folder (``common.latents.LatentWriter``, one shard) with learnable, seeded latents."""
+    from common.latents import LatentWriter
 
-    root.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    tensors, rows = {}, []
+    writer = LatentWriter(root)
     for i in range(n_clips):
-        cid = f"clip{i:04d}"
         shape = tuple(shapes[i]) if shapes else tuple(latent_shape)
         base = torch.linspace(-1, 1, shape[-1]).expand(*shape)        # smooth structure the DiT can fit
-        tensors[f"{cid}/latent"] = (base * (1 + i % 3) + 0.1 * torch.randn(shape, generator=g)).contiguous()
-        tensors[f"{cid}/text"] = torch.randn(text_shape, generator=g)
+        latent = (base * (1 + i % 3) + 0.1 * torch.randn(shape, generator=g)).contiguous()
+        text = torch.randn(text_shape, generator=g)
         mask = torch.zeros(text_shape[0], dtype=torch.uint8)
         mask[: 4 + i % 5] = 1
-        tensors[f"{cid}/text_mask"] = mask
-        rows.append(dict(clip_id=cid, shard="shard-00000.safetensors", split="val" if i < n_val else "train",
-                         latent_shape=list(shape), text_len=int(mask.sum()), caption=f"clip {i}", score=float(i),
-                         bucket="x".join(map(str, shape)), source_hash=f"src{i}"))
-    save_file(tensors, str(root / "shard-00000.safetensors"))
-    pd.DataFrame(rows).to_parquet(root / "index.parquet")
-    (root / "meta.json").write_text(json.dumps({"vae": {"config": {"spatial_downsample": 8}},
-                                                "latent_mean": [0.0] * latent_shape[0],
-                                                "latent_std": [1.0] * latent_shape[0], "content_hash": "test"}))
+        writer.add(f"clip{i:04d}", latent, text, mask, split="val" if i < n_val else "train", caption=f"clip {i}",
+                   score=float(i), bucket="x".join(map(str, shape)), source_hash=f"src{i}")
+    writer.finish({"vae": {"config": {"spatial_downsample": 8}}, "latent_mean": [0.0] * latent_shape[0],
+                   "latent_std": [1.0] * latent_shape[0]})
     return root
 
 
@@ -117,8 +109,8 @@ def assert_odd_tokens_exact(res: dict, names) -> None:
 
 def assert_steps_see_both_shapes(latents, steps: int = 3, seed: int = 1234) -> None:
     """The stage's first ``steps`` micro-batches (micro_batch_size 2, one DP rank) include both token counts."""
-    from trainer.data import LatentDataset, StepSampler
+    from trainer.data import LatentSplit, StepSampler
 
-    shapes = LatentDataset(latents, split="train").shapes
+    shapes = LatentSplit(latents, split="train").shapes
     sampler = StepSampler(shapes, 2, 1, seed, patch_size=DiTConfig(**TINY_DIT).patch_size)
     assert {shapes[i] for k in range(steps) for i in sampler.indices(k, 0)} == set(ODD_SHAPES)

@@ -1,6 +1,5 @@
-"""Compress stage end to end on a tiny ClipManifest folder, rerun determinism, and the LatentDatasetReader."""
+"""Compress stage end to end on a tiny ClipManifest folder, rerun determinism, and the LatentReader."""
 import dataclasses
-import hashlib
 import json
 
 import av
@@ -11,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from common.config import CompressConfig, TextEncoderConfig
-from tasks.compress.dataset import LatentDatasetReader
+from common.hashing import sha256_bytes
+from common.latents import LatentReader
 from tasks.compress.encode import read_clip, run_compress, split_clips
 
 CAPTIONS = ["a red square moving right", "a blue ball bouncing", "slow pan over green hills"]
@@ -42,7 +42,7 @@ def manifest(tmp_path_factory):
     (root / "clips").mkdir()
     rows = []
     for i, cap in enumerate(CAPTIONS):
-        cid = hashlib.sha256(f"clip{i}".encode()).hexdigest()[:16]
+        cid = sha256_bytes(f"clip{i}".encode(), n=16)
         write_clip(root / "clips" / f"{cid}.mp4", i)
         rows.append(dict(clip_id=cid, source_uri=f"data/v{i}.mp4", source_hash=f"{i:016x}", status="kept", reason="",
                          start_frame=0, end_frame=17, fps=8.0, src_height=64, src_width=64, height=64, width=64,
@@ -97,7 +97,7 @@ def test_layout_index_and_meta(first):
 
 def test_latents_normalised_on_train_split(first):
     out, meta, _ = first
-    r = LatentDatasetReader(out)
+    r = LatentReader(out)
     z = torch.cat([r.load(c)[0].flatten(1) for c in r.clip_ids("train")], dim=1)
     torch.testing.assert_close(z.mean(1), torch.zeros(24), rtol=0, atol=1e-4)
     torch.testing.assert_close(z.std(1, unbiased=False), torch.ones(24), rtol=0, atol=1e-4)
@@ -116,7 +116,7 @@ def test_rerun_gives_same_content_hash(first, manifest, tmp_path):
 
 def test_reader_round_trip(first, manifest):
     out, meta, _ = first
-    r = LatentDatasetReader(out)
+    r = LatentReader(out)
     assert len(r) == 3 and r.meta["content_hash"] == meta["content_hash"]
     row = r.index.iloc[0]
     latent, text, mask = r.load(row["clip_id"])

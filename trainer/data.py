@@ -1,4 +1,7 @@
-"""Deterministic batches from a LatentDataset folder (format: docs/artifacts.md), read directly.
+"""Deterministic batches from a LatentDataset folder (format: docs/artifacts.md, read with ``common.latents``).
+
+``LatentSplit(root, split, top_fraction)`` is the rows of one split (optionally only the best-scored fraction) and
+stacks them into ``Batch``es; ``StepSampler`` says which rows each step and rank takes.
 
 Batches are a pure function of (seed, step, dp_rank), so a resumed run sees exactly the batches it would have seen.
 With gradient accumulation (``stage.micro_batches`` = M) the trainer builds the sampler for dp*M ranks and gives
@@ -19,7 +22,6 @@ Streaming: each rank reads only the samples of its own micro-batches; shards are
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+
+from common.latents import INDEX, LatentReader
 
 
 @dataclass
@@ -41,61 +45,35 @@ class Batch:
                      self.text_mask_BL.to(device))
 
 
-class LatentDataset:
-    """The rows of one split of a LatentDataset folder, optionally only the best-scored ``top_fraction``."""
+class LatentSplit:
+    """The rows of one split of a LatentDataset folder, optionally only the best-scored ``top_fraction``, sorted by
+    clip id: ``clip_ids``, ``shapes`` (latent [C,T,H,W]), ``scores``, ``load(i)`` and ``batch(indices)`` of row
+    indices. ``reader`` is the folder's ``LatentReader`` (``meta``, ``vae_spatial_downsample``)."""
 
     def __init__(self, root: str | Path, split: str = "train", top_fraction: float = 1.0):
-        import pandas as pd
-
-        self.root = Path(root)
-        index_path = self.root / "index.parquet"
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"latents dir not found: {self.root} (expected a LatentDataset folder written by "
-                                    "the compress stage)")
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path} not found: {self.root} is not a LatentDataset folder")
+        self.reader = LatentReader(root)
+        self.root, self.meta = self.reader.root, self.reader.meta
         if not 0.0 < top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-        df = pd.read_parquet(index_path)
-        need = {"clip_id", "shard", "split", "latent_shape", "score"}
-        if need - set(df.columns):
-            raise ValueError(f"{index_path}: missing columns {sorted(need - set(df.columns))}")
+        df = self.reader.index
         df = df[df["split"] == split]
         if df.empty:
-            raise ValueError(f"{index_path}: the '{split}' split is empty; nothing to train on")
+            raise ValueError(f"{self.root / INDEX}: the '{split}' split is empty; nothing to train on")
         # best first; NaN scores last; clip_id breaks ties so the choice is reproducible
         df = df.assign(_score=df["score"].astype(float).fillna(-math.inf)).sort_values(
             ["_score", "clip_id"], ascending=[False, True], kind="stable")
         keep = max(1, math.ceil(len(df) * top_fraction))
         df = df.iloc[:keep].sort_values("clip_id", kind="stable")
         self.clip_ids: List[str] = df["clip_id"].tolist()
-        self.shards: List[str] = df["shard"].tolist()
-        self.shapes: List[Tuple[int, ...]] = [tuple(int(v) for v in s) for s in df["latent_shape"]]
+        self.shapes: List[Tuple[int, ...]] = [self.reader.latent_shape(c) for c in self.clip_ids]
         self.scores: List[float] = df["score"].astype(float).tolist()
-        self._handles: Dict[str, object] = {}
-        meta = self.root / "meta.json"
-        self.meta = json.loads(meta.read_text()) if meta.is_file() else {}
 
     def __len__(self) -> int:
         return len(self.clip_ids)
 
-    def _shard(self, name: str):
-        from safetensors import safe_open
-
-        if name not in self._handles:
-            path = self.root / name
-            if not path.is_file():
-                raise FileNotFoundError(f"shard {path} listed in index.parquet is missing")
-            self._handles[name] = safe_open(str(path), framework="pt")
-        return self._handles[name]
-
     def load(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latent [C,T,H,W] float32, text [L,D] float32, text_mask [L] bool) of sample i."""
-        f, cid = self._shard(self.shards[i]), self.clip_ids[i]
-        latent = f.get_tensor(f"{cid}/latent").float()
-        if tuple(latent.shape) != self.shapes[i]:
-            raise ValueError(f"{cid}: latent shape {tuple(latent.shape)} != index latent_shape {self.shapes[i]}")
-        return latent, f.get_tensor(f"{cid}/text").float(), f.get_tensor(f"{cid}/text_mask").bool()
+        """(latent [C,T,H,W] float32, text [L,D] float32, text_mask [L] bool) of row i."""
+        return self.reader.load(self.clip_ids[i])
 
     def batch(self, indices: List[int]) -> Batch:
         items = [self.load(i) for i in indices]
@@ -168,3 +146,6 @@ class StepSampler:
         if not 0 <= dp_rank < self.dp:
             raise ValueError(f"dp_rank {dp_rank} out of range for data_parallel={self.dp}")
         return self._step(step)[dp_rank][1]
+
+
+LatentDataset = LatentSplit   # TODO(rename): trainer/train.py still imports the old name

@@ -4,28 +4,24 @@ Decodes kept clips with PyAV to [-1, 1] (spec §1.6: pixels in [-1, 1], latents 
 trains the VAE briefly when no weights are given, encodes every clip (posterior mode), normalises per channel -
 with statistics of the train split (``vae.latent_stats: dataset``) or with the VAE's own shift/scale buffers, i.e. the
 published MUG-V constants (``mugv``) - encodes captions with T5 and writes safetensors shards, index.parquet and
-meta.json.
-Runs without Flyte; the Flyte task wraps ``run_compress``.
+meta.json with ``common.latents.LatentWriter``. Runs without Flyte; the Flyte task wraps ``run_compress``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
 from common.config import CompressConfig
+from common.hashing import sha256_bytes, sha256_file, sha256_json
+from common.latents import VAE_WEIGHTS, LatentWriter
 from models.text_encoder import TextEncoder, state_dict_sha256
 from models.vae import CHUNK, VideoVAE, load_mugv_vae
-from tasks.compress.dataset import (INDEX, META, NULL_TEXT, TEXT_DIR, VAE_CONFIG, VAE_DIR, VAE_WEIGHTS,
-                                    content_hash)
 
 TRAIN_BATCH = 4    # 8-frame chunks per VAE training step
 TRAIN_CROP = 32    # random spatial crop for VAE training (the VAE is fully convolutional)
@@ -52,7 +48,7 @@ def split_clips(clip_ids: List[str], holdout_fraction: float) -> Dict[str, str]:
 
     At least one train clip; with >= 2 clips and holdout_fraction > 0, at least one val clip.
     """
-    u = {c: int(hashlib.sha256(c.encode()).hexdigest()[:15], 16) / 16 ** 15 for c in clip_ids}
+    u = {c: int(sha256_bytes(c.encode(), n=15), 16) / 16 ** 15 for c in clip_ids}
     split = {c: "val" if u[c] < holdout_fraction else "train" for c in clip_ids}
     if clip_ids and "train" not in split.values():
         split[max(clip_ids, key=lambda c: u[c])] = "train"
@@ -61,13 +57,12 @@ def split_clips(clip_ids: List[str], holdout_fraction: float) -> Dict[str, str]:
     return split
 
 
-def manifest_sha256(manifest_dir: str | Path, kept: pd.DataFrame) -> str:
-    """sha256 over manifest.parquet, summary.json (if any) and the kept clip files (path + bytes, sorted)."""
-    root, h = Path(manifest_dir), hashlib.sha256()
+def manifest_hash(manifest_dir: str | Path, kept: pd.DataFrame) -> str:
+    """sha256 of {relative path: sha256} of manifest.parquet, summary.json (if any) and the kept clip files: what
+    compression read of the ClipManifest folder."""
+    root = Path(manifest_dir)
     names = ["manifest.parquet"] + (["summary.json"] if (root / "summary.json").is_file() else [])
-    for name in sorted(names + [str(p) for p in kept["path"]]):
-        h.update(name.encode() + b"\0" + hashlib.sha256((root / name).read_bytes()).digest())
-    return h.hexdigest()
+    return sha256_json({name: sha256_file(root / name) for name in names + [str(p) for p in kept["path"]]})
 
 
 @contextlib.contextmanager
@@ -164,14 +159,12 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path,
     manifest_dir, out_dir = Path(manifest_dir), Path(out_dir)
     if cfg.shard_size < 1:
         raise ValueError(f"compress.shard_size must be >= 1, got {cfg.shard_size}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"compress: output folder {out_dir} is not empty")
     kept = _read_kept(manifest_dir)
+    writer = LatentWriter(out_dir, cfg.shard_size)   # refuses a folder that is not empty
     captions = [c if isinstance(c, str) else "" for c in kept["caption"]]
     progress(f"compress: {len(kept)} kept clips from {manifest_dir}")
     clips = [read_clip(manifest_dir / r.path, int(r.num_frames)) for r in kept.itertuples()]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
     with _deterministic():
         vae = _build_vae(cfg).to(device)
         losses = []
@@ -195,41 +188,24 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path,
         text_BLD, mask_BL = text_enc.encode(captions)
         null_LD, null_mask_L = text_enc.encode([""])
 
-    rows, vae_state = [], _cpu_state(vae)
-    for s in range(0, len(kept), cfg.shard_size):
-        shard = f"shard-{s // cfg.shard_size:05d}.safetensors"
-        tensors = {}
-        for i in range(s, min(s + cfg.shard_size, len(kept))):
-            r = kept.iloc[i]
-            cid = str(r["clip_id"])
-            tensors[f"{cid}/latent"] = norm[i].contiguous()
-            tensors[f"{cid}/text"] = text_BLD[i].contiguous()
-            tensors[f"{cid}/text_mask"] = mask_BL[i].to(torch.uint8).contiguous()
-            rows.append({"clip_id": cid, "shard": shard, "split": split[cid], "latent_shape": list(norm[i].shape),
-                         "text_len": int(mask_BL[i].sum()), "caption": captions[i], "score": float(r["score"]),
-                         "bucket": str(r["bucket"]), "source_hash": str(r["source_hash"])})
-        save_file(tensors, str(out_dir / shard))
-    pd.DataFrame(rows).to_parquet(out_dir / INDEX, index=False)
-    save_file({"text": null_LD[0].contiguous(), "text_mask": null_mask_L[0].to(torch.uint8).contiguous()},
-              str(out_dir / NULL_TEXT))
-    (out_dir / VAE_DIR).mkdir(exist_ok=True)
-    save_file(vae_state, str(out_dir / VAE_DIR / VAE_WEIGHTS))
-    vae_config = dataclasses.asdict(cfg.vae)
-    (out_dir / VAE_DIR / VAE_CONFIG).write_text(json.dumps(vae_config, indent=2, sort_keys=True) + "\n")
+    for i, r in enumerate(kept.itertuples()):
+        writer.add(str(r.clip_id), norm[i], text_BLD[i], mask_BL[i], split=split[str(r.clip_id)], caption=captions[i],
+                   score=float(r.score), bucket=str(r.bucket), source_hash=str(r.source_hash))
+    writer.write_null_text(null_LD[0], null_mask_L[0])
+    vae_state, vae_config = _cpu_state(vae), dataclasses.asdict(cfg.vae)
+    writer.write_vae(vae_state, vae_config)
     ident = text_enc.identity()
     if not cfg.text.pretrained:
-        text_enc.save(out_dir / TEXT_DIR)
-
+        writer.write_text_encoder(text_enc)
     meta = {
         "vae": {"config": vae_config, "weights_sha256": state_dict_sha256(vae_state), "trained_steps": steps,
                 "random_init": not cfg.vae_pretrained and steps == 0, "loss_history": losses},
         "text_encoder": {"config": None if cfg.text.pretrained else ident["config"], "pretrained": cfg.text.pretrained,
                          "weights_sha256": ident["weights_sha256"]},
         "latent_mean": [float(v) for v in mean], "latent_std": [float(v) for v in std],
-        "clip_manifest_hash": manifest_sha256(manifest_dir, kept),
+        "clip_manifest_hash": manifest_hash(manifest_dir, kept),
     }
-    meta["content_hash"] = content_hash(out_dir, meta)
-    (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    progress(f"compress: wrote {len(rows)} clips in {len(range(0, len(kept), cfg.shard_size))} shard(s) to "
+    meta = writer.finish(meta)
+    progress(f"compress: wrote {len(kept)} clips in {len(range(0, len(kept), cfg.shard_size))} shard(s) to "
              f"{out_dir} (content_hash {meta['content_hash'][:16]})")
     return meta

@@ -17,8 +17,7 @@ from tasks.types import ClipManifest, FlyteDirectory, LatentDataset
       cache_ignore_input_vars=("parent_run",), container_image=curation_image, requests=Resources(cpu="2", mem="8Gi"))
 def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: TrackingConfig, parent_run: str) -> LatentDataset:
     """Encode kept clips with the video VAE and captions with the T5 encoder into latent shards."""
-    import pandas as pd
-
+    from common.latents import LatentReader
     from tasks.compress.encode import run_compress
 
     out = artifact_dir(tracking_cfg, "compress", sha256_json([config_hash(cfg), manifest.content_hash], n=16))
@@ -29,8 +28,8 @@ def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: Tracking
         tmp = fresh_dir(out)
         meta = run_compress(cfg, local_path(manifest.folder), tmp, progress=lambda m: print(f"[compress] {m}", flush=True))
         publish(tmp, out)
-        index = pd.read_parquet(out / "index.parquet")
-        n_train, n_val = int((index.split == "train").sum()), int((index.split == "val").sum())
+        reader = LatentReader(out)
+        n_train, n_val = len(reader.clip_ids("train")), len(reader.clip_ids("val"))
         vae_id = meta["vae"]["weights_sha256"][:16]
         text_id = meta["text_encoder"].get("weights_sha256", meta["text_encoder"].get("pretrained", ""))[:16]
         mlflow.log_metrics({"num_train": n_train, "num_val": n_val, "vae_trained_steps": meta["vae"]["trained_steps"]})

@@ -76,18 +76,16 @@ def contact_sheet_png(frames_THWC: np.ndarray, path: Path, n: int = 6) -> None:
 def run_evaluation(cfg: EvalConfig, dit_cfg: DiTConfig, flow: FlowConfig, latents_dir: Path, step_dir: Path,
                    out_dir: Path, progress: Callable[[str], None] = print) -> Dict[str, float]:
     from models import rectified_flow as rf
-    from tasks.compress.dataset import LatentDatasetReader
+    from common.latents import LatentReader
     from tasks.curate.decode import write_clip
 
     torch.manual_seed(cfg.seed)
-    reader = LatentDatasetReader(latents_dir)
+    reader = LatentReader(latents_dir)
     model = load_dit(dit_cfg, step_dir)
     vae = reader.load_vae().eval()
     text_encoder = reader.load_text_encoder()
     null_text, null_mask = reader.null_text()
-    index = reader.index
-    val_ids = list(index[index.split == "val"].clip_id)
-    train_ids = list(index[index.split == "train"].clip_id)
+    val_ids, train_ids = reader.clip_ids("val"), reader.clip_ids("train")
 
     # 1. held-out flow-matching loss
     metrics: Dict[str, float] = {
@@ -100,6 +98,7 @@ def run_evaluation(cfg: EvalConfig, dit_cfg: DiTConfig, flow: FlowConfig, latent
 
     # 2. samples: Euler + CFG with the negative (null) prompt, decoded by the dataset's VAE
     c, _, h, w = reader.load(train_ids[0])[0].shape
+    down = reader.vae_spatial_downsample   # pixels per latent cell
     t_lat = (cfg.num_frames - 1) // 8 + 1
     samples_dir = out_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +109,7 @@ def run_evaluation(cfg: EvalConfig, dit_cfg: DiTConfig, flow: FlowConfig, latent
         noise = torch.randn((1, c, t_lat, h, w), generator=g)
         z = rf.euler_sample(lambda x, t, y, m, **kw: model(x, t, y, m, **kw), noise, texts[i:i + 1], masks[i:i + 1],
                             null_text[None], null_mask[None], steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
-                            height_px=h * 8, width_px=w * 8, generator=g)
+                            height_px=h * down, width_px=w * down, generator=g)
         video = vae.decode(reader.denormalize(z[0])[None], num_frames=cfg.num_frames)[0]   # (C, T, H, W) in [-1, 1]
         frames = to_uint8_THWC(video)
         path = samples_dir / f"sample_{i:02d}.mp4"

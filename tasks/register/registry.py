@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 from common.config import DiTConfig
+from common.latents import META, NULL_TEXT, TEXT_DIR, VAE_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,10 +33,10 @@ def register_checkpoint(name: str, alias: str, dit_cfg: DiTConfig, step_dir: Pat
                                     code_paths=[str(REPO_ROOT / "models")], registered_model_name=name)
     mlflow.log_artifacts(str(step_dir), "checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
-        for sub in ("vae", "text_encoder"):
+        for sub in (VAE_DIR, TEXT_DIR):
             if (latents_dir / sub).is_dir():
                 shutil.copytree(latents_dir / sub, Path(tmp) / sub)
-        for f in ("meta.json", "null_text.safetensors"):
+        for f in (META, NULL_TEXT):
             if (latents_dir / f).is_file():
                 shutil.copy(latents_dir / f, Path(tmp) / f)
         mlflow.log_artifacts(tmp, "codecs")
