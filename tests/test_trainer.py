@@ -16,7 +16,7 @@ from common.config import LaunchConfig, StageConfig
 from models.config import DiTConfig
 from trainer import checkpoint, device
 from trainer.component import train_stage
-from trainer.data import LatentDataset, StepSampler
+from trainer.data import LatentSplit, StepSampler
 from trainer.job import StageJob
 
 from helpers import TINY_DIT, write_latent_dataset
@@ -26,11 +26,11 @@ from helpers import TINY_DIT, write_latent_dataset
 
 def test_dataset_reads_train_split_and_top_fraction(tmp_path):
     root = write_latent_dataset(tmp_path / "lat", n_clips=8, n_val=2)
-    ds = LatentDataset(root)
+    ds = LatentSplit(root)
     assert len(ds) == 6 and "clip0000" not in ds.clip_ids
     latent, text, mask = ds.load(0)
     assert latent.shape == (24, 3, 8, 8) and text.shape == (16, 64) and mask.dtype == torch.bool
-    best = LatentDataset(root, top_fraction=0.5)                      # scores = clip index: best are 5, 6, 7
+    best = LatentSplit(root, top_fraction=0.5)                      # scores = clip index: best are 5, 6, 7
     assert sorted(best.clip_ids) == ["clip0005", "clip0006", "clip0007"]
     b = best.batch([0, 1])
     assert b.latents_BCTHW.shape == (2, 24, 3, 8, 8) and b.text_mask_BL.shape == (2, 16)
@@ -38,10 +38,10 @@ def test_dataset_reads_train_split_and_top_fraction(tmp_path):
 
 def test_dataset_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="latents dir not found"):
-        LatentDataset(tmp_path / "missing")
+        LatentSplit(tmp_path / "missing")
     root = write_latent_dataset(tmp_path / "allval", n_clips=2, n_val=2)
     with pytest.raises(ValueError, match="'train' split is empty"):
-        LatentDataset(root)
+        LatentSplit(root)
 
 
 def _tokens(shape, patch=(1, 2, 2)):
