@@ -65,7 +65,7 @@ def sha256_json(value: object, n: int = 64) -> str:
     return sha256_bytes(blob, n=n)
 
 
-def source_files(*paths: str | Path, exclude: Iterable[str] = ()) -> List[Path]:
+def _source_files(*paths: str | Path, exclude: Iterable[str] = ()) -> List[Path]:
     """The *.py files of ``paths`` (folders are searched recursively, relative paths start at the repo root), sorted
     by path, without those whose repo-relative path is in ``exclude``."""
     skip = set(exclude)
@@ -79,10 +79,10 @@ def source_files(*paths: str | Path, exclude: Iterable[str] = ()) -> List[Path]:
 
 
 def code_version(*paths: str | Path, n: int = 12, exclude: Iterable[str] = ()) -> str:
-    """Version of the code in ``paths`` (see ``source_files``): sha256 over ``<repo-relative path>\\0<bytes>`` of
+    """Version of the code in ``paths`` (see ``_source_files``): sha256 over ``<repo-relative path>\\0<bytes>`` of
     every source file, so editing, adding or renaming one changes it. Task cache versions and the curation store
     keys use it."""
     h = hashlib.sha256()
-    for f in source_files(*paths, exclude=exclude):
+    for f in _source_files(*paths, exclude=exclude):
         h.update(f.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + f.read_bytes())
     return _hex(h, n)
