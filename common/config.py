@@ -19,7 +19,7 @@ from models.config import DiTConfig, VAEConfig
 @dataclass
 class AestheticConfig:
     """LAION-style aesthetic predictor: an MLP head on L2-normalised CLIP image embeddings (spec §1.1)."""
-    pretrained: str = ""        # local dir of a CLIP vision model (cluster: openai/clip-vit-large-patch14); "" = tiny random
+    pretrained: str = ""        # local dir of a CLIP vision model (cluster: openai/clip-vit-large-patch14); "": tiny
     head: str = ""              # LAION MLP head weights (.pth/.safetensors, sac+logos+ava1-l14-linearMSE); "" = random
     min_score: float = 4.5      # spec §1.1: clips scoring < 4.5 are dropped
     num_frames: int = 3         # frames scored per clip (mean)
@@ -38,7 +38,7 @@ class CaptionConfig:
     """Dense paragraph captions from a Qwen2-VL model (spec §1.2), or the <video>.txt sidecars."""
     backend: str = "qwen2_vl"   # "qwen2_vl" | "sidecar"
     prefer_sidecar: bool = True # a <video>.txt caption wins over the model when present
-    pretrained: str = ""        # local dir of a Qwen2-VL model + tokenizer (cluster: the 7B caption model); "" = tiny random
+    pretrained: str = ""        # local dir of a Qwen2-VL model + tokenizer (cluster: the 7B caption model); "": tiny
     prompt: str = ("Describe this video in one dense paragraph: scene and setting, lighting, background, main "
                    "subject and appearance, position and framing, camera, motion, what stays static.")
     num_frames: int = 8         # frames given to the model per clip
@@ -77,7 +77,7 @@ class CurateConfig:
     gradual_min_change: float = 30.0      # fade/dissolve: mean |frame(a) - frame(b)| (0-255 luma) across the window
     gradual_max_residual: float = 0.25    # fade/dissolve: blend-fit residual / change; lower = stricter
     gradual_window: int = 8               # frames spanned by the fade/dissolve test
-    cut_check_threshold: float = 25.0     # a clip whose max frame-to-frame change (0-255 HSV) exceeds this still has a cut
+    cut_check_threshold: float = 25.0     # a clip whose max frame change (0-255 HSV) exceeds this still has a cut
     analysis_width: int = 256             # scene/text analysis on frames downscaled to this width (PySceneDetect-like)
     sharpness_min: float = 200.0          # Laplacian variance bounds, MUG-V report §1.1 (on source frames)
     sharpness_max: float = 2000.0
@@ -97,14 +97,18 @@ class CurateConfig:
     store_uri: str = ""                   # per-input result store; "" = <tracking.root>/artifacts/curate/store
 
     def __post_init__(self) -> None:
-        for k, n in [("clip_frames", self.clip_frames)] + [(f"bucket_frames[{i}]", f) for i, f in enumerate(self.bucket_frames)]:
+        lengths = [("clip_frames", self.clip_frames)]
+        lengths += [(f"bucket_frames[{i}]", f) for i, f in enumerate(self.bucket_frames)]
+        for k, n in lengths:
             if n % 8 != 1:
                 raise ValueError(f"curate.{k} must be 8k+1 (e.g. 17, 33), got {n}")
         for i, hw in enumerate(self.bucket_sizes or [[self.height, self.width]]):
             if len(hw) != 2 or hw[0] % 16 or hw[1] % 16 or min(hw) < 16:
-                raise ValueError(f"curate.bucket_sizes[{i}] must be [H, W], multiples of 16 (VAE x8, DiT patch 2), got {hw}")
+                raise ValueError(f"curate.bucket_sizes[{i}] must be [H, W], multiples of 16 (VAE x8, DiT patch 2), "
+                                 f"got {hw}")
         if self.height % 16 or self.width % 16:
-            raise ValueError(f"curate.height/width must be multiples of 16 (VAE x8, DiT patch 2), got {self.height}x{self.width}")
+            raise ValueError(f"curate.height/width must be multiples of 16 (VAE x8, DiT patch 2), "
+                             f"got {self.height}x{self.width}")
         for lo, hi in (("sharpness_min", "sharpness_max"), ("brightness_min", "brightness_max"),
                        ("motion_min", "motion_max")):
             if getattr(self, lo) > getattr(self, hi):
@@ -269,13 +273,18 @@ class TrainConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"train.stages: stage names must be unique, got {names}")
         for i, s in enumerate(self.stages + [self.post_train]):
-            where = f"train.stages[{i}]" if i < len(self.stages) else "train.post_train"
-            if self.dit.hidden_size % s.tensor_parallel or self.dit.num_heads % s.tensor_parallel:
-                raise ValueError(f"{where}.tensor_parallel ({s.tensor_parallel}) must divide dit.num_heads "
-                                 f"({self.dit.num_heads}) and dit.hidden_size")
-            if self.dit.depth % s.pipeline_parallel:
-                raise ValueError(f"{where}.pipeline_parallel ({s.pipeline_parallel}) must divide dit.depth "
-                                 f"({self.dit.depth}): every stage keeps depth / pipeline_parallel blocks")
+            check_stage_layout(s, self.dit, f"train.stages[{i}]" if i < len(self.stages) else "train.post_train")
+
+
+def check_stage_layout(stage: StageConfig, dit: DiTConfig, where: str) -> None:
+    """The parallel layout against the model, checked once where a stage meets its DiT (the pipeline config and the
+    trainer's job file): TP divides the heads and the width (every TP rank holds whole heads), PP the depth."""
+    if dit.hidden_size % stage.tensor_parallel or dit.num_heads % stage.tensor_parallel:
+        raise ValueError(f"{where}.tensor_parallel ({stage.tensor_parallel}) must divide dit.num_heads "
+                         f"({dit.num_heads}) and dit.hidden_size")
+    if dit.depth % stage.pipeline_parallel:
+        raise ValueError(f"{where}.pipeline_parallel ({stage.pipeline_parallel}) must divide dit.depth "
+                         f"({dit.depth}): every stage keeps depth / pipeline_parallel blocks")
 
 
 @dataclass

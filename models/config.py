@@ -13,12 +13,11 @@ from typing import List
 class DiTConfig:
     in_channels: int = 24          # VAE latent channels (spec §2.3)
     patch_size: List[int] = field(default_factory=lambda: [1, 2, 2])  # (t, h, w); MUG-V has no temporal patching
-    hidden_size: int = 144         # tiny: 144 = 2 heads x 72 (RoPE needs head_dim % 6 == 0, spec §9.3)
+    hidden_size: int = 144         # tiny: 144 = 2 heads x 72 (RoPE needs head_dim % 6 == 0, docs/mugv.md §9.3)
     depth: int = 2
     num_heads: int = 2
     caption_channels: int = 64     # text-encoder width (T5-XXL: 4096)
     mlp_ratio: float = 4.0
-    qk_norm: bool = True
     caption_dropout_prob: float = 0.1   # CFG dropout: caption replaced by a learned null embedding
     max_text_len: int = 32         # length of the null-caption buffer (MUG-V: 300)
 
@@ -26,7 +25,8 @@ class DiTConfig:
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"dit.patch_size must be three positive ints (t, h, w), got {self.patch_size}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"dit.hidden_size ({self.hidden_size}) must be divisible by dit.num_heads ({self.num_heads})")
+            raise ValueError(f"dit.hidden_size ({self.hidden_size}) must be divisible by dit.num_heads "
+                             f"({self.num_heads})")
         if (self.hidden_size // self.num_heads) % 6:
             raise ValueError(
                 f"dit head_dim = hidden_size/num_heads = {self.hidden_size // self.num_heads} must be a multiple of 6 "
@@ -44,7 +44,8 @@ def dit_tiny(**kw) -> DiTConfig:
 
 
 def dit_mugv_10b(**kw) -> DiTConfig:
-    return DiTConfig(**{**dict(hidden_size=3456, depth=56, num_heads=48, caption_channels=4096, max_text_len=300), **kw})
+    return DiTConfig(**{**dict(hidden_size=3456, depth=56, num_heads=48, caption_channels=4096, max_text_len=300),
+                        **kw})
 
 
 @dataclass
@@ -79,7 +80,8 @@ class VAEConfig:
         self.temporal_multipliers = list(self.temporal_multipliers)
         if self.spatial_downsample != 2 ** (len(self.spatial_channels) - 1):
             raise ValueError(
-                f"vae.spatial_channels has {len(self.spatial_channels)} levels, giving x{2 ** (len(self.spatial_channels) - 1)} "
+                f"vae.spatial_channels has {len(self.spatial_channels)} levels, giving "
+                f"x{2 ** (len(self.spatial_channels) - 1)} "
                 f"downsampling, but vae.spatial_downsample is {self.spatial_downsample}")
         if self.temporal_downsample != 8:
             raise ValueError("vae.temporal_downsample must be 8 (MUG-V's 8-frame independent chunks)")
@@ -89,7 +91,8 @@ class VAEConfig:
         widths = self.spatial_channels + [self.temporal_channels * m for m in self.temporal_multipliers]
         bad = sorted({c for c in widths if c % self.norm_groups})
         if bad:
-            raise ValueError(f"vae.norm_groups ({self.norm_groups}) must divide every block width; it does not divide {bad}")
+            raise ValueError(f"vae.norm_groups ({self.norm_groups}) must divide every block width; it does not "
+                             f"divide {bad}")
         if min(self.spatial_layers_per_block, self.temporal_res_blocks, self.decode_window) < 1:
             raise ValueError("vae.spatial_layers_per_block, vae.temporal_res_blocks and vae.decode_window must be >= 1")
         if self.latent_stats not in ("dataset", "mugv"):

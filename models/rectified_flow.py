@@ -1,4 +1,4 @@
-"""Rectified flow as MUG-V trains and samples it (spec §4), as pure functions.
+"""Rectified flow as MUG-V trains and samples it (docs/mugv.md §4), as pure functions.
 
 Convention: t in [0, 1000], t = 1000 is pure noise; x_t = (1 - t/1000) x0 + (t/1000) noise; the model predicts the
 velocity v = x0 - noise, which points toward the data.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 NUM_TIMESTEPS = 1000
-VAE_SPATIAL = 8             # latent -> pixel size factor; the shift is defined on pixel H, W (spec §4.2)
+VAE_SPATIAL = 8             # latent -> pixel size factor; the shift is defined on pixel H, W (docs/mugv.md §4.2)
 SHIFT_BASE = 512 * 512      # a 512x512 single image gets no shift
 
 
@@ -71,18 +71,22 @@ def flow_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
 
 
 def training_step_inputs(x0: torch.Tensor, generator: Optional[torch.Generator], loc: float, scale: float,
-                         use_shift: bool, cond_mask: Optional[torch.Tensor] = None
+                         use_shift: bool, cond_mask: Optional[torch.Tensor] = None, vae_spatial: int = VAE_SPATIAL
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t [B], noise) for one training step on latents x0 [B, C, T, H, W].
+    """(x_t, t [B], noise) for one training step on latents x0 [B, C, T, H, W]: the trainer's inputs.
 
-    t ~ logit-normal(loc, scale), shifted for the clip's pixel size (latent x 8) and latent frame count when
-    use_shift; conditioning frames (cond_mask [B, T] True) stay clean (t0 = 0). The generator must live on x0's device.
+    Draws from ``generator``, in this order: the noise (x0's shape), then t ~ logit-normal(loc, scale), shifted for
+    the clip's pixel size (latent x ``vae_spatial``, the VAE's downsampling factor) and latent frame count when
+    use_shift. Both are drawn on the generator's device and moved to x0's, so a CPU generator gives the same inputs
+    on any device. Conditioning frames (cond_mask [B, T] True) stay clean (t0 = 0).
     """
     b, _, frames, h, w = x0.shape
-    t_B = sample_t(b, generator, loc, scale).to(x0.device)
+    gen_device = generator.device if generator is not None else None
+    noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
+    t_B = sample_t(b, generator, loc, scale)
     if use_shift:
-        t_B = shift_t(t_B, h * VAE_SPATIAL, w * VAE_SPATIAL, frames)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t_B = shift_t(t_B, h * vae_spatial, w * vae_spatial, frames)
+    t_B = t_B.to(x0.device)
     x_t = interpolate(x0, noise, t_B)
     if cond_mask is not None:
         x_t = torch.where(cond_mask.to(x0.device, torch.bool)[:, None, :, None, None], x0, x_t)

@@ -8,14 +8,15 @@ video tokens + 2 = 2 CP chunks of 25) and computes the single-process output and
 padding mask and an I2V conditioning frame. Then:
 - ``tp``: ``trainer.parallel.parallelize`` over the 2-rank TP group; also checks the local weights equal
   ``models.convert.shard_tp(full, 2, rank, layout="ours")`` bitwise; gradients are gathered to full tensors.
-- ``cp``: ``trainer.tokens.apply_context_parallel`` (tokens split in 2 chunks, K/V all-gathered).
+- ``cp``: ``trainer.parallel.context_parallel.apply_context_parallel`` (tokens split in 2 chunks, K/V all-gathered).
 - ``sp``: three TP=2 copies: plain, ``sequence_parallel=True``, and sequence-parallel with activation recomputation;
   each also takes 3 AdamW steps (``sync_gradients``, ``clip_grad_norm_tp``) next to the one-process model, and the
   full weights after them are compared (``weights_max_abs`` vs TP=1, ``sp_vs_tp_weights_max_abs`` vs plain TP=2).
 - ``cp`` and ``sp`` also run an odd token count (latent [24, 3, 6, 10]: 3*3*5 = 45 video tokens + 2 = 47, which
   neither split divides: the model pads to 48, ``MUGDiT.token_multiple``), with and without activation
   recomputation, against one process: ``odd_{cp,cp_ac,sp,sp_ac}_{out_max_abs,grad_max_rel}``.
-Rank 0 writes the differences to OUT.json. ``run_check`` (used by test_convert.py, test_trainer_cp.py and test_trainer_sp.py) launches it.
+Rank 0 writes the differences to OUT.json. ``run_check`` (used by test_convert.py, test_trainer_cp.py and
+test_trainer_sp.py) launches it.
 """
 from __future__ import annotations
 
@@ -47,7 +48,11 @@ def run_check(mode: str, tmp_path: Path, timeout: int) -> dict:
 def main(mode: str, out_path: str) -> None:
     from models.convert import shard_tp
     from models.dit import tiny
-    from trainer import device, parallel, tokens
+    from trainer import device
+    from trainer.parallel import parallelize
+    from trainer.parallel.grads import sync_gradients
+    from trainer.parallel.state_dict import gather_full_state_dict
+    from trainer.parallel.tensor_parallel import tp_layer_specs
 
     layout = device.init_distributed(tp=1, seed=0, cp=2) if mode == "cp" else device.init_distributed(tp=2, seed=0)
     torch.manual_seed(0)
@@ -77,7 +82,7 @@ def main(mode: str, out_path: str) -> None:
 
     result = {"rank": layout.rank, "tp": layout.tp, "cp": layout.cp, "dp": layout.dp}
     if mode == "sp":
-        result.update(_sequence_parallel_check(model, ref, (x, t_B, text, mask, cond), weight, out1, grads1,
+        result.update(_sequence_parallel_check(model, ref, layout, (x, t_B, text, mask, cond), weight, out1, grads1,
                                                (odd, odd_weight, *odd_ref)))
         if layout.rank == 0:
             with open(out_path, "w") as f:
@@ -85,26 +90,27 @@ def main(mode: str, out_path: str) -> None:
         device.destroy()
         return
     if mode == "tp":
-        parallel.parallelize(model, 2)
+        plan = parallelize(model, layout)
         local = model.state_dict()
         expected = shard_tp(full_sd, 2, layout.tp_rank, layout="ours")
         result.update(
-            backend=parallel.tp_layer_specs("local")["column"].metainfo["backend"],
-            layer_types=sorted({type(m).__name__ for m in model.modules() if hasattr(m, "_tp_plan")}),
+            backend=tp_layer_specs("local")["column"].metainfo["backend"],
+            layer_types=sorted({type(model.get_submodule(n)).__name__ for n in plan.tp_linears}),
             state_dict_keys_unchanged=sorted(local) == sorted(full_sd),
             shard_mismatch=sorted(k for k in expected if not torch.equal(local[k], expected[k])))
     else:
-        cp_ac = parallel.apply_activation_checkpointing(tokens.apply_context_parallel(copy.deepcopy(model)))
-        tokens.apply_context_parallel(model)
-        for name, m in (("cp", model), ("cp_ac", cp_ac)):
-            result.update(_odd_diffs(name, m, odd, odd_weight, *odd_ref, sharded=False))
+        cp_ac = copy.deepcopy(model)
+        cp_ac_plan = parallelize(cp_ac, layout, recompute=True)
+        plan = parallelize(model, layout)
+        for name, m, pl in (("cp", model, plan), ("cp_ac", cp_ac, cp_ac_plan)):
+            result.update(_odd_diffs(name, m, pl, odd, odd_weight, *odd_ref, sharded=False))
         result["odd_token_multiple"] = model.token_multiple
     out2 = model(x, t_B, text, mask, cond_mask_BT=cond)
     (out2 * weight).sum().backward()
-    parallel.sync_gradients(list(model.parameters()))
+    sync_gradients(plan, model)
     grads2 = {n: p.grad for n, p in model.named_parameters()}
     if mode == "tp":
-        grads2 = parallel.gather_full_state_dict(model, grads2)
+        grads2 = gather_full_state_dict(plan, model, grads2)
     result.update(
         out_max_abs=(out2 - out1).abs().max().item(),
         out_scale=out1.abs().max().item(),
@@ -124,17 +130,18 @@ def _out_and_grads(m, inputs, weight):
     return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
-def _odd_diffs(name, m, inputs, weight, out1, grads1, sharded) -> dict:
+def _odd_diffs(name, m, plan, inputs, weight, out1, grads1, sharded) -> dict:
     """One forward/backward of the parallel ``m`` on ``inputs`` vs the one-process output and gradients."""
-    from trainer import parallel
+    from trainer.parallel.grads import sync_gradients
+    from trainer.parallel.state_dict import gather_full_state_dict
 
     m.zero_grad(set_to_none=True)
     out = m(*inputs[:4], cond_mask_BT=inputs[4])
     (out * weight).sum().backward()
-    parallel.sync_gradients(list(m.parameters()))
+    sync_gradients(plan, m)
     grads = {n: p.grad for n, p in m.named_parameters()}
     if sharded:
-        grads = parallel.gather_full_state_dict(m, grads)
+        grads = gather_full_state_dict(plan, m, grads)
     m.zero_grad(set_to_none=True)
     return {f"odd_{name}_out_max_abs": (out.detach() - out1).abs().max().item(),
             f"odd_{name}_grad_max_rel": max(((grads[n] - grads1[n]).norm() / grads1[n].norm().clamp_min(1e-12)).item()
@@ -142,42 +149,46 @@ def _odd_diffs(name, m, inputs, weight, out1, grads1, sharded) -> dict:
             f"odd_{name}_grads_nonzero": all(grads1[n].abs().sum().item() > 0 for n in grads1)}
 
 
-def _sequence_parallel_check(model, ref, inputs, weight, out1, grads1, odd, steps: int = 3) -> dict:
+def _sequence_parallel_check(model, ref, layout, inputs, weight, out1, grads1, odd, steps: int = 3) -> dict:
     """TP=2 plain / + SP / + SP and recomputation vs the one-process ``ref`` (``model`` is the unsharded copy):
     output and gradients of one backward, then ``steps`` AdamW steps each; max differences. ``odd``: (inputs,
     weight, one-process output, gradients) with a token count TP does not divide, run through the SP models."""
-    from trainer import parallel
+    from trainer.parallel import ParallelPlan, parallelize
+    from trainer.parallel.grads import clip_grad_norm, sync_gradients
+    from trainer.parallel.state_dict import gather_full_state_dict
 
-    def step_all(m, sharded):
+    def step_all(m, plan, sharded):
         # eps 1e-6, not 1e-8: at the first step some cross-attention gradients are ~1e-9 (rounding noise), which
         # Adam would turn into ~lr/10 updates differing by 3.5e-5 between any two reduction orders (plain TP too)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-6, weight_decay=0.0)
         outs = []
-        for i in range(steps):
+        for _ in range(steps):
             out = m(*inputs[:4], cond_mask_BT=inputs[4])
             opt.zero_grad(set_to_none=True)
             (out * weight).sum().backward()
-            params = list(m.parameters())
-            parallel.sync_gradients(params)
-            parallel.clip_grad_norm_tp(params, 1.0)
+            sync_gradients(plan, m)
+            clip_grad_norm(plan, m, 1.0)
             opt.step()
             outs.append(out.detach())
-        return outs, (parallel.gather_full_state_dict(m) if sharded else {k: v.detach() for k, v in
-                                                                           m.state_dict().items()})
+        return outs, (gather_full_state_dict(plan, m) if sharded else {k: v.detach() for k, v in
+                                                                        m.state_dict().items()})
 
-    models = {"tp": parallel.parallelize(copy.deepcopy(model), 2),
-              "sp": parallel.parallelize(copy.deepcopy(model), 2, sequence_parallel=True),
-              "sp_ac": parallel.apply_activation_checkpointing(
-                  parallel.parallelize(copy.deepcopy(model), 2, sequence_parallel=True))}
-    res = {"sp_partial": sorted(n for n, p in models["sp"].named_parameters() if getattr(p, "_sp_partial", False)),
-           "sp_layers": sorted(n for n, m in models["sp"].named_modules() if getattr(m, "_seq_parallel", False))}
+    def build(sp: bool, recompute: bool):
+        m = copy.deepcopy(model)
+        return m, parallelize(m, layout, sequence_parallel=sp, recompute=recompute)
+
+    models = {"tp": build(False, False), "sp": build(True, False), "sp_ac": build(True, True)}
+    sp_model, sp_plan = models["sp"]
+    res = {"sp_partial": sorted(n for n, _ in sp_model.named_parameters()
+                                if sp_plan.role(n).tp_partial == "sequence"),
+           "sp_layers": sorted(n for n, lin in sp_plan.tp_linears.items() if lin.sequence_parallel)}
     outs, grads = {}, {}
-    for name, m in models.items():
+    for name, (m, plan) in models.items():
         out = m(*inputs[:4], cond_mask_BT=inputs[4])
         (out * weight).sum().backward()
-        parallel.sync_gradients(list(m.parameters()))
+        sync_gradients(plan, m)
         outs[name] = out.detach()
-        grads[name] = parallel.gather_full_state_dict(m, {n: p.grad for n, p in m.named_parameters()})
+        grads[name] = gather_full_state_dict(plan, m, {n: p.grad for n, p in m.named_parameters()})
         m.zero_grad(set_to_none=True)
         res[f"{name}_out_max_abs"] = (outs[name] - out1).abs().max().item()
         res[f"{name}_grad_max_abs"] = max((grads[name][n] - grads1[n]).abs().max().item() for n in grads1)
@@ -185,12 +196,12 @@ def _sequence_parallel_check(model, ref, inputs, weight, out1, grads1, odd, step
                                            grads1[n].norm().clamp_min(1e-12)).item() for n in grads1)
     res["sp_vs_tp_grad_max_abs"] = max((grads["sp"][n] - grads["tp"][n]).abs().max().item() for n in grads1)
     for name in ("sp", "sp_ac"):                       # before the AdamW steps: the weights are still ``model``'s
-        res.update(_odd_diffs(name, models[name], *odd, sharded=True))
-    res["odd_token_multiple"] = models["sp"].token_multiple
+        res.update(_odd_diffs(name, *models[name], *odd, sharded=True))
+    res["odd_token_multiple"] = sp_model.token_multiple
     res["out_scale"] = out1.abs().max().item()
     res["grads_nonzero"] = all(grads1[n].abs().sum().item() > 0 for n in grads1)
-    ref_outs, ref_w = step_all(ref, False)
-    trained = {name: step_all(m, True) for name, m in models.items()}
+    ref_outs, ref_w = step_all(ref, ParallelPlan(layout), False)
+    trained = {name: step_all(m, plan, True) for name, (m, plan) in models.items()}
     for name, (o, w) in trained.items():
         res[f"{name}_steps_out_max_abs"] = max((a - b).abs().max().item() for a, b in zip(o, ref_outs))
         res[f"{name}_weights_max_abs"] = max((w[k] - ref_w[k]).abs().max().item() for k in ref_w)

@@ -16,8 +16,15 @@ import torch
 
 from models import convert
 from models.config import dit_tiny
-from models.convert import (ConversionError, export_mugv_dit, from_megatron, import_mugv_dit, merge_tp, shard_tp,
-                            to_megatron)
+from models.convert import (
+    ConversionError,
+    export_mugv_dit,
+    from_megatron,
+    import_mugv_dit,
+    merge_tp,
+    shard_tp,
+    to_megatron,
+)
 from models.dit import tiny
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mugv_dit_tiny_keys.json"
@@ -247,9 +254,9 @@ def test_trainer_tp_plan_is_the_converter_rule():
     """The trainer shards exactly the linears the converter's rules name, with the same kind and fused parts
     (parallel_output_check.py tp then checks the live shards bitwise against shard_tp)."""
     from models.dit import tiny
-    from trainer import parallel
+    from trainer.parallel.tensor_parallel import _plan_for
 
-    plan = {n: parallel._plan_for(n) for n, m in tiny().named_modules() if isinstance(m, torch.nn.Linear)}
+    plan = {n: _plan_for(n) for n, m in tiny().named_modules() if isinstance(m, torch.nn.Linear)}
     sharded = {n.split(".", 2)[2]: p for n, p in plan.items() if p and n.startswith("blocks.0.")}
     assert sharded == {"attn.qkv": ("column", 3), "attn.proj": ("row", 1), "cross_attn.q_linear": ("column", 1),
                        "cross_attn.kv_linear": ("column", 2), "cross_attn.proj": ("row", 1),
@@ -259,9 +266,9 @@ def test_trainer_tp_plan_is_the_converter_rule():
 
 @pytest.mark.timeout(180)
 def test_tp2_output_and_gradients_equal_tp1(tmp_path):
-    """torchrun, 2 gloo CPU processes (tests/parallel_output_check.py tp): fp32, only the reduction order differs, so the
-    output must match TP=1 to 1e-5 absolute (|out| <= ~3; measured 9.5e-7) and the gradients to 1e-5 relative (L2 per
-    tensor; measured 5.7e-7); each rank's megatron-layer weights equal shard_tp(layout="ours") bitwise."""
+    """torchrun, 2 gloo CPU processes (tests/parallel_output_check.py tp): fp32, only the reduction order differs, so
+    the output must match TP=1 to 1e-5 absolute (|out| <= ~3; measured 9.5e-7) and the gradients to 1e-5 relative
+    (L2 per tensor; measured 5.7e-7); each rank's megatron-layer weights equal shard_tp(layout="ours") bitwise."""
     from parallel_output_check import run_check
 
     res = run_check("tp", tmp_path, timeout=170)
@@ -275,7 +282,7 @@ def test_tp2_output_and_gradients_equal_tp1(tmp_path):
 def test_tp_layer_specs_one_place():
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    from trainer.parallel import tp_layer_specs
+    from trainer.parallel.tensor_parallel import tp_layer_specs
 
     for backend in ("local", "te"):                  # no TE / CUDA here: "te" falls back to the local layers
         specs = tp_layer_specs(backend)

@@ -9,7 +9,16 @@ import torch.nn as nn
 from models.attention import attention
 from models.config import DiTConfig, dit_mugv_10b, dit_tiny
 from models.dit import (
-    CrossAttention, MLP, SelfAttention, apply_rope, count_params, mugv_10b, rope_angles, rope_positions, tiny)
+    MLP,
+    CrossAttention,
+    SelfAttention,
+    apply_rope,
+    count_params,
+    mugv_10b,
+    rope_angles,
+    rope_positions,
+    tiny,
+)
 from models.rectified_flow import euler_sample, flow_loss, training_step_inputs
 
 B, C, T, H, W, S, D = 2, 24, 3, 8, 8, 16, 64
@@ -17,7 +26,8 @@ B, C, T, H, W, S, D = 2, 24, 3, 8, 8, 16, 64
 
 def expected_params(cfg: DiTConfig) -> int:
     """Hand formula of spec §3.2, written out per module."""
-    h, hd, f, dc, c = cfg.hidden_size, cfg.head_dim, int(cfg.hidden_size * cfg.mlp_ratio), cfg.caption_channels, cfg.in_channels
+    h, hd, f = cfg.hidden_size, cfg.head_dim, int(cfg.hidden_size * cfg.mlp_ratio)
+    dc, c = cfg.caption_channels, cfg.in_channels
     p = math.prod(cfg.patch_size)
     block = ((3 * h * h + 3 * h) + (h * h + h) + 2 * hd            # self-attn qkv, proj, q/k RMSNorm
              + 2 * h + (h * h + h) + (2 * h * h + 2 * h) + 2 * hd + (h * h + h)   # cross LN(affine), q, kv, norms, proj
@@ -246,7 +256,7 @@ def test_token_padding_is_exact_and_pads_get_no_gradient():
         padded.token_multiple = multiple
         seen = {}
 
-        def keep_block_input(mod, args):
+        def keep_block_input(mod, args, seen=seen):   # called in this iteration
             args[0].retain_grad()
             seen["x"] = args[0]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 FORBIDDEN_IN_MODELS = {"flytekit", "mlflow", "torchx"}
@@ -44,3 +45,60 @@ def test_required_layout(repo_root):
         assert (repo_root / d).is_dir(), d
     for f in ("pyproject.toml", "README.md", "Makefile", ".ci/run", "configs/tiny.yaml"):
         assert (repo_root / f).is_file(), f
+
+
+def _module_name(repo: Path, path: Path) -> str:
+    rel = path.relative_to(repo).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _repo_modules(repo: Path) -> dict:
+    dirs = ("workflows", "tasks", "trainer", "common", "models", "containers")
+    return {_module_name(repo, f): f for d in dirs for f in sorted((repo / d).rglob("*.py"))}
+
+
+def _edges(repo: Path, modules: dict) -> dict:
+    """module -> the repository modules it imports anywhere in the file (function-local imports too)."""
+    edges = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        edges[name] = {t for t in targets if t in modules and t != name}
+    return edges
+
+
+def test_import_graph_has_no_cycle(repo_root):
+    """No module of the repository reaches itself through imports (module level or inside functions)."""
+    edges = _edges(repo_root, _repo_modules(repo_root))
+    state: dict = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(edges[m]):
+            if state.get(n) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+            if n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_only_the_device_module_reads_megatron_parallel_state(repo_root):
+    """Process groups come from trainer/device.py (the Layout) and roles from the ParallelPlan: nothing else reads
+    megatron's parallel_state or tags on parameters."""
+    role_tags = ("_tp_sharded", "_tp_partial", "_sp_partial", "_pp_replicated", "_cp_partial")
+    for path in _repo_modules(repo_root).values():
+        text = path.read_text()
+        rel = path.relative_to(repo_root).as_posix()
+        if rel != "trainer/device.py":
+            assert not re.search(r"parallel_state\.|import parallel_state|parallel_state import", text), \
+                f"{rel} reads megatron's parallel_state"
+        assert not any(tag in text for tag in role_tags), f"{rel} uses a parameter-role tag"

@@ -13,13 +13,12 @@ import pytest
 import torch
 
 from common.config import LaunchConfig, StageConfig
+from helpers import TINY_DIT, write_latent_dataset
 from models.config import DiTConfig
 from trainer import checkpoint, device
-from trainer.component import train_stage
+from trainer.component import stage_app
 from trainer.data import LatentSplit, StepSampler
 from trainer.job import StageJob
-
-from helpers import TINY_DIT, write_latent_dataset
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -95,7 +94,7 @@ def test_sampler_balances_tokens_across_dp_ranks(seed):
 
 
 def test_lr_schedule():
-    from trainer.train import lr_at
+    from trainer.optim import lr_at
 
     assert [lr_at(s, 1.0, 2) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]          # warmup, then constant
     cos = [lr_at(s, 1.0, 2, "cosine", 0.1, 12) for s in range(12)]
@@ -111,7 +110,7 @@ def test_lr_schedule():
 
 def test_activation_checkpointing_is_exact():
     from models.dit import MUGDiT
-    from trainer.parallel import apply_activation_checkpointing
+    from trainer.parallel.recompute import apply_activation_checkpointing
 
     torch.manual_seed(0)
     cfg = DiTConfig(**TINY_DIT, caption_dropout_prob=0.0)
@@ -213,14 +212,14 @@ def test_job_json_round_trip_and_strictness(tmp_path):
 
 
 def test_component_builds_torchrun_role():
-    app = train_stage("runs/s/job.json", nnodes=1, nproc_per_node=2, python="/venv/bin/python", rdzv_port=29512)
+    app = stage_app("runs/s/job.json", nnodes=1, nproc_per_node=2, python="/venv/bin/python", rdzv_port=29512)
     (role,) = app.roles
     cmd = role.args[1]
     assert role.entrypoint == "bash" and role.num_replicas == 1
     assert cmd.startswith("/venv/bin/python -m torch.distributed.run --nnodes 1 --nproc_per_node 2")
     assert "--rdzv_endpoint localhost:29512" in cmd and cmd.endswith("-m trainer.train --job runs/s/job.json")
     assert role.env["OMP_NUM_THREADS"] == "1" and role.env["PYTHONUNBUFFERED"] == "1"
-    multi = train_stage("j.json", nnodes=3, nproc_per_node=8, gpu=8, cpu=32).roles[0]
+    multi = stage_app("j.json", nnodes=3, nproc_per_node=8, gpu=8, cpu=32).roles[0]
     assert "${${rank0_env}:=localhost}:29500" in multi.args[1].replace("$$", "$") and multi.num_replicas == 3
     assert multi.resource.gpu == 8 and multi.env["OMP_NUM_THREADS"] == "4"
 
@@ -239,7 +238,7 @@ def test_component_builds_torchrun_role():
 def test_component_validation_names_the_fix(kwargs, message):
     args = dict(job_path="job.json", **kwargs) if "job_path" not in kwargs else kwargs
     with pytest.raises(ValueError, match=message):
-        train_stage(**args)
+        stage_app(**args)
 
 
 def test_kubernetes_dryrun_is_a_volcano_job():
@@ -283,7 +282,7 @@ def test_local_launch_keeps_the_callers_pythonpath(tmp_path, monkeypatch):
 @pytest.mark.parametrize("case, message", [
     ("missing", "latents dir not found"),
     ("empty", "'train' split is empty"),
-    ("tp", r"tensor_parallel=4 must divide dit.num_heads=2"),
+    ("tp", r"tensor_parallel \(4\) must divide dit.num_heads \(2\)"),
     ("init", "init_checkpoint not found"),
 ])
 def test_trainer_rejects_bad_input_before_starting(tmp_path, capsys, case, message):
@@ -291,9 +290,13 @@ def test_trainer_rejects_bad_input_before_starting(tmp_path, capsys, case, messa
 
     latents = tmp_path / "missing" if case == "missing" else \
         write_latent_dataset(tmp_path / "lat", n_clips=2, n_val=2 if case == "empty" else 0)
-    stage = StageConfig(name="s", tensor_parallel=4 if case == "tp" else 1, data_parallel=1)
+    stage = StageConfig(name="s", data_parallel=1)
     job = StageJob(stage=stage, dit=DiTConfig(**TINY_DIT), latents_dir=str(latents), output_dir=str(tmp_path / "o"),
                    init_checkpoint=str(tmp_path / "nope") if case == "init" else "")
-    assert main(["--job", str(job.write(tmp_path / "job.json"))]) == 2
+    data = json.loads(job.to_json())
+    if case == "tp":   # a job file written by hand: the layout is checked when it is read
+        data["stage"]["tensor_parallel"] = 4
+    (tmp_path / "job.json").write_text(json.dumps(data))
+    assert main(["--job", str(tmp_path / "job.json")]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "o").exists()

@@ -32,8 +32,9 @@ import pytest
 import torch
 
 from common.config import PipelineConfig, StageConfig, from_dict
+from helpers import LAUNCH, ODD_SHAPES, TINY_DIT, TOL, write_latent_dataset
+from helpers import load_weights as _weights
 from models.config import DiTConfig
-from helpers import LAUNCH, ODD_SHAPES, TINY_DIT, TOL, load_weights as _weights, write_latent_dataset
 from trainer import checkpoint
 from trainer.job import StageJob
 from trainer.launch import run_stage
@@ -200,24 +201,31 @@ def test_pipeline_config_errors():
 
 def test_apply_pipeline_parallel_keeps_the_stage_part():
     from models.dit import MUGDiT
-    from trainer import parallel
+    from trainer.device import Layout
+    from trainer.parallel import parallelize
+    from trainer.parallel.pipeline import PP_REPLICATED
+    from trainer.parallel.state_dict import shard_full_state_dict
 
     full = MUGDiT(DiTConfig(**{**TINY_DIT, "depth": 4})).state_dict()
     parts = []
     for rank in range(2):
-        m = parallel.apply_pipeline_parallel(MUGDiT(DiTConfig(**{**TINY_DIT, "depth": 4})), 2, rank)
-        assert m.pp_range == (2 * rank, 2 * rank + 2)
+        m = MUGDiT(DiTConfig(**{**TINY_DIT, "depth": 4}))
+        layout = Layout(rank=rank, world_size=2, local_rank=rank, tp=1, tp_rank=0, dp=1, dp_rank=0, pp=2,
+                        pp_rank=rank)
+        plan = parallelize(m, layout)
+        assert plan.block_range == (2 * rank, 2 * rank + 2)
         keys = set(m.state_dict())
         parts.append(keys)
         own = {"0", "1"} if rank == 0 else {"2", "3"}
         assert all(k.split(".")[1] in own for k in keys if k.startswith("blocks."))
         assert any(k.startswith("x_embedder.") for k in keys) is (rank == 0)
         assert any(k.startswith("final_layer.") for k in keys) is (rank == 1)
-        assert all(getattr(p, "_pp_replicated", False) is n.startswith(parallel.PP_REPLICATED)
-                   for n, p in m.named_parameters())
+        assert all(plan.role(n).pp_replicated is n.startswith(PP_REPLICATED) for n, p in m.named_parameters())
+        assert all(p.shared is (rank > 0) for n, p in m.named_parameters() if n.startswith(PP_REPLICATED))
         # a full state dict loads into the stage (the other stages' keys are dropped)
-        sd = parallel.shard_full_state_dict(m, full)
+        sd = shard_full_state_dict(plan, m, full)
         assert set(sd) == keys
     assert parts[0] | parts[1] == set(full)
-    with pytest.raises(ValueError, match=r"pipeline_parallel=3 must divide dit.depth \(4\)"):
-        parallel.apply_pipeline_parallel(MUGDiT(DiTConfig(**{**TINY_DIT, "depth": 4})), 3, 0)
+    with pytest.raises(ValueError, match=r"pipeline_parallel \(3\) must divide dit.depth \(4\)"):
+        StageJob(stage=StageConfig(name="pp3", pipeline_parallel=3), dit=DiTConfig(**{**TINY_DIT, "depth": 4}),
+                 latents_dir="l", output_dir="o")

@@ -1,40 +1,15 @@
-"""The Checkpoint folder (docs/artifacts.md): atomic, checksummed, resumable.
+"""The Checkpoint folder: atomic, checksummed, resumable (docs/checkpoints.md has the whole story).
 
-``save`` is collective (every rank calls it; the output dir must be on a filesystem all nodes share): rank 0 makes
-``.tmp-step_XXXXXXXX/``; every rank writes ``optim/rank{r:05d}.pt`` (optimizer state, RNG state and the step, which
-is also the data position: batches are a pure function of seed and step); rank 0 writes the full
-``model.safetensors`` / ``ema.safetensors`` and ``meta.json`` with the sha256 of every file, renames the folder to
-``step_XXXXXXXX``, rewrites ``latest`` (atomically) and deletes all but the newest ``keep_checkpoints`` step
-folders. A crash at any point leaves the previous ``latest`` intact.
+    checkpoint.save(out, step, rank=r, model_sd=full, ema_sd=full_ema, rank_state={...}, meta={...}, keep=2)
+    last = checkpoint.latest(out)                     # step folder named by ``latest``, or None
+    state = checkpoint.load_rank_state(last, layout)  # this rank's optimizer/RNG/step file, or CheckpointError
 
-``verify`` re-hashes a step folder and raises ``CheckpointError`` naming the file on a mismatch. Weights-only init
-(``load_weights``) works with any layout because the weights are stored unsharded. Resume (``load_rank_state``) reads
-the optimizer/RNG file of the matching rank; ``meta.json`` records the layout that wrote it (tensor_parallel,
-context_parallel, pipeline_parallel, data_parallel, micro_batches) and ``resume_source_rank`` decides whether
-another layout can resume:
-
-- same (tp, cp, dp): exact resume, every rank reads its own file;
-- only context_parallel changed (no distributed optimizer): the AdamW state of a TP rank is the same on all its CP
-  (and DP) replicas, so rank (tp_rank, cp_rank, dp_rank) reads the file of (tp_rank, 0, dp_rank); same batches;
-- tensor_parallel changed: only for ``checkpoint_format: dist`` checkpoints whose Adam moments are in ``dist/``
-  (meta ``optimizer_in_dist``, written by this trainer without the distributed optimizer): they are resharded like
-  the weights, and the per-rank file only contributes the RNG state, the Adam step count and the param groups;
-- pipeline_parallel or micro_batches changed: always refused (a per-rank file holds one stage's blocks; the
-  micro-batches per step set the global batch);
-- anything else (data_parallel changed: it sets the global batch and which clips each step reads; the distributed
-  optimizer's ``dp_reshardable`` state; TP changed in the "full" format, whose per-rank files hold TP shards) raises
-  ``CheckpointError`` naming the saved and the requested layout.
-
-Stage ``checkpoint_format: dist`` adds ``dist/``: a megatron ``dist_checkpointing`` checkpoint (torch_dist: every
-rank writes its own shards, ``.metadata`` + ``common.pt`` + ``metadata.json``) written collectively into the temporary
-folder by ``save(dist_state=...)``, so it is renamed, checksummed (every file of ``dist/`` is in meta.json) and pruned
-with the rest. ``load_dist`` verifies those checksums and loads into the caller's sharded state dict, whatever TP
-or CP size wrote it (``trainer.parallel.dist_sharded_state_dict``). The full ``model.safetensors``/``ema.safetensors``
-are written by rank 0 at every checkpoint (stage ``full_weights: every``) or, with ``full_weights: final``, only at
-the stage's last step (meta ``full_weights``: whether this folder has them): gathering 10B fp32 weights (~43 GB) on
-one rank at every checkpoint is wasted work, and ``python -m trainer.export`` reads ``dist/`` offline instead.
-Export, evaluation, registration and the next stage's ``init_checkpoint`` read the stage's last step folder, which
-always has them.
+``save`` is collective: every rank writes ``optim/rankNNNNN.pt``, rank 0 the full ``model``/``ema.safetensors`` and
+``meta.json`` with the sha256 of every file, into ``.tmp-step_XXXXXXXX/`` renamed when complete; ``latest`` is
+rewritten atomically and all but the newest ``keep`` step folders are deleted. ``dist_state`` adds a megatron
+``dist_checkpointing`` folder ``dist/`` (reshardable between layouts). ``verify`` re-hashes a folder and names a
+corrupt file; ``resume_source_rank`` says which per-rank file a (possibly different) layout resumes from, or why it
+cannot.
 """
 from __future__ import annotations
 
@@ -194,7 +169,8 @@ LAYOUT_KEYS = ("tensor_parallel", "context_parallel", "data_parallel")
 
 
 def saved_layout(meta: Dict[str, Any]) -> Tuple[int, int, int]:
-    """(tensor_parallel, context_parallel, data_parallel) of a checkpoint (context_parallel 1 before it was recorded)."""
+    """(tensor_parallel, context_parallel, data_parallel) of a checkpoint (context_parallel 1 before it was
+    recorded)."""
     return int(meta.get("tensor_parallel", 1)), int(meta.get("context_parallel", 1)), int(meta.get("data_parallel", 1))
 
 

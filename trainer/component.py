@@ -1,8 +1,8 @@
 """TorchX component for one training stage: ``nnodes`` replicas of torchrun, each starting ``nproc_per_node``
 ``trainer.train`` workers on the same job file.
 
-    from trainer.component import train_stage
-    app = train_stage("runs/stage1/job.json", nnodes=1, nproc_per_node=2)        # a specs.AppDef
+    from trainer.component import stage_app
+    app = stage_app("runs/stage1/job.json", nnodes=1, nproc_per_node=2)        # a specs.AppDef
 
 Rendezvous: c10d on ``<rank-0 host>:rdzv_port``. With one node the host is ``localhost``; with several it is the
 shell expansion of TorchX's ``rank0_env`` macro (the scheduler fills in the name of the variable that holds replica
@@ -24,10 +24,10 @@ from torchx import specs
 ROLE = "train"
 
 
-def train_stage(job_path: str, nnodes: int = 1, nproc_per_node: int = 2,
-                image: str = "ghcr.io/video-gen/trainer:latest", python: str = "python", rdzv_port: int = 29500,
-                cpu: int = 2, gpu: int = 0, memMB: int = 8192, env: Optional[Dict[str, str]] = None,
-                max_restarts: int = 0, name: str = "train-stage") -> specs.AppDef:
+def stage_app(job_path: str, nnodes: int = 1, nproc_per_node: int = 2,
+              image: str = "ghcr.io/video-gen/trainer:latest", python: str = "python", rdzv_port: int = 29500,
+              cpu: int = 2, gpu: int = 0, memMB: int = 8192, env: Optional[Dict[str, str]] = None,
+              max_restarts: int = 0, name: str = "train-stage") -> specs.AppDef:
     """One role, ``nnodes`` replicas: ``python -m torch.distributed.run ... -m trainer.train --job <job_path>``.
 
     Args:

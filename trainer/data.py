@@ -146,6 +146,3 @@ class StepSampler:
         if not 0 <= dp_rank < self.dp:
             raise ValueError(f"dp_rank {dp_rank} out of range for data_parallel={self.dp}")
         return self._step(step)[dp_rank][1]
-
-
-LatentDataset = LatentSplit   # TODO(rename): trainer/train.py still imports the old name

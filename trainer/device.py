@@ -1,8 +1,8 @@
 """The one place that decides device, dtype, distributed backend and process groups for training.
 
 ``resolve_runtime(heavy_shim=False)`` picks CUDA + NCCL + bf16 autocast when a GPU is present, else CPU + gloo +
-fp32, and on CPU installs the small megatron-core shim (docs: /work/shared/notes/feasibility.md, check 4 and
-Appendix A) that megatron's tensor-parallel layers and RNG tracker need there. With ``heavy_shim=True`` (the stage
+fp32, and on CPU installs the small megatron-core shim (docs/parallelism.md, "Megatron-Core on CPU") that megatron's
+tensor-parallel layers and RNG tracker need there. With ``heavy_shim=True`` (the stage
 uses ``checkpoint_format: dist`` or ``distributed_optimizer``) it also installs the heavy shim that megatron's
 DistributedOptimizer and dist_checkpointing need on CPU: ``torch.cuda.synchronize``/``Stream``/``Event`` become
 no-ops and a ``TorchFunctionMode`` answers every ``device="cuda"``/``.cuda()`` with the CPU and makes
@@ -14,13 +14,17 @@ Pipeline parallelism (megatron's 1F1B schedule and p2p ops) needs the heavy shim
 
 ``init_distributed(tp, seed, cp=, pp=)`` joins the process group torchrun describes in the environment (RANK,
 WORLD_SIZE, MASTER_ADDR, ...) or, when started as a plain ``python`` process, a one-process group; then builds
-megatron's tensor/context/data/pipeline-parallel groups and seeds its RNG tracker. ``destroy()`` undoes both.
+megatron's tensor/context/data/pipeline-parallel groups, seeds its RNG tracker and returns the ``Layout``: this
+process's coordinates and its ``ProcessGroups``. This module and nothing else reads megatron's ``parallel_state``:
+everything downstream takes the layout (or the ``trainer.parallel.ParallelPlan`` built from it). ``destroy()`` undoes
+both.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,8 +45,18 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class ProcessGroups:
+    """The process groups of one rank (megatron's, built by ``init_distributed``); None on a layout built by hand."""
+    tp: Any = None            # tensor parallel (and sequence parallel)
+    cp: Any = None            # context parallel
+    pp: Any = None            # pipeline parallel
+    dp: Any = None            # data parallel (without CP)
+    dp_cp: Any = None         # data x context parallel: where gradients are reduced
+
+
+@dataclass(frozen=True)
 class Layout:
-    """Where this process sits: global rank, and its coordinates in the (data, tensor) parallel grid."""
+    """Where this process sits: global rank, and its coordinates in the (tensor, context, data, pipeline) grid."""
     rank: int
     world_size: int
     local_rank: int
@@ -54,6 +68,13 @@ class Layout:
     cp_rank: int = 0
     pp: int = 1               # pipeline parallel: PP stage pp_rank holds blocks [pp_rank*D/pp, (pp_rank+1)*D/pp)
     pp_rank: int = 0
+    dp_cp_rank: int = 0       # rank in the data x context parallel group (megatron's replica id of a shard)
+    groups: ProcessGroups = ProcessGroups()
+
+    @staticmethod
+    def single() -> "Layout":
+        """One process, no parallelism (offline tools: export, tests)."""
+        return Layout(rank=0, world_size=1, local_rank=0, tp=1, tp_rank=0, dp=1, dp_rank=0)
 
 
 def install_cpu_shim() -> None:
@@ -94,7 +115,7 @@ class _Nop:
 
 def install_heavy_cpu_shim() -> None:
     """The light shim plus what megatron's DistributedOptimizer and dist_checkpointing need on CPU (idempotent;
-    CPU only; feasibility.md Appendix A). The redirecting TorchFunctionMode is entered in the calling thread and
+    CPU only). The redirecting TorchFunctionMode is entered in the calling thread and
     stays active for the life of the process: call it from the training thread."""
     global _HEAVY_MODE
     if _HEAVY_MODE is not None:
@@ -189,11 +210,15 @@ def init_distributed(tp: int, seed: int = 0, runtime: Runtime | None = None, cp:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
                                              pipeline_model_parallel_size=pp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    ps = parallel_state
+    groups = ProcessGroups(tp=ps.get_tensor_model_parallel_group(), cp=ps.get_context_parallel_group(),
+                           pp=ps.get_pipeline_model_parallel_group(), dp=ps.get_data_parallel_group(),
+                           dp_cp=ps.get_data_parallel_group(with_context_parallel=True))
     return Layout(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), tp=tp,
-                  tp_rank=parallel_state.get_tensor_model_parallel_rank(), dp=world // (tp * cp * pp),
-                  dp_rank=parallel_state.get_data_parallel_rank(), cp=cp,
-                  cp_rank=parallel_state.get_context_parallel_rank(), pp=pp,
-                  pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+                  tp_rank=ps.get_tensor_model_parallel_rank(), dp=world // (tp * cp * pp),
+                  dp_rank=ps.get_data_parallel_rank(), cp=cp, cp_rank=ps.get_context_parallel_rank(), pp=pp,
+                  pp_rank=ps.get_pipeline_model_parallel_rank(),
+                  dp_cp_rank=ps.get_data_parallel_rank(with_context_parallel=True), groups=groups)
 
 
 def destroy() -> None:

@@ -13,7 +13,7 @@ unchanged.
 whatever TP size trained them); "dist" reads the megatron ``dist_checkpointing`` folder ``dist/`` of a
 ``checkpoint_format: dist`` stage offline, in this one process: the model is described from meta.json's DiT config
 on the meta device (shapes only: no model is built), every tensor is requested whole (TP=1, resharded from whatever
-TP/CP size wrote it, by ``trainer.parallel.dist_sharded_state_dict``'s layout) and loaded with
+TP/CP size wrote it, by ``trainer.parallel.state_dict.dist_sharded_state_dict``'s layout) and loaded with
 ``dist_checkpointing.load``; "auto" (default) takes the full file when the folder has it, else ``dist/`` (the
 checkpoints before the last step of a stage with ``full_weights: final``). Both sources give the same tensors
 bitwise (tests/test_trainer_ckpt_cp.py). ``dist_checkpointing`` loads in place into the one set of full tensors;
@@ -39,7 +39,9 @@ def load_dist_weights(step_dir: str | Path, ema: bool = False) -> Dict[str, torc
     from common.config import from_dict
     from models.config import DiTConfig
     from models.dit import MUGDiT
-    from trainer import device, parallel
+    from trainer import device
+    from trainer.parallel import ParallelPlan
+    from trainer.parallel.state_dict import dist_sharded_state_dict
 
     meta = checkpoint.read_meta(step_dir)
     if not checkpoint.has_dist(step_dir):
@@ -48,7 +50,8 @@ def load_dist_weights(step_dir: str | Path, ema: bool = False) -> Dict[str, torc
     if "dit" not in meta:
         raise checkpoint.CheckpointError(f"checkpoint {step_dir}: meta.json has no 'dit' config to describe the model")
     with torch.device("meta"):
-        shapes = MUGDiT(from_dict(DiTConfig, meta["dit"])).state_dict()
+        dit = {k: v for k, v in meta["dit"].items() if k != "qk_norm"}   # a key older checkpoints wrote; never read
+        shapes = MUGDiT(from_dict(DiTConfig, dit)).state_dict()
     local = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()}
     device.resolve_runtime(heavy_shim=True)   # CPU: megatron's dist_checkpointing needs the shim (GPU: nothing)
     own_group = not dist.is_initialized()
@@ -56,7 +59,8 @@ def load_dist_weights(step_dir: str | Path, ema: bool = False) -> Dict[str, torc
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         prefix = "ema." if ema else "model."
-        loaded = checkpoint.load_dist(step_dir, {"w": parallel.dist_sharded_state_dict(local, prefix)})["w"]
+        request = {"w": dist_sharded_state_dict(ParallelPlan.single(), local, prefix)}
+        loaded = checkpoint.load_dist(step_dir, request)["w"]
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import FlowConfig, StageConfig, from_dict, to_dict
+from common.config import FlowConfig, StageConfig, check_stage_layout, from_dict, to_dict
 from models.config import DiTConfig
 
 
@@ -33,6 +33,7 @@ class StageJob:
             raise ValueError("job.output_dir must name the folder the stage writes checkpoints to")
         if bool(self.mlflow_tracking_uri) != bool(self.mlflow_run_id):
             raise ValueError("job.mlflow_tracking_uri and job.mlflow_run_id must be set together (or both empty)")
+        check_stage_layout(self.stage, self.dit, f"stage '{self.stage.name}'")
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=2, sort_keys=True)

@@ -1,6 +1,6 @@
 """Run one stage through TorchX and watch it: the bridge between the Flyte task and the torchrun workers.
 
-``run_stage`` builds the ``trainer.component.train_stage`` AppDef for the stage's layout, submits it with TorchX's
+``run_stage`` builds the ``trainer.component.stage_app`` AppDef for the stage's layout, submits it with TorchX's
 programmatic runner (``local_cwd`` on this machine, ``kubernetes`` = Volcano on a cluster), polls its status, streams
 the new lines of every replica's combined log to ``progress`` while it runs (the loss of every step), stops it after
 ``launch.timeout_s`` and raises ``RuntimeError`` with the last 40 log lines if it does not succeed. The "launched"
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from common.config import LaunchConfig
-from trainer.component import ROLE, train_stage
+from trainer.component import ROLE, stage_app
 from trainer.job import StageJob
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,12 +56,12 @@ def layout_summary(stage) -> str:
 
 def _app(job: StageJob, job_path: Path, launch: LaunchConfig, nnodes: int, nproc_per_node: int):
     if launch.scheduler == "local_cwd":   # this venv's interpreter; the repo on PYTHONPATH whatever the cwd is
-        return train_stage(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, python=sys.executable,
-                           image=str(_REPO_ROOT), rdzv_port=free_port(), cpu=launch.cpu, gpu=launch.gpu,
-                           memMB=launch.memory_mb, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")]))},
-                           name=app_name(job.stage.name))
-    return train_stage(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image,
-                       cpu=launch.cpu, gpu=launch.gpu, memMB=launch.memory_mb, name=app_name(job.stage.name))
+        pythonpath = os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+        return stage_app(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, python=sys.executable,
+                         image=str(_REPO_ROOT), rdzv_port=free_port(), cpu=launch.cpu, gpu=launch.gpu,
+                         memMB=launch.memory_mb, env={"PYTHONPATH": pythonpath}, name=app_name(job.stage.name))
+    return stage_app(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image,
+                     cpu=launch.cpu, gpu=launch.gpu, memMB=launch.memory_mb, name=app_name(job.stage.name))
 
 
 def _cfg(launch: LaunchConfig, log_dir: Path) -> Dict[str, str]:
@@ -158,8 +158,8 @@ def dryrun_kubernetes(job_path: str | Path, launch: LaunchConfig, nnodes: int, n
     from torchx.runner import get_runner
     from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
 
-    app = train_stage(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image,
-                      cpu=launch.cpu, gpu=launch.gpu, memMB=launch.memory_mb, name="train-stage")
+    app = stage_app(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image,
+                    cpu=launch.cpu, gpu=launch.gpu, memMB=launch.memory_mb, name="train-stage")
     with get_runner() as runner:
         info = runner.dryrun(app, "kubernetes", cfg={"queue": launch.queue, "namespace": launch.namespace},
                              workspace=None)

@@ -1,5 +1,14 @@
 """Per-step training metrics: FLOPs and tokens of a micro-batch, DP sums, and rank 0's log (stdout, metrics.jsonl,
-MLflow). MFU uses the report's FLOPs formula (spec §6.5, E = 12) over the peak of all processes together."""
+MLflow).
+
+    log = MetricsLog(job, plan, start_step, param_count(plan, model), peak_flops_per_s)
+    log.write(step, loss, grad_norm, lr, dp_sum(plan, [samples, tokens, flops]), seconds)
+
+Per step: loss (mean over micro-batches and DP ranks), grad_norm, lr, step_time_s, samples_per_s, tokens_per_s
+(video tokens of all micro-batches and DP ranks) and mfu = the report's model FLOPs (``models.flops``, E = 12,
+docs/mugv.md §6.5; recomputation is not counted) / step time / the peak of all processes together
+(``trainer.device.peak_flops_per_s``).
+"""
 from __future__ import annotations
 
 import json
@@ -9,59 +18,42 @@ import time
 from pathlib import Path
 from typing import Tuple
 
-import torch
-import torch.distributed as dist
-
 from models.config import DiTConfig
 from models.flops import dit_train_flops, video_tokens
-from trainer import device
 from trainer.data import Batch
 from trainer.job import StageJob
+from trainer.parallel.grads import group_sum
 
 
 def step_work(dit: DiTConfig, batch: Batch) -> Tuple[int, float]:
-    """(video tokens, model FLOPs of forward + backward) of this rank's micro-batch (spec §6.5, E = 12: the
-    recomputation, when on, is not counted, so the MFU stays a model-FLOPs utilisation)."""
-    
+    """(video tokens, model FLOPs of forward + backward) of this rank's micro-batch (E = 12: the recomputation,
+    when on, is not counted, so the MFU stays a model-FLOPs utilisation)."""
     shape = tuple(batch.latents_BCTHW.shape)
     b, per_sample = video_tokens(dit, shape)
     return b * per_sample, dit_train_flops(dit, shape)
 
 
-def dp_sum(values) -> list:
+def dp_sum(plan, values) -> list:
     """Sum a few numbers over the data-parallel group (float64, one all_reduce)."""
-    from megatron.core import parallel_state
-
-    return group_sum(values, parallel_state.get_data_parallel_group())
+    return group_sum(values, plan.layout.groups.dp)
 
 
-def group_sum(values, group) -> list:
-    """Sum a few numbers over ``group`` (float64, one all_reduce)."""
-    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None  # NCCL: GPU only
-    x = torch.tensor([float(v) for v in values], dtype=torch.float64, device=on)
-    dist.all_reduce(x, group=group)
-    return x.tolist()
-
-
-def param_count(model, layout: device.Layout) -> int:
+def param_count(plan, model) -> int:
     """The unsharded model's parameters (collective over PP: each stage counts its part, the replicated
     conditioning embedders once)."""
-    n = sum(p.numel() * (layout.tp if getattr(p, "_tp_sharded", False) else 1) for p in model.parameters()
-            if not (layout.pp_rank > 0 and getattr(p, "_pp_replicated", False)))
+    layout = plan.layout
+    n = sum(p.numel() * (layout.tp if plan.role(name).tp else 1) for name, p in model.named_parameters()
+            if not (layout.pp_rank > 0 and plan.role(name).pp_replicated))
     if layout.pp == 1:
         return n
-    from megatron.core import parallel_state
-
-    x = torch.tensor([float(n)], dtype=torch.float64,
-                     device=torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None)
-    dist.all_reduce(x, group=parallel_state.get_pipeline_model_parallel_group())
-    return int(x.item())
+    return int(group_sum([n], layout.groups.pp)[0])
 
 
 class MetricsLog:
     """Rank 0 only: a stdout line, a metrics.jsonl line and (when configured) MLflow metrics per step."""
 
-    def __init__(self, job: StageJob, layout: device.Layout, start: int, n_params: int, peak_flops_per_s: float):
+    def __init__(self, job: StageJob, plan, start: int, n_params: int, peak_flops_per_s: float):
+        layout = plan.layout
         self.on, self.peak = layout.rank == 0, peak_flops_per_s   # peak of all processes together
         self.path = Path(job.output_dir) / "metrics.jsonl"
         self.client, self.run_id = None, job.mlflow_run_id
@@ -74,7 +66,7 @@ class MetricsLog:
         if job.mlflow_tracking_uri:
             from mlflow.tracking import MlflowClient
             self.client = MlflowClient(job.mlflow_tracking_uri)
-        sp = "on" if job.stage.sequence_parallel and layout.tp > 1 else "off"
+        sp = "on" if plan.sequence_parallel else "off"
         print(f"stage={job.stage.name} world={layout.world_size} tp={layout.tp} cp={layout.cp} pp={layout.pp} "
               f"dp={layout.dp} sp={sp} micro_batches={job.stage.micro_batches} params={n_params} "
               f"start_step={start} steps={job.stage.steps} recompute={job.stage.recompute} "

@@ -1,21 +1,17 @@
 """Splitting a clip's tokens between ranks: context parallelism (CP) and the sequence-parallel (SP) chunks.
 
-``apply_context_parallel(model)`` sets MUGDiT's ``token_split``/``token_gather`` hooks and every block's
-``attn.kv_gather`` over the CP group; ``set_sequence_parallel_hooks`` (called by ``trainer.parallel.parallelize``
-with ``sequence_parallel=True``) sets ``seq_split``/``seq_gather`` over the TP group. The model file imports nothing
-distributed: it calls these hooks, identity by default. The autograd functions below are the collectives with the
-backward each split needs (how gradients then reach ``sync_gradients``: ``trainer.parallel``'s docstring).
+    apply_context_parallel(model, layout.groups.cp, layout.cp_rank, layout.cp)      # the plan's builder calls these
+    set_sequence_parallel_hooks(model, layout.groups.tp, layout.tp_rank, layout.tp)
 
-Any token count (padding): the splits need L = N + 2 tokens per clip ([start, video, end]) divisible by cp (CP) and
-by cp*tp (CP and SP), which most latent shapes are not (TP=4 at 720p 5 s: 50400 + 2). ``apply_context_parallel``
-and the SP hooks therefore multiply ``model.token_multiple`` (1 in the model) by cp and tp, and MUGDiT's forward
-pads the sequence at its end to a multiple of it before the splits: zero tokens with the end token's (t=0)
-modulation and an identity RoPE rotation (cos 1, sin 0). Self-attention drops the pad keys/values once k and v are
-complete (after SP's qkv gather and CP's K/V all-gather), the forward drops the pad outputs after ``token_gather``,
-and everything else is per token, so real tokens never see the pad ones, which get exactly zero gradient: the
-result is that of the unsplit model at any L (tests/parallel_output_check.py, odd-L cases). The padding costs at
-most cp*tp - 1 tokens of compute per clip (MUG-V instead keeps start/end replicated and trims/pads around attention,
-spec §6.2).
+``apply_context_parallel`` sets MUGDiT's ``token_split``/``token_gather`` hooks and every block's ``attn.kv_gather``
+over the CP group; ``set_sequence_parallel_hooks`` sets ``seq_split``/``seq_gather`` over the TP group. The model
+file imports nothing distributed: it calls these hooks, identity by default. The autograd functions below are the
+collectives with the backward each split needs; which gradients then hold partial sums is recorded in the
+``ParallelPlan`` (``trainer/parallel/plan.py``).
+
+Any token count: both multiply ``model.token_multiple`` by their split factor and the model pads the L = N + 2
+tokens ([start, video, end]) at its end to a multiple of it; pad tokens never reach real ones and get zero gradient
+(docs/parallelism.md, "Padding").
 """
 from __future__ import annotations
 
@@ -42,9 +38,8 @@ class _SPSplit(torch.autograd.Function):
 
 def set_sequence_parallel_hooks(model: nn.Module, tp_group, rank: int, tp: int) -> None:
     """MUGDiT's ``seq_split`` / ``seq_gather`` over the TP group (``token_multiple`` times tp: the model pads the
-    tokens so the split divides them), and ``_sp_partial`` on the replicated parameters used on the sequence chunk:
-    every parameter of the blocks and the final layer that is not TP-sharded and not already a per-head partial sum
-    (scale_shift_tables, cross_attn_norm, row-parallel biases, final_layer.linear)."""
+    tokens so the split divides them). The replicated parameters used on the sequence chunk then get partial
+    gradients (``ParamRole.tp_partial == "sequence"``)."""
 
     def seq_split(x, dim):
         if x.shape[dim] % tp:   # the model pads to token_multiple; this would be a bug, not a config error
@@ -55,10 +50,6 @@ def set_sequence_parallel_hooks(model: nn.Module, tp_group, rank: int, tp: int) 
     model.token_multiple *= tp
     model.seq_split = seq_split
     model.seq_gather = lambda x, dim: _CPGatherReplicated.apply(x, dim, tp_group, rank, tp)
-    for part in (*model.blocks, model.final_layer):
-        for p in part.parameters():
-            if not getattr(p, "_tp_sharded", False) and not getattr(p, "_tp_partial", False):
-                p._sp_partial = True
 
 
 class _CPSplit(torch.autograd.Function):
@@ -115,8 +106,8 @@ class _CPGatherKV(torch.autograd.Function):
         return g.narrow(ctx.dim, ctx.rank * ctx.n, ctx.n).contiguous(), None, None, None, None
 
 
-def apply_context_parallel(model: nn.Module, cp_group=None) -> nn.Module:
-    """Context parallelism (all-gather-KV, exact) over ``cp_group`` (default: megatron's CP group); 1 rank: no-op.
+def apply_context_parallel(model: nn.Module, cp_group, rank: int, cp: int) -> nn.Module:
+    """Context parallelism (all-gather-KV, exact) over ``cp_group`` (this process is ``rank`` of ``cp``); cp=1: no-op.
 
     Sets MUGDiT's identity hooks: ``token_split`` keeps CP rank r's contiguous chunk r of the L = N + 2 tokens
     ([start, video, end], padded at the end to a multiple of ``model.token_multiple``, which this multiplies by cp)
@@ -124,13 +115,8 @@ def apply_context_parallel(model: nn.Module, cp_group=None) -> nn.Module:
     all-gathers k and v over the group so local queries attend to the full sequence (the attention then drops the pad
     keys; cross-attention and MLP are per token, text is replicated); ``token_gather`` all-gathers the final layer's
     per-token output (the model drops the pad tail), so the output and the loss are the same on every CP rank.
-    Every parameter then holds this rank's chunk's share of the gradient: ``sync_gradients`` sums them over CP
-    (parameters are tagged ``_cp_partial``).
+    Every parameter then holds this rank's chunk's share of the gradient: ``sync_gradients`` sums them over CP.
     """
-    if cp_group is None:
-        from megatron.core import parallel_state
-        cp_group = parallel_state.get_context_parallel_group()
-    cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     if cp == 1:
         return model
     blocks = getattr(model, "blocks", None)
@@ -149,6 +135,4 @@ def apply_context_parallel(model: nn.Module, cp_group=None) -> nn.Module:
     model.token_gather = lambda x, dim: _CPGatherReplicated.apply(x, dim, cp_group, rank, cp)
     for block in blocks:
         block.attn.kv_gather = lambda x, dim: _CPGatherKV.apply(x, dim, cp_group, rank, cp)
-    for p in model.parameters():
-        p._cp_partial = True
     return model

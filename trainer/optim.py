@@ -1,0 +1,85 @@
+"""Optimisers, the learning-rate schedule and the EMA of one training stage.
+
+    opt, ddp = build_optimizer(stage, dit, model, plan)   # torch AdamW (ddp None), or megatron DDP + distributed opt.
+    lr = lr_at(step, stage.lr, stage.warmup_steps, stage.lr_schedule, stage.min_lr, stage.steps)
+    ema_update(ema, model, EMA_DECAY)
+
+Precision: parameters, gradients and the Adam state are fp32 (the master weights; on GPU the forward runs under
+bf16 autocast). ``stage.distributed_optimizer``: megatron DDP (contiguous fp32 grad buffer, reduce-scatter over
+DP x CP) + ``DistributedOptimizer`` (Adam state sharded over DP; torch AdamW inside when Apex/TE are absent),
+clipping inside ``opt.step()``; its weight decay skips biases and 1-D parameters (megatron's default; torch AdamW
+here applies it to all; the default weight_decay is 0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from common.config import StageConfig
+from models.config import DiTConfig
+
+EMA_DECAY = 0.999                  # tiny runs are a few hundred steps; MUG-V's flag value is 0.9999 (docs/mugv.md §4.6)
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-10   # MUG-V's released fine-tune settings (docs/mugv.md §5.2)
+
+
+def build_optimizer(stage: StageConfig, dit: DiTConfig, model: torch.nn.Module,
+                    plan) -> Tuple[Any, Optional[Any]]:
+    """(optimizer, megatron DDP wrapper or None) for the model's trainable parameters."""
+    if not stage.distributed_optimizer:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.lr, betas=ADAM_BETAS,
+                                eps=ADAM_EPS, weight_decay=stage.weight_decay)
+        return opt, None
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=dit.hidden_size, num_attention_heads=dit.num_heads,
+                            tensor_model_parallel_size=plan.layout.tp, use_cpu_initialization=True)
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        overlap_param_gather=False), model)
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=stage.lr, min_lr=stage.min_lr, weight_decay=stage.weight_decay,
+        adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_eps=ADAM_EPS, clip_grad=stage.grad_clip,
+        use_distributed_optimizer=True, bf16=False, fp16=False, params_dtype=torch.float32), [ddp])
+    return opt, ddp
+
+
+def inner_optimizers(opt) -> List[Any]:
+    """The megatron optimizers inside a (possibly chained) megatron optimizer."""
+    return list(getattr(opt, "chained_optimizers", [opt]))
+
+
+def set_lr(opt, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, schedule: str = "constant", min_lr: float = 0.0,
+          total_steps: int = 0) -> float:
+    """The LR of 0-based ``step``: linear warmup over ``warmup_steps``, then ``schedule`` from ``base_lr`` down to
+    ``min_lr`` at the last step (``total_steps - 1``): "constant" (MUG-V fine-tune: min-lr = lr), "cosine", "linear".
+    A pure function of the step, so a resumed run uses the same LRs."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = total_steps - 1 - warmup_steps
+    if schedule == "constant" or decay_steps <= 0:
+        return base_lr
+    frac = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "cosine":
+        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if schedule == "linear":
+        return base_lr + (min_lr - base_lr) * frac
+    raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'linear', got {schedule!r}")
+
+
+@torch.no_grad()
+def ema_update(ema: Dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, per state-dict entry (non-float entries copied)."""
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            ema[k].lerp_(v, 1.0 - decay)
+        else:
+            ema[k].copy_(v)

@@ -1,0 +1,206 @@
+"""A stage's training state in and out of checkpoint step folders: weights, EMA, optimizer, RNG, step.
+
+    start, ema = restore(job, plan, model, opt, ddp)      # resume output_dir/latest, else init_checkpoint, else scratch
+    save(job, plan, model, opt, ema, step, loss, ddp)     # collective: one step folder (trainer/checkpoint.py)
+
+The folder format (atomic, checksummed, which layouts can resume which) is ``trainer/checkpoint.py``'s; this module
+decides what goes in it. ``checkpoint_format: full``: rank 0 writes the full ``model``/``ema.safetensors`` and every
+rank its optimizer + RNG file. ``dist``: also a megatron ``dist_checkpointing`` folder with the sharded weights,
+EMA and optimizer state (torch AdamW's moments, whose step counts and param groups stay in the per-rank file, or the
+distributed optimizer's state), from which resume and ``init_checkpoint`` load, resharding between TP and CP sizes.
+With ``full_weights: final`` the full weights are only gathered at the stage's last step. Exact resume of the
+distributed optimizer needs the Adam-step fix below (``_restore_adam_step``; docs/checkpoints.md says why).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from common.config import to_dict
+from trainer import checkpoint
+from trainer.job import StageJob
+from trainer.optim import inner_optimizers
+from trainer.parallel.state_dict import (
+    dist_sharded_state_dict,
+    gather_full_state_dict,
+    load_full_state_dict,
+    shard_full_state_dict,
+)
+
+DISTOPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def needs_dist_load(job: StageJob) -> bool:
+    """Whether this stage reads a ``dist/`` folder: its own format, or an ``init_checkpoint`` whose weights are only
+    (or, for a "dist" stage, preferably) in ``dist/`` (megatron's dist_checkpointing needs the heavy CPU shim)."""
+    return job.stage.checkpoint_format == "dist" or _init_from_dist(job)
+
+
+def _init_from_dist(job: StageJob) -> bool:
+    init = job.init_checkpoint
+    if not init or not checkpoint.has_dist(init):
+        return False
+    return job.stage.checkpoint_format == "dist" or not checkpoint.has_full_weights(init)
+
+
+def restore(job: StageJob, plan, model, opt, ddp=None) -> Tuple[int, Dict[str, torch.Tensor]]:
+    """Resume from output_dir/latest, else weights from init_checkpoint, else scratch. Returns (step, ema).
+
+    Resume reads the per-rank file ``checkpoint.load_rank_state`` picks: the layout that wrote the checkpoint
+    resumes exactly; a changed context_parallel (or, for "dist" checkpoints with the Adam moments in ``dist/``,
+    tensor_parallel) resumes resharded; any other change is a ``CheckpointError`` naming both layouts. "dist":
+    weights, EMA and the Adam moments (or the distributed optimizer's state) come from ``dist/``, resharded to this
+    layout; an ``init_checkpoint`` with ``dist/`` loads from it (any TP/CP size wrote it), also in a "full" stage
+    when the folder has no ``model.safetensors`` (``full_weights: final`` before the last step)."""
+    layout, stage = plan.layout, job.stage
+    last, start = checkpoint.latest(job.output_dir), 0
+    fmt = stage.checkpoint_format
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if last is not None:
+        meta = checkpoint.read_meta(last)
+        saved = (meta.get("checkpoint_format", "full"), bool(meta.get("distributed_optimizer", False)))
+        if saved != (fmt, stage.distributed_optimizer):
+            raise checkpoint.CheckpointError(
+                f"cannot resume {last}: it was saved with checkpoint_format={saved[0]}, distributed_optimizer="
+                f"{saved[1]}, this stage has {fmt}/{stage.distributed_optimizer}; use a new output_dir and "
+                "pass this step folder as init_checkpoint (weights only)")
+        state = checkpoint.load_rank_state(last, layout, stage.micro_batches)
+        if state["resharded"] and layout.rank == 0:
+            print(f"resuming {last.name} (saved with {checkpoint.layout_str(checkpoint.saved_layout(meta))}) "
+                  f"resharded to tensor_parallel={layout.tp}, context_parallel={layout.cp}, "
+                  f"data_parallel={layout.dp}", flush=True)
+        if fmt == "dist":
+            _load_dist(last, plan, model, ema, opt, state, distopt=ddp is not None)
+        else:
+            load_full_state_dict(plan, model, checkpoint.load_weights(last))
+            for k, v in shard_full_state_dict(plan, model, checkpoint.load_weights(last, ema=True)).items():
+                ema[k].copy_(v)
+            opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = int(state["step"])
+    elif job.init_checkpoint:
+        if _init_from_dist(job):
+            _load_dist(job.init_checkpoint, plan, model)
+        else:
+            load_full_state_dict(plan, model, checkpoint.load_weights(job.init_checkpoint))
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return start, ema
+
+
+def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None) -> None:
+    """Write step folder ``step`` (collective). The full weights are gathered to rank 0 unless ``full_weights:
+    final`` and this is not the stage's last step; "dist" also saves the weights, EMA and optimizer state sharded."""
+    st, layout = job.stage, plan.layout
+    dist_fmt = st.checkpoint_format == "dist"
+    write_full = not dist_fmt or st.full_weights == "every" or step >= st.steps
+    full = full_ema = None
+    if write_full:   # collective over TP (and PP: rank 0 gets every stage's part)
+        full, full_ema = gather_full_state_dict(plan, model), gather_full_state_dict(plan, model, ema)
+    meta = {"stage": st.name, "config_hash": job.config_hash, "tensor_parallel": layout.tp,
+            "context_parallel": layout.cp, "pipeline_parallel": layout.pp, "data_parallel": layout.dp,
+            "micro_batches": st.micro_batches, "dit": to_dict(job.dit), "loss": loss,
+            "checkpoint_format": st.checkpoint_format, "distributed_optimizer": st.distributed_optimizer,
+            "optimizer_in_dist": dist_fmt, "full_weights": write_full, "sequence_parallel": plan.sequence_parallel}
+    rank_state = {"rng": torch.get_rng_state()}
+    if ddp is not None:
+        rank_state["adam_step"] = _adam_step(opt)
+    elif dist_fmt:   # the moments go to dist/ (reshardable); steps and param groups stay here
+        rank_state["optimizer"], rank_state["optimizer_in_dist"] = _optimizer_without_moments(opt), True
+    else:
+        rank_state["optimizer"] = opt.state_dict()
+    dist_state = None
+    if dist_fmt:
+        dist_state = {"model": dist_sharded_state_dict(plan, model.state_dict(), "model."),
+                      "ema": dist_sharded_state_dict(plan, ema, "ema.")}
+        if ddp is not None:
+            dist_state["optimizer"] = opt.sharded_state_dict({}, metadata=DISTOPT_METADATA)
+        else:
+            dist_state["adam"] = _adam_moments_sharded(plan, model, opt)
+    root = layout.rank == 0
+    checkpoint.save(job.output_dir, step, rank=layout.rank, model_sd=full if root else None,
+                    ema_sd=full_ema if root else None, rank_state=rank_state, meta=meta,
+                    keep=st.keep_checkpoints, dist_state=dist_state)
+    if root:
+        print(f"saved {Path(job.output_dir) / checkpoint.step_name(step)}", flush=True)
+
+
+def _trainable(model):
+    """(name, param) of the parameters the optimizer holds, in its order (the same for every TP size)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _adam_moments_sharded(plan, model, opt) -> Dict[str, Dict[str, object]]:
+    """The torch AdamW moments as dist_checkpointing ShardedTensors ("adam.exp_avg.<param>", ...): the same global
+    layout as the weights, so they reshard over TP and CP with them."""
+    named = [(n, p) for n, p in _trainable(model) if p in opt.state]
+    return {m: dist_sharded_state_dict(plan, {n: opt.state[p][m] for n, p in named}, f"adam.{m}.")
+            for m in ADAM_MOMENTS}
+
+
+def _optimizer_without_moments(opt) -> dict:
+    """``opt.state_dict()`` minus the Adam moments (in ``dist/``): param groups and per-parameter step counts."""
+    sd = opt.state_dict()
+    return {"param_groups": sd["param_groups"],
+            "state": {i: {k: v for k, v in s.items() if k not in ADAM_MOMENTS} for i, s in sd["state"].items()}}
+
+
+def _load_dist(step_dir, plan, model, ema=None, opt=None, rank_state=None, distopt=False) -> None:
+    """Load ``dist/`` into the model (and the EMA and the optimizer when given), resharding over TP and CP.
+
+    ``opt``: the distributed optimizer (``distopt``: its state is in ``dist/``), or torch AdamW, whose moments are in
+    ``dist/`` when ``rank_state["optimizer"]`` was saved without them (else, older checkpoints, all of its state is
+    in ``rank_state``)."""
+    local = model.state_dict()
+    request = {"model": dist_sharded_state_dict(plan, local, "model.")}
+    if ema is not None:
+        request["ema"] = dist_sharded_state_dict(plan, ema, "ema.")
+    adam_sd = rank_state.get("optimizer") if rank_state is not None and opt is not None and not distopt else None
+    trainable = _trainable(model)
+    moments_in_dist = adam_sd is not None and bool(rank_state.get("optimizer_in_dist"))
+    if moments_in_dist:
+        saved = {int(i): trainable[int(i)] for i in adam_sd["state"]}
+        request["adam"] = {m: dist_sharded_state_dict(plan, {n: torch.empty_like(p) for n, p in saved.values()},
+                                                      f"adam.{m}.") for m in ADAM_MOMENTS}
+    if opt is not None and distopt:
+        for inner in inner_optimizers(opt):   # the no-Apex path has no Adam state until a first step
+            inner._init_optimizer_states_with_dummy_values()
+        request["optimizer"] = opt.sharded_state_dict({}, is_loading=True, metadata=DISTOPT_METADATA)
+    loaded = checkpoint.load_dist(step_dir, request)
+    with torch.no_grad():
+        for name, target in (("model", local), ("ema", ema)):
+            if name in loaded:
+                for k, t in target.items():
+                    t.copy_(loaded[name][k].reshape(t.shape))
+        if opt is not None and distopt:
+            opt.load_state_dict(loaded["optimizer"])
+            _restore_adam_step(opt, rank_state)
+    if moments_in_dist:
+        state = {i: {**s} for i, s in adam_sd["state"].items()}
+        for i, s in state.items():
+            name, p = saved[int(i)]
+            for m in ADAM_MOMENTS:
+                s[m] = loaded["adam"][m][name].reshape(p.shape)
+        opt.load_state_dict({"param_groups": adam_sd["param_groups"], "state": state})
+    elif adam_sd is not None:
+        opt.load_state_dict(adam_sd)
+
+
+def _adam_step(opt) -> float:
+    """The Adam step count of the torch optimizer(s) inside megatron's optimizer (one value: every param steps)."""
+    steps = {float(s["step"]) for inner in inner_optimizers(opt) for s in inner.optimizer.state.values()
+             if "step" in s}
+    return max(steps) if steps else 0.0
+
+
+def _restore_adam_step(opt, rank_state) -> None:
+    """Give every parameter its own Adam ``step`` tensor with the saved count: megatron's load path without Apex/TE
+    leaves one step tensor shared by all parameters, set to 1 (docs/checkpoints.md, "The Adam step")."""
+    if rank_state is None or "adam_step" not in rank_state:
+        return
+    for inner in inner_optimizers(opt):
+        for s in inner.optimizer.state.values():
+            if "step" in s:
+                s["step"] = torch.tensor(float(rank_state["adam_step"]), dtype=torch.float32)
