@@ -3,12 +3,12 @@
     python bench/dit_step.py                 # CPU: fp32 and bf16-autocast steps -> bench/results/dit_step_cpu.json
     python bench/dit_step.py --cuda          # GPU: 10B layer shapes in bf16 -> bench/results/dit_step_cuda.json
 
-CPU config (``cpu_config``): the 1B variant's layer shape (hidden 1152 = 16 heads x 72, spec §3.1), depth 2, a
+CPU config (``cpu_config``): the 1B variant's layer shape (hidden 1152 = 16 heads x 72, docs/mugv.md §3.1), depth 2, a
 (1, 24, 4, 32, 32) latent = 1,024 video tokens, and 300 T5-width (4096) text tokens, the formula's fixed C. At this
 size >90% of the work is [1026 x 1152]-class GEMMs, so the step can approach the GEMM peak; attention (L/h = 0.89 of
 the 8.4 per-token terms) is ~10% of the FLOPs and elementwise ops (norms, modulation, RoPE) are the overhead to beat.
 
-Reported: the achieved FLOP/s counted two ways, the spec §6.5 formula (``models.flops``, the MFU convention: DiT
+Reported: the achieved FLOP/s counted two ways, the docs/mugv.md §6.5 formula (``models.flops``, the MFU convention: DiT
 layer GEMMs only, E=12) and ``FlopCounterMode`` on the real step (embedders, head and the attention-backward
 recompute included); and ``fraction_of_peak`` = formula FLOP/s over the best large square matmul of the same dtype
 measured in the same run (``fraction_of_peak_counted`` uses the counted FLOPs). The optimizer step is not timed.
@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from models.config import DiTConfig                      # noqa: E402
-from models.dit import MUGDiT                            # noqa: E402
+from models.config import DiTConfig  # noqa: E402
+from models.dit import MUGDiT  # noqa: E402
 from models.flops import dit_train_flops, flop_counter  # noqa: E402
 
 DATASHEET_BF16_DENSE = {"H100": 989e12, "H200": 989e12}   # SXM, dense (no sparsity), TFLOP/s * 1e12
@@ -131,16 +131,17 @@ def counted_flops(step: Callable[[], None]) -> int:
 
 
 def run_mode(name: str, model: MUGDiT, inputs, autocast_dtype, analytic: float, peak: float, repeats: int,
-             device) -> Dict[str, float]:
+             device) -> Dict[str, Any]:
     step = make_step(model, inputs, autocast_dtype)
     counted = counted_flops(step)                       # also the warm-up step
     times = timed(step, device, repeats, warmup=0)
     best, median = min(times), statistics.median(times)
-    res = {"step_s_best": best, "step_s_median": median, "step_s_all": times,
-           "analytic_flops": analytic, "counted_flops": counted,
-           "achieved_flops_per_s_analytic": analytic / best, "achieved_flops_per_s_counted": counted / best,
-           "peak_flops_per_s": peak, "fraction_of_peak": analytic / best / peak,
-           "fraction_of_peak_counted": counted / best / peak}
+    res: Dict[str, Any] = {
+        "step_s_best": best, "step_s_median": median, "step_s_all": times,
+        "analytic_flops": analytic, "counted_flops": counted,
+        "achieved_flops_per_s_analytic": analytic / best, "achieved_flops_per_s_counted": counted / best,
+        "peak_flops_per_s": peak, "fraction_of_peak": analytic / best / peak,
+        "fraction_of_peak_counted": counted / best / peak}
     print(f"[{name}] step {best:.3f} s (median {median:.3f} s of {repeats}); analytic {analytic / 1e9:.1f} GFLOP, "
           f"counted {counted / 1e9:.1f} GFLOP; achieved {res['achieved_flops_per_s_analytic'] / 1e9:.1f} GFLOP/s "
           f"(counted {res['achieved_flops_per_s_counted'] / 1e9:.1f})")
@@ -148,19 +149,22 @@ def run_mode(name: str, model: MUGDiT, inputs, autocast_dtype, analytic: float, 
 
 
 def bench_cpu(args) -> Dict[str, object]:
-    torch.set_num_threads(os.cpu_count())
+    cpus = os.cpu_count()
+    assert cpus is not None, "os.cpu_count() could not tell the number of CPUs"
+    torch.set_num_threads(cpus)
     device = torch.device("cpu")
     load_before = os.getloadavg()
     cfg, shape, text_len = cpu_config()
-    peaks = {"fp32": matmul_peak(torch.float32, device, args.peak_n, args.peak_repeats),
-             "bf16": matmul_peak(torch.bfloat16, device, args.peak_n, args.peak_repeats)}
+    peaks: Dict[str, Dict[str, Any]] = {   # per dtype; "flops_per_s_before_after" (a list) is added below
+        "fp32": matmul_peak(torch.float32, device, args.peak_n, args.peak_repeats),
+        "bf16": matmul_peak(torch.bfloat16, device, args.peak_n, args.peak_repeats)}
     torch.manual_seed(0)
     model = MUGDiT(cfg).train()
     inputs = make_inputs(cfg, shape, text_len, device)
     analytic = dit_train_flops(cfg, shape, context_len=text_len)
     steps = {"fp32": (None, "fp32"), "bf16_autocast": (torch.bfloat16, "bf16")}
     modes = {}
-    for name, (autocast_dtype, peak_key) in steps.items():
+    for name, (autocast_dtype, _peak_key) in steps.items():
         modes[name] = run_mode(name, model, inputs, autocast_dtype, analytic, 1.0, args.repeats, device)
     # peaks again after the steps (best of both): a busy neighbour on shared cores only ever lowers a measurement
     for key in peaks:
@@ -178,8 +182,8 @@ def bench_cpu(args) -> Dict[str, object]:
     for name, m in modes.items():
         print(f"fraction_of_peak {name} {m['fraction_of_peak']:.3f}")
     load_after = os.getloadavg()
-    if max(load_before[0], load_after[0]) > os.cpu_count() + 0.5:
-        print(f"note: load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs: other "
+    if max(load_before[0], load_after[0]) > cpus + 0.5:
+        print(f"note: load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {cpus} CPUs: other "
               "processes shared the cores, numbers are noisy (best-of-N keeps the least disturbed runs)")
     return {"device": "cpu", "cpu": lscpu(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "mkldnn": torch.backends.mkldnn.is_available(), "loadavg_1min_before_after": [load_before[0],

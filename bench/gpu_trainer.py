@@ -32,9 +32,10 @@ for p in (REPO, REPO / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from common.config import LaunchConfig, StageConfig   # noqa: E402
-from models.config import DiTConfig                    # noqa: E402
-from scaling import write_dataset                      # noqa: E402
+from scaling import write_dataset  # noqa: E402
+
+from common.config import LaunchConfig, StageConfig  # noqa: E402
+from models.config import DiTConfig  # noqa: E402
 
 
 def _stage(name: str, steps: int, **kw) -> StageConfig:
@@ -91,6 +92,11 @@ def main(argv=None) -> int:
                     "steps": args.steps, "checks": {}}
     checks = result["checks"]
 
+    def latest_step(out: Path) -> Path:
+        step_dir = checkpoint.latest(out)
+        assert step_dir is not None, f"{out}: no checkpoint saved"
+        return step_dir
+
     def check(name: str, ok: bool, detail: str) -> None:
         checks[name] = {"ok": bool(ok), "detail": detail}
         print(f"{'ok' if ok else 'FAILED'}  {name}: {detail}", flush=True)
@@ -110,8 +116,8 @@ def main(argv=None) -> int:
             check(f"{stage.name}_learns", finite and last < first,
                   f"loss {first:.4f} -> {last:.4f} (mean of first/last 3), step {s['median_step_s'] * 1e3:.1f} ms, "
                   f"{s['median_tokens_per_s']:.0f} tokens/s, MFU {s['median_mfu']:.3f}")
-        meta = checkpoint.read_meta(checkpoint.latest(runs["distopt"]["out"]))
-        check("distopt_checkpoint", meta.get("checkpoint_format") == "dist" and meta.get("distributed_optimizer"),
+        meta = checkpoint.read_meta(latest_step(runs["distopt"]["out"]))
+        check("distopt_checkpoint", bool(meta.get("checkpoint_format") == "dist" and meta.get("distributed_optimizer")),
               f"meta {json.dumps({k: meta.get(k) for k in ('step', 'checkpoint_format', 'distributed_optimizer')})}")
         a, b = result["full"]["losses"], result["distopt"]["losses"]
         diff = max(abs(x - y) / max(abs(x), 1e-8) for x, y in zip(a[:5], b[:5]))
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
             killed = "SIGKILL" in str(e) or "-9" in str(e) or "FAILED" in str(e)
         finally:
             os.environ.pop(KILL_ENV, None)
-        saved = checkpoint.read_meta(checkpoint.latest(tmp / "resume"))["step"]
+        saved = checkpoint.read_meta(latest_step(tmp / "resume"))["step"]
         r = _run(tmp, stage, dit, latents, gpu=gpu)
         resumed = [row["step"] for row in r["rows"]]
         ref = {row["step"]: row["loss"] for row in runs["distopt"]["rows"]}
@@ -137,7 +143,8 @@ def main(argv=None) -> int:
                             "max_rel_loss_diff_vs_uninterrupted": rdiff}
         check("resume_after_sigkill", killed and saved == (args.kill_at // 5) * 5 and after[0]["step"] == saved + 1
               and rdiff < 5e-2,
-              f"killed after step {args.kill_at}, resumed from step {saved}, steps {after[0]['step']}..{after[-1]['step']} "
+              f"killed after step {args.kill_at}, resumed from step {saved}, "
+              f"steps {after[0]['step']}..{after[-1]['step']} "
               f"within {rdiff:.2e} (relative) of the uninterrupted run")
     result["all_ok"] = all(c["ok"] for c in checks.values())
     out = Path(args.out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Dict
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ import torch
 from common.config import LaunchConfig, StageConfig
 from models.config import DiTConfig
 
-TINY_DIT = dict(hidden_size=48, depth=1, num_heads=2, caption_channels=64, max_text_len=16)  # head_dim 24
+# head_dim 24; typed Dict[str, Any], not the inferred dict[str, int]: it is splatted into DiTConfig (not all int)
+TINY_DIT: Dict[str, Any] = dict(hidden_size=48, depth=1, num_heads=2, caption_channels=64, max_text_len=16)
 LAUNCH = LaunchConfig(scheduler="local_cwd", cpu=2, timeout_s=150)
 TOL = 1e-5
 ODD_SHAPES = [(24, 3, 8, 8), (24, 3, 6, 10)] * 3   # 48 video tokens + 2 = 50 and 45 + 2 = 47 (odd)
@@ -93,7 +95,8 @@ def killed_and_rerun(tmp: Path, name: str, stage, latents: Path, monkeypatch) ->
     with pytest.raises(RuntimeError, match="ended FAILED"):
         run_stage_job(tmp, f"{name}-a", stage, latents, out=out)
     monkeypatch.delenv(KILL_ENV)
-    assert checkpoint.latest(out).name == "step_00000002"
+    saved = checkpoint.latest(out)
+    assert saved is not None and saved.name == "step_00000002"
     _, lines = run_stage_job(tmp, f"{name}-b", stage, latents, out=out)
     assert any("start_step=2 steps=4" in line for line in lines)
     return out
@@ -112,5 +115,5 @@ def assert_steps_see_both_shapes(latents, steps: int = 3, seed: int = 1234) -> N
     from trainer.data import LatentSplit, StepSampler
 
     shapes = LatentSplit(latents, split="train").shapes
-    sampler = StepSampler(shapes, 2, 1, seed, patch_size=DiTConfig(**TINY_DIT).patch_size)
+    sampler = StepSampler(shapes, 2, 1, seed, patch_size=tuple(DiTConfig(**TINY_DIT).patch_size))
     assert {shapes[i] for k in range(steps) for i in sampler.indices(k, 0)} == set(ODD_SHAPES)

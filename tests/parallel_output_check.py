@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -77,11 +78,12 @@ def main(mode: str, out_path: str) -> None:
     ref = copy.deepcopy(model)
     out1 = ref(x, t_B, text, mask, cond_mask_BT=cond)
     (out1 * weight).sum().backward()
-    grads1 = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    grads1 = {n: _grad(p).clone() for n, p in ref.named_parameters()}
     full_sd = {k: v.clone() for k, v in model.state_dict().items()}
 
-    result = {"rank": layout.rank, "tp": layout.tp, "cp": layout.cp, "dp": layout.dp}
+    result: Dict[str, Any] = {"rank": layout.rank, "tp": layout.tp, "cp": layout.cp, "dp": layout.dp}
     if mode == "sp":
+        assert odd_ref is not None
         result.update(_sequence_parallel_check(model, ref, layout, (x, t_B, text, mask, cond), weight, out1, grads1,
                                                (odd, odd_weight, *odd_ref)))
         if layout.rank == 0:
@@ -102,13 +104,14 @@ def main(mode: str, out_path: str) -> None:
         cp_ac = copy.deepcopy(model)
         cp_ac_plan = parallelize(cp_ac, layout, recompute=True)
         plan = parallelize(model, layout)
+        assert odd_ref is not None
         for name, m, pl in (("cp", model, plan), ("cp_ac", cp_ac, cp_ac_plan)):
             result.update(_odd_diffs(name, m, pl, odd, odd_weight, *odd_ref, sharded=False))
         result["odd_token_multiple"] = model.token_multiple
     out2 = model(x, t_B, text, mask, cond_mask_BT=cond)
     (out2 * weight).sum().backward()
     sync_gradients(plan, model)
-    grads2 = {n: p.grad for n, p in model.named_parameters()}
+    grads2 = {n: _grad(p) for n, p in model.named_parameters()}
     if mode == "tp":
         grads2 = gather_full_state_dict(plan, model, grads2)
     result.update(
@@ -123,11 +126,17 @@ def main(mode: str, out_path: str) -> None:
     device.destroy()
 
 
-def _out_and_grads(m, inputs, weight):
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    """``p.grad`` after a backward that reached ``p`` (typed Optional)."""
+    assert p.grad is not None, "a parameter got no gradient"
+    return p.grad
+
+
+def _out_and_grads(m, inputs, weight) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Output and parameter gradients of one backward of ``(m(...) * weight).sum()`` on one process."""
     out = m(*inputs[:4], cond_mask_BT=inputs[4])
     (out * weight).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+    return out.detach(), {n: _grad(p).clone() for n, p in m.named_parameters()}
 
 
 def _odd_diffs(name, m, plan, inputs, weight, out1, grads1, sharded) -> dict:
@@ -139,7 +148,7 @@ def _odd_diffs(name, m, plan, inputs, weight, out1, grads1, sharded) -> dict:
     out = m(*inputs[:4], cond_mask_BT=inputs[4])
     (out * weight).sum().backward()
     sync_gradients(plan, m)
-    grads = {n: p.grad for n, p in m.named_parameters()}
+    grads = {n: _grad(p) for n, p in m.named_parameters()}
     if sharded:
         grads = gather_full_state_dict(plan, m, grads)
     m.zero_grad(set_to_none=True)
@@ -179,7 +188,7 @@ def _sequence_parallel_check(model, ref, layout, inputs, weight, out1, grads1, o
 
     models = {"tp": build(False, False), "sp": build(True, False), "sp_ac": build(True, True)}
     sp_model, sp_plan = models["sp"]
-    res = {"sp_partial": sorted(n for n, _ in sp_model.named_parameters()
+    res: Dict[str, Any] = {"sp_partial": sorted(n for n, _ in sp_model.named_parameters()
                                 if sp_plan.role(n).tp_partial == "sequence"),
            "sp_layers": sorted(n for n, lin in sp_plan.tp_linears.items() if lin.sequence_parallel)}
     outs, grads = {}, {}
@@ -188,15 +197,17 @@ def _sequence_parallel_check(model, ref, layout, inputs, weight, out1, grads1, o
         (out * weight).sum().backward()
         sync_gradients(plan, m)
         outs[name] = out.detach()
-        grads[name] = gather_full_state_dict(plan, m, {n: p.grad for n, p in m.named_parameters()})
+        grads[name] = gather_full_state_dict(plan, m, {n: _grad(p) for n, p in m.named_parameters()})
         m.zero_grad(set_to_none=True)
         res[f"{name}_out_max_abs"] = (outs[name] - out1).abs().max().item()
         res[f"{name}_grad_max_abs"] = max((grads[name][n] - grads1[n]).abs().max().item() for n in grads1)
         res[f"{name}_grad_max_rel"] = max(((grads[name][n] - grads1[n]).norm() /
                                            grads1[n].norm().clamp_min(1e-12)).item() for n in grads1)
     res["sp_vs_tp_grad_max_abs"] = max((grads["sp"][n] - grads["tp"][n]).abs().max().item() for n in grads1)
+    odd_inputs, odd_weight, odd_out, odd_grads = odd
     for name in ("sp", "sp_ac"):                       # before the AdamW steps: the weights are still ``model``'s
-        res.update(_odd_diffs(name, *models[name], *odd, sharded=True))
+        m, plan = models[name]
+        res.update(_odd_diffs(name, m, plan, odd_inputs, odd_weight, odd_out, odd_grads, sharded=True))
     res["odd_token_multiple"] = sp_model.token_multiple
     res["out_scale"] = out1.abs().max().item()
     res["grads_nonzero"] = all(grads1[n].abs().sum().item() > 0 for n in grads1)

@@ -79,7 +79,7 @@ def test_steps_mix_token_counts_within_a_step():
     from trainer.data import StepSampler
 
     shapes = [tuple(s) for s in ODD_SHAPES]
-    sampler = StepSampler(shapes, 1, 2, 1234, patch_size=DiTConfig(**DIT2).patch_size)
+    sampler = StepSampler(shapes, 1, 2, 1234, patch_size=tuple(DiTConfig(**DIT2).patch_size))
     per_step = [{shapes[i] for v in (0, 1) for i in sampler.indices(k, v)} for k in range(4)]
     assert any(len(s) == 2 for s in per_step), per_step
 
@@ -129,7 +129,8 @@ def _kill_and_resume(tmp, latents, resume, name: str, kill: str, monkeypatch, **
     with pytest.raises(RuntimeError, match="ended FAILED"):
         _run(tmp, f"{name}-a", latents, out=resume, **kw)
     monkeypatch.delenv(KILL_ENV)
-    assert checkpoint.latest(resume).name == "step_00000002"
+    saved = checkpoint.latest(resume)
+    assert saved is not None and saved.name == "step_00000002"
     _, lines = _run(tmp, f"{name}-b", latents, out=resume, **kw)
     assert any("start_step=2 steps=4" in line for line in lines)
 
