@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (the tiny pipeline) and `make test` (the suite). Each installs
+# The two commands of the README: `make demo` (the tiny pipeline) and `make test` (lint, types, the suite). Each installs
 # what it needs into .venv: torch==2.13.0 first (a CPU build where one is available; otherwise pip would pull a
 # multi-GB CUDA build through a dependency), then the exact pins of requirements.lock.
 PYTHON ?= python3
@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(BIN)/pyflyte run workflows/pipeline.py train_video_model --config $(CONFIG)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 clean-runs:

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.config import CaptionConfig, CurateConfig  # noqa: E402
 from common.storage import list_inputs  # noqa: E402
-from tasks.curate.driver import run_curation  # noqa: E402
 from tasks.curate.decode import read_video  # noqa: E402
+from tasks.curate.driver import run_curation  # noqa: E402
 from tasks.curate.synthetic import SceneSpec, make_scenes_video  # noqa: E402
 
 
@@ -62,7 +62,8 @@ def main() -> None:
             t_full = min(t_full, time.perf_counter() - t0)
     result = {"files": len(files), "frames": frames, "decode_s": t_decode, "full_s": t_full,
               "decode_fps": frames / t_decode, "full_fps": frames / t_full, "ratio": t_decode / t_full,
-              "size": args.size if not args.input else "", "clips_kept": summary["clips_kept"], "load_avg": os.getloadavg()[0], "cpus": os.cpu_count()}
+              "size": args.size if not args.input else "", "clips_kept": summary["clips_kept"],
+              "load_avg": os.getloadavg()[0], "cpus": os.cpu_count()}
     print(json.dumps(result, indent=1))
     out = Path(__file__).resolve().parent / "results" / "curation_cpu.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

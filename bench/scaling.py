@@ -16,8 +16,8 @@ at scale.
 
 ``--cuda`` (not run on the development machine, which has no GPU): one process, the 10B layer (hidden 3456,
 48 heads) with ``--depth`` blocks over a (24, 4, 90, 160) latent (14,400 tokens) and 300 T5-width text tokens,
-bf16 autocast with fp32 master weights (the trainer's GPU path), and prints the trainer's per-step MFU (spec §6.5
-FLOPs over the device peak, ``trainer.device.PEAK_FLOPS_GPU_BF16``).
+bf16 autocast with fp32 master weights (the trainer's GPU path), and prints the trainer's per-step MFU
+(docs/mugv.md §6.5 FLOPs over the device peak, ``trainer.device.PEAK_FLOPS_GPU_BF16``).
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from common.config import LaunchConfig, StageConfig   # noqa: E402
-from models.config import DiTConfig                    # noqa: E402
+from common.config import LaunchConfig, StageConfig  # noqa: E402
+from models.config import DiTConfig  # noqa: E402
 
 
 def write_dataset(root: Path, n: int, latent_shape: tuple, text_shape: tuple, seed: int = 0,

@@ -18,10 +18,10 @@ from models.config import DiTConfig, VAEConfig
 
 @dataclass
 class AestheticConfig:
-    """LAION-style aesthetic predictor: an MLP head on L2-normalised CLIP image embeddings (spec §1.1)."""
+    """LAION-style aesthetic predictor: an MLP head on L2-normalised CLIP image embeddings (docs/mugv.md §1.1)."""
     pretrained: str = ""        # local dir of a CLIP vision model (cluster: openai/clip-vit-large-patch14); "": tiny
     head: str = ""              # LAION MLP head weights (.pth/.safetensors, sac+logos+ava1-l14-linearMSE); "" = random
-    min_score: float = 4.5      # spec §1.1: clips scoring < 4.5 are dropped
+    min_score: float = 4.5      # docs/mugv.md §1.1: clips scoring < 4.5 are dropped
     num_frames: int = 3         # frames scored per clip (mean)
     tiny_hidden: int = 32       # widths of the tiny random CLIP used when pretrained == ""
     tiny_layers: int = 2
@@ -35,7 +35,7 @@ class AestheticConfig:
 
 @dataclass
 class CaptionConfig:
-    """Dense paragraph captions from a Qwen2-VL model (spec §1.2), or the <video>.txt sidecars."""
+    """Dense paragraph captions from a Qwen2-VL model (docs/mugv.md §1.2), or the <video>.txt sidecars."""
     backend: str = "qwen2_vl"   # "qwen2_vl" | "sidecar"
     prefer_sidecar: bool = True # a <video>.txt caption wins over the model when present
     pretrained: str = ""        # local dir of a Qwen2-VL model + tokenizer (cluster: the 7B caption model); "": tiny
@@ -79,11 +79,11 @@ class CurateConfig:
     gradual_window: int = 8               # frames spanned by the fade/dissolve test
     cut_check_threshold: float = 25.0     # a clip whose max frame change (0-255 HSV) exceeds this still has a cut
     analysis_width: int = 256             # scene/text analysis on frames downscaled to this width (PySceneDetect-like)
-    sharpness_min: float = 200.0          # Laplacian variance bounds, MUG-V report §1.1 (on source frames)
+    sharpness_min: float = 200.0          # Laplacian variance bounds, docs/mugv.md §1.1 (on source frames)
     sharpness_max: float = 2000.0
     brightness_min: float = 0.05          # mean luma in [0, 1]; black frames are rejected
     brightness_max: float = 0.95
-    motion_min: float = 1.0               # spec §1.1: mean optical-flow magnitude on 3 frame pairs in [1, 20]
+    motion_min: float = 1.0               # docs/mugv.md §1.1: mean optical-flow magnitude on 3 frame pairs in [1, 20]
     motion_max: float = 20.0
     motion_height: int = 320              # flow is measured at this frame height (Open-Sora practice, 320x576)
     text_area_max: float = 0.05           # choice (the report uses an MLLM): fraction of the frame covered by text
@@ -157,17 +157,52 @@ class CompressConfig:
 
 @dataclass
 class FlowConfig:
-    """Rectified flow as MUG-V trains it (spec §4): t ~ 1000*sigmoid(N(loc, scale)), resolution shift."""
+    """Rectified flow as MUG-V trains it (docs/mugv.md §4): t ~ 1000*sigmoid(N(loc, scale)), resolution shift."""
     t_loc: float = 0.0
     t_scale: float = 1.0
     use_shift: bool = True
+
+
+TASKS = ("t2v", "i2v", "t2i")
+
+
+@dataclass
+class TaskShare:
+    """One task of a stage's mix. MUG-V's training code trains text-to-video, image-to-video and text-to-image, with
+    the t2i loss weighted 0.3 (docs/mugv.md §5.1)."""
+    task: str = "t2v"         # "t2v"; "i2v": latent frame 0 is a clean condition, out of the loss; "t2i": frame 0 alone
+    ratio: float = 1.0        # share of the stage's micro-batches (normalised over the mix; drawn per micro-batch)
+    loss_weight: float = 1.0  # the micro-batch's loss is multiplied by it (MUG-V: t2i 0.3)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got '{self.task}'")
+        if self.ratio <= 0 or self.loss_weight <= 0:
+            raise ValueError(f"task '{self.task}': ratio and loss_weight must be > 0")
+
+
+@dataclass
+class QualityRanking:
+    """How a stage ranks its clips when it keeps only the best ``top_fraction``: the weighted sum of per-column
+    z-scores over the split (a weight of 0 ignores the column). The default is curation's score alone."""
+    score: float = 1.0            # curation's ranking score
+    aesthetic: float = 0.0        # the LAION-style aesthetic score
+    motion: float = 0.0           # closeness to the middle of curation's motion band (log scale): neither static nor shaky
+    sharpness: float = 0.0        # Laplacian variance (log scale)
+    caption_length: float = 0.0   # words in the caption: dense captions first
+
+    def __post_init__(self) -> None:
+        if any(w < 0 for w in (self.score, self.aesthetic, self.motion, self.sharpness, self.caption_length)):
+            raise ValueError("quality weights must be >= 0")
+        if not any((self.score, self.aesthetic, self.motion, self.sharpness, self.caption_length)):
+            raise ValueError("quality: at least one weight must be > 0")
 
 
 @dataclass
 class StageConfig:
     name: str = "stage1"
     steps: int = 10
-    lr: float = 3e-4            # tiny model from scratch; the released MUG-V fine-tune uses 1e-5 (spec §5.2)
+    lr: float = 3e-4            # tiny model from scratch; the released MUG-V fine-tune uses 1e-5 (docs/mugv.md §5.2)
     warmup_steps: int = 2
     micro_batch_size: int = 2   # per data-parallel rank and micro-batch
     micro_batches: int = 1      # gradient accumulation: micro-batches per DP rank per optimizer step (global batch
@@ -199,6 +234,13 @@ class StageConfig:
     distributed_optimizer: bool = False   # megatron DDP + DistributedOptimizer (needs checkpoint_format "dist")
     full_weights: str = "every"   # when rank 0 gathers and writes the full model/ema.safetensors: "every" checkpoint,
                                   # or only at the stage's "final" step (needs "dist"; export others from dist/)
+    task_mix: List[TaskShare] = field(default_factory=lambda: [TaskShare()])   # which tasks, how often, loss weights
+    quality: QualityRanking = field(default_factory=QualityRanking)        # the ranking that top_fraction keeps
+    objective: str = "flow"       # "flow": rectified-flow loss; "flow_dpo": Flow-DPO on preference pairs (reference =
+                                  # the init checkpoint, frozen; or the same weights with the LoRA adapters off)
+    dpo_beta: float = 500.0       # Flow-DPO's constant beta (Liu et al. 2025: 500; a time-weighted beta reward-hacked)
+    lora_rank: int = 0            # > 0: train LoRA adapters on the attention and MLP linears only (MUG-V: r 64)
+    lora_alpha: float = 32.0      # adapter scale alpha / rank (MUG-V: alpha 32)
 
     def __post_init__(self) -> None:
         for k in ("steps", "micro_batch_size", "micro_batches", "tensor_parallel", "data_parallel", "context_parallel",
@@ -225,6 +267,14 @@ class StageConfig:
                              "is saved sharded with megatron dist_checkpointing)")
         if self.full_weights not in ("every", "final"):
             raise ValueError(f"stage '{self.name}': full_weights must be 'every' or 'final', got '{self.full_weights}'")
+        if not self.task_mix:
+            raise ValueError(f"stage '{self.name}': task_mix must list at least one task")
+        if len({t.task for t in self.task_mix}) != len(self.task_mix):
+            raise ValueError(f"stage '{self.name}': task_mix lists a task twice")
+        if self.objective not in ("flow", "flow_dpo"):
+            raise ValueError(f"stage '{self.name}': objective must be 'flow' or 'flow_dpo', got '{self.objective}'")
+        if self.dpo_beta <= 0 or self.lora_rank < 0 or self.lora_alpha <= 0:
+            raise ValueError(f"stage '{self.name}': dpo_beta and lora_alpha must be > 0, lora_rank >= 0")
         if self.full_weights == "final" and self.checkpoint_format != "dist":
             raise ValueError(f"stage '{self.name}': full_weights 'final' needs checkpoint_format 'dist' (the other "
                              "checkpoints then hold the weights only in dist/)")
@@ -255,6 +305,26 @@ class LaunchConfig:
 
 
 @dataclass
+class PairsConfig:
+    """Preference pairs for the ``preference`` stage (format: docs/artifacts.md, "PreferencePairs")."""
+    source: str = "auto"      # "auto": built from held-in clips (no human labels); else a pair table: a .parquet,
+                              # .csv or .jsonl file (or s3:// URI) whose video paths are relative to it
+    corruptions: List[str] = field(default_factory=lambda: ["shuffle", "reverse", "noise"])   # auto losers, in turn
+    noise_std: float = 1.0    # "noise": the winner's normalised latent + noise_std * N(0, 1)
+    max_pairs: int = 0        # 0: every pair
+    dimensions: List[str] = field(default_factory=lambda: ["visual_quality", "motion_quality", "text_alignment"])
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.corruptions) - {"shuffle", "reverse", "noise"})
+        if bad or not self.corruptions:
+            raise ValueError(f"train.pairs.corruptions must be a non-empty list of 'shuffle', 'reverse', 'noise'; "
+                             f"got {self.corruptions}")
+        if self.noise_std <= 0 or self.max_pairs < 0:
+            raise ValueError("train.pairs.noise_std must be > 0 and max_pairs >= 0")
+
+
+@dataclass
 class TrainConfig:
     dit: DiTConfig = field(default_factory=DiTConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -263,17 +333,28 @@ class TrainConfig:
         StageConfig(name="stage2_tp2", data_parallel=1, tensor_parallel=2),
     ])
     post_train: StageConfig = field(default_factory=lambda: StageConfig(
-        name="post_train_sft", steps=5, lr=1e-4, warmup_steps=0, top_fraction=0.5))
+        name="post_train_sft", steps=5, lr=1e-4, warmup_steps=0, top_fraction=0.5, lr_schedule="linear", min_lr=0.0,
+        quality=QualityRanking(score=0.0, aesthetic=1.0, motion=0.5, sharpness=0.5, caption_length=0.25)))
+    preference: StageConfig = field(default_factory=lambda: StageConfig(
+        name="preference_dpo", steps=5, lr=1e-5, warmup_steps=0, objective="flow_dpo"))
+    pairs: PairsConfig = field(default_factory=lambda: PairsConfig())
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("train.stages must list at least one stage")
-        names = [s.name for s in self.stages] + [self.post_train.name]
+        names = [s.name for s in self.stages] + [self.post_train.name, self.preference.name]
         if len(set(names)) != len(names):
             raise ValueError(f"train.stages: stage names must be unique, got {names}")
-        for i, s in enumerate(self.stages + [self.post_train]):
-            check_stage_layout(s, self.dit, f"train.stages[{i}]" if i < len(self.stages) else "train.post_train")
+        named = [(f"train.stages[{i}]", s) for i, s in enumerate(self.stages)]
+        named += [("train.post_train", self.post_train), ("train.preference", self.preference)]
+        for where, s in named:
+            check_stage_layout(s, self.dit, where)
+        if self.preference.objective != "flow_dpo":
+            raise ValueError("train.preference.objective must be 'flow_dpo' (the preference stage optimises pairs)")
+        for where, s in named[:-1]:
+            if s.objective != "flow":
+                raise ValueError(f"{where}.objective must be 'flow' (only train.preference trains on pairs)")
 
 
 def check_stage_layout(stage: StageConfig, dit: DiTConfig, where: str) -> None:
@@ -335,7 +416,7 @@ class PipelineConfig:
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{path or '<root>'}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Dict, List, Tuple
+from typing import Dict, List, Literal, Tuple
 from urllib.parse import urlparse
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv",
@@ -79,7 +79,7 @@ class _S3:
     def __enter__(self) -> "_S3":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc is None or isinstance(exc, (FileNotFoundError, ValueError)):
             return False
         import urllib3

@@ -1,4 +1,6 @@
-"""ImageSpecs the tasks run in on a cluster.
+"""The two images of the platform, as flytekit ImageSpecs: ``cpu_image`` (every Flyte task today: orchestration,
+curation, compression, evaluation, registration and the TorchX launcher of a training stage) and ``cuda_image`` (the
+torchrun workers of a training stage on a GPU cluster: Megatron-Core, flash-attn).
 
 Declaring an ImageSpec builds nothing: local `pyflyte run` ignores it, and `pyflyte register`/`--remote` builds
 it (needs a Docker engine; none on the development machine, so these were not built there). The Dockerfiles
@@ -18,9 +20,9 @@ _COMMON = [
     "av==18.1.0", "torchx==0.7.0",
 ]
 
-# CPU image: curation and compression (decord, PySceneDetect, OpenCV), the Flyte tasks that launch TorchX jobs.
-curation_image = ImageSpec(
-    name="video-gen-curation",
+# CPU image: the Flyte tasks (curation with decord, PySceneDetect, OpenCV; the launcher of TorchX jobs).
+cpu_image = ImageSpec(
+    name="video-gen-cpu",
     registry=REGISTRY,
     python_version="3.11",
     packages=["torch==2.13.0", "decord==0.6.0", "scenedetect", "opencv-python-headless", *_COMMON],
@@ -28,8 +30,9 @@ curation_image = ImageSpec(
 )
 
 # CUDA image: the torchrun workers (Megatron-Core, flash-attn). Base: NVIDIA's PyTorch container, as MUG-V uses.
-training_image = ImageSpec(
-    name="video-gen-trainer",
+# A stage on Kubernetes names it in train.launch.image.
+cuda_image = ImageSpec(
+    name="video-gen-cuda",
     registry=REGISTRY,
     base_image="nvcr.io/nvidia/pytorch:25.02-py3",
     packages=["megatron-core==0.16.1", "psutil", "flash-attn>=2.8", *_COMMON],

@@ -1,7 +1,7 @@
 """Model configs: plain dataclasses, importable without torch.
 
 One class per model family; every size is a one-line factory over it (``tiny()``, ``mugv_10b()``).
-Facts behind the numbers: ../shared/notes/mugv_spec.md §2 (VAE) and §3 (DiT).
+Facts behind the numbers: docs/mugv.md §2 (VAE) and §3 (DiT).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import List
 
 @dataclass
 class DiTConfig:
-    in_channels: int = 24          # VAE latent channels (spec §2.3)
+    in_channels: int = 24          # VAE latent channels (docs/mugv.md §2.3)
     patch_size: List[int] = field(default_factory=lambda: [1, 2, 2])  # (t, h, w); MUG-V has no temporal patching
     hidden_size: int = 144         # tiny: 144 = 2 heads x 72 (RoPE needs head_dim % 6 == 0, docs/mugv.md §9.3)
     depth: int = 2
@@ -50,7 +50,8 @@ def dit_mugv_10b(**kw) -> DiTConfig:
 
 @dataclass
 class VAEConfig:
-    """MUG-V video VAE (spec §2): a per-frame 2D AutoencoderKL trunk (x8 spatial), then a temporal VAE (x8 time).
+    """MUG-V video VAE (docs/mugv.md §2): a per-frame 2D AutoencoderKL trunk (x8 spatial), then a temporal VAE
+    (x8 time).
 
     ``vae_mugv()`` is the released architecture (SDXL-VAE 2D stage + MUGVAETemporal, ~412 M parameters); the default
     (``vae_tiny()``) is the same module graph with small widths and fewer blocks for CPU tests and the demo.

@@ -1,6 +1,6 @@
 """MUGDiT checkpoint converters: MUG-V inference ``dit.pt`` <-> ours <-> Megatron-Core, and tensor-parallel shards.
 
-Three layouts of the same weights (spec §6.7):
+Three layouts of the same weights (docs/mugv.md §6.7):
 
 - **mugv**: the released inference checkpoint (`Shopee-MUG/MUG-V` ``mug_v/dit/model.py``, loaded there with
   ``model.load_state_dict(torch.load(path), strict=True)``: a flat dict, bf16). No null caption: MUG-V ships it
@@ -37,7 +37,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from models.weights import StateDict, WeightsError, read_state_dict, unwrap_state_dict
-
 
 Y_EMBEDDING = "y_embedder.y_embedding"
 FREQ_DIM = 256                         # sinusoid width of the timestep/fps embedders (models/dit.py FREQ_DIM)
@@ -251,7 +250,7 @@ def _top_from_megatron(name: str) -> Optional[str]:
 
 
 def to_megatron(ours_sd: StateDict, cfg=None, *, extra_state: bool = False) -> StateDict:
-    """Ours -> the Megatron-Core model state dict of the training repo (spec §6.7 names; qkv/kv rows per head).
+    """Ours -> the Megatron-Core model state dict of the training repo (docs/mugv.md §6.7 names; qkv/kv rows per head).
 
     Works on full or TP-sharded dicts (head_dim comes from the QK-norm weights). ``extra_state=True`` adds the
     ``_extra_state: None`` entries Transformer Engine layers expect (``--use-te``). ``cfg`` (a DiTConfig) adds a full

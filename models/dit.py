@@ -1,4 +1,4 @@
-"""MUGDiT: the MUG-V video diffusion transformer (spec §3), one class for every size.
+"""MUGDiT: the MUG-V video diffusion transformer (docs/mugv.md §3), one class for every size.
 
     import torch
     from models.dit import tiny, mugv_10b, count_params
@@ -30,7 +30,7 @@ from models.attention import attention
 from models.config import DiTConfig, dit_mugv_10b, dit_tiny
 
 DEFAULT_FPS = 24.0          # the released training loader's fps (the inference script passes 30)
-FREQ_DIM = 256              # sinusoidal timestep/fps features (spec §3.3)
+FREQ_DIM = 256              # sinusoidal timestep/fps features (docs/mugv.md §3.3)
 ROPE_THETA = 10000.0
 ROPE_MAX_FRAME = 479        # reference frame table has time_end=480 (1 min of latents); later frames are clamped
 EPS = 1e-6                  # LayerNorm and QK RMSNorm eps of the HF model (Megatron's LN default is 1e-5)
@@ -198,7 +198,7 @@ class CrossAttention(nn.Module):
 
 
 class MUGDiTBlock(nn.Module):
-    """AdaLN-Zero self-attention (QK norm, 3D RoPE) -> ungated cross-attention -> modulated MLP (spec §3.4)."""
+    """AdaLN-Zero self-attention (QK norm, 3D RoPE) -> ungated cross-attention -> modulated MLP (docs/mugv.md §3.4)."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Model FLOPs of MUGDiT, exactly the training repo's MFU formula (spec §6.5, ``model_flops_utilization.py``).
+"""Model FLOPs of MUGDiT, exactly the training repo's MFU formula (docs/mugv.md §6.5, ``model_flops_utilization.py``).
 
     from models.flops import dit_train_flops, mfu
     f = dit_train_flops(dit_mugv_10b(), (1, 14, 90, 160))      # 720p 5 s latent -> 8.7686e15 FLOPs per sample

@@ -1,4 +1,4 @@
-"""T5 text encoder for caption features (spec §1.2): a transformers ``T5EncoderModel`` plus its tokenizer.
+"""T5 text encoder for caption features (docs/mugv.md §1.2): a transformers ``T5EncoderModel`` plus its tokenizer.
 
 Production loads T5-v1.1-XXL with ``TextEncoder.from_pretrained(path_or_id, max_length=300)``. Tests and the tiny
 pipeline build ``TextEncoder.tiny(...)``: a random-init T5 from ``T5Config`` and a byte-level tokenizer built in code
@@ -78,10 +78,10 @@ class TextEncoder:
         if d_model % num_heads:
             raise ValueError(f"TextEncoder.tiny: d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         tokenizer = byte_level_tokenizer(max_length)
-        config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
-                          num_layers=num_layers, num_heads=num_heads, dropout_rate=0.0,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                          decoder_start_token_id=tokenizer.pad_token_id)
+        config = T5Config(  # type: ignore[call-arg]  # transformers' stubs miss T5's generation kwargs
+            vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
+            num_layers=num_layers, num_heads=num_heads, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = T5EncoderModel(config)

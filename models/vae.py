@@ -1,4 +1,4 @@
-"""The MUG-V video VAE (spec §2), written so the released MUG-V ``vae.pt`` loads into it by key name.
+"""The MUG-V video VAE (docs/mugv.md §2), written so the released MUG-V ``vae.pt`` loads into it by key name.
 
 Layout (names are the reference's state-dict names, ``mug_v/encoder/vae/``):
 
@@ -50,7 +50,7 @@ from models.weights import check_state_dict, read_state_dict, shapes_of, unwrap_
 
 CHUNK = 8   # pixel frames per latent frame (temporal_downsample)
 
-# Per-channel latent statistics of the released MUG-V VAE (reference MUGVAE(mean=..., std=...), spec §2.3).
+# Per-channel latent statistics of the released MUG-V VAE (reference MUGVAE(mean=..., std=...), docs/mugv.md §2.3).
 MUGV_LATENT_MEAN: Tuple[float, ...] = (
     -0.0194091796875, 0.09619140625, -0.796875, 0.1591796875, -0.2578125, 0.359375, -0.3203125, -0.287109375,
     -0.0069580078125, 0.3046875, 0.310546875, -0.451171875, -0.1728515625, 0.369140625, 0.2177734375,
@@ -192,7 +192,7 @@ class TemporalVAE(nn.Module):
 # --------------------------------------------------------------------------------------------------- the video VAE
 
 class DiagonalGaussian:
-    """Posterior N(mean, exp(logvar)) from moments [B, 2C, t, h, w]; logvar clamped to [-30, 20] (spec §2.2)."""
+    """Posterior N(mean, exp(logvar)) from moments [B, 2C, t, h, w]; logvar clamped to [-30, 20] (docs/mugv.md §2.2)."""
 
     def __init__(self, moments: torch.Tensor) -> None:
         self.mean, logvar = moments.chunk(2, dim=1)

@@ -13,6 +13,7 @@ from torch import nn
 
 from models.config import VAEConfig
 
+
 class ResnetBlock2D(nn.Module):
     """GN -> SiLU -> conv3x3, twice, plus a 1x1 ``conv_shortcut`` when widths differ (GroupNorm eps 1e-6)."""
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from flytekit.types.directory import FlyteDirectory
 
 from common.config import TrackingConfig
-from common.hashing import code_version  # noqa: F401  TODO(rename): tasks/train/task.py imports it from here
 
 
 def artifact_dir(tracking: TrackingConfig, stage: str, key: str) -> Path:

@@ -8,17 +8,17 @@ from flytekit.types.file import FlyteFile
 
 from common import tracking
 from common.config import PipelineConfig, config_hash, load_config, to_dict
-from containers.images import curation_image
+from containers.images import cpu_image
 from tasks.types import ClipManifest, EvalReport, ModelVersion
 
 
-@task(container_image=curation_image)
+@task(container_image=cpu_image)
 def load_pipeline_config(config: FlyteFile) -> PipelineConfig:
     """Parse the YAML strictly (an unknown key or a wrong type is an error naming it)."""
     return load_config(config.download())
 
 
-@task(container_image=curation_image)
+@task(container_image=cpu_image)
 def start_tracking(config: PipelineConfig) -> str:
     """Create this execution's MLflow parent run; its id is passed to every task, which logs a child run under it."""
     ctx = current_context()
@@ -30,7 +30,7 @@ def start_tracking(config: PipelineConfig) -> str:
               "flyte.execution": execution})
 
 
-@task(container_image=curation_image)
+@task(container_image=cpu_image)
 def finish_tracking(config: PipelineConfig, parent_run: str, manifest: ClipManifest, report: EvalReport,
                     model: ModelVersion) -> str:
     """Close the parent run and say what was produced and how to browse it."""

@@ -1,4 +1,4 @@
-"""Typed artifacts that flow between tasks (see ../shared/DESIGN.md and docs/artifacts.md).
+"""Typed artifacts that flow between tasks (formats: docs/artifacts.md).
 
 Each holds its folder, its content hash, the hashes of what it was made from, and the config that made it, so the
 lineage (raw videos -> clips -> latents -> checkpoints -> samples -> model version) is in the types.

@@ -109,7 +109,7 @@ def test_import_names_every_bad_key():
 # ------------------------------------------------------------------------------------------------ megatron
 
 
-MEGATRON_BLOCK0 = {   # spec §6.7, HF -> mcore
+MEGATRON_BLOCK0 = {   # docs/mugv.md §6.7, HF -> mcore
     "blocks.0.attn.qkv.weight": "decoder.layers.0.self_attention.linear_qkv.weight",
     "blocks.0.attn.qkv.bias": "decoder.layers.0.self_attention.linear_qkv.bias",
     "blocks.0.attn.proj.weight": "decoder.layers.0.self_attention.linear_proj.weight",

@@ -190,7 +190,8 @@ def test_run_curation_accounts_for_every_input(tmp_path):
     assert len(failed) == 4 and (failed.reason != "").all() and failed.start_frame.isna().all()
     assert failed.sharpness.isna().all() and (failed.clip_id == "").all() and (failed.path == "").all()
     kept = df[df.status == "kept"]
-    assert len(kept) == 2 and (kept.reason == "").all() and (kept.caption == "a textured square moving aesthetic score: 5.0.").all()
+    assert len(kept) == 2 and (kept.reason == "").all()
+    assert (kept.caption == "a textured square moving aesthetic score: 5.0.").all()
     assert kept.clip_id.str.fullmatch(r"[0-9a-f]{16}").all() and df[df.clip_id != ""].clip_id.is_unique
     assert ((kept.end_frame - kept.start_frame) == 17).all() and (kept.bucket == "64x64x17").all()
     assert (kept.start_frame >= 0).all() and (kept.end_frame <= 40).all()   # inside the first scene
@@ -200,7 +201,8 @@ def test_run_curation_accounts_for_every_input(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "clips").iterdir()) == sorted(f"{c}.mp4" for c in kept.clip_id)
     short = df[df.reason.str.startswith("scene too short")]
     assert len(short) == 1 and short.iloc[0].reason == "scene too short: 10 < 17 frames"
-    assert df[df.source_uri.str.endswith("allbad.mp4")].caption.eq("a video").all() and (kept.caption_source == "sidecar").all()
+    assert df[df.source_uri.str.endswith("allbad.mp4")].caption.eq("a video").all()
+    assert (kept.caption_source == "sidecar").all()
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
     assert summary["content_hash"] == content_hash(tmp_path / "out")
     assert len(summary["source_hashes"]) == 7 and summary["source_hashes"][1] == "e3b0c44298fc1c14"  # sha256(b"")

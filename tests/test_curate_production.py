@@ -12,7 +12,6 @@ import av
 import numpy as np
 import pandas as pd
 import pytest
-
 from flytekit import workflow
 
 from common.config import CaptionConfig, CurateConfig, TrackingConfig

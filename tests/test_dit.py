@@ -25,7 +25,7 @@ B, C, T, H, W, S, D = 2, 24, 3, 8, 8, 16, 64
 
 
 def expected_params(cfg: DiTConfig) -> int:
-    """Hand formula of spec §3.2, written out per module."""
+    """Hand formula of docs/mugv.md §3.2, written out per module."""
     h, hd, f = cfg.hidden_size, cfg.head_dim, int(cfg.hidden_size * cfg.mlp_ratio)
     dc, c = cfg.caption_channels, cfg.in_channels
     p = math.prod(cfg.patch_size)
@@ -115,8 +115,8 @@ def test_gradients_reach_every_parameter():
 def test_one_training_step_moves_zero_init_output():
     torch.manual_seed(0)
     model = tiny()
-    x, t, text, mask = make_inputs()
-    x_t, t, noise = training_step_inputs(x, torch.Generator().manual_seed(0), 0.0, 1.0, True)
+    x, t, text, mask = make_inputs()   # x is randn from seed 0: the noise must come from another seed
+    x_t, t, noise = training_step_inputs(x, torch.Generator().manual_seed(1), 0.0, 1.0, True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     flow_loss(model(x_t, t, text, mask), x, noise).mean().backward()
     opt.step()

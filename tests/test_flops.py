@@ -1,4 +1,4 @@
-"""models/flops.py: the spec §6.5 MFU formula by hand, the spec's worked examples, and a count of the real model."""
+"""models/flops.py: the docs/mugv.md §6.5 MFU formula by hand, its worked examples, and a count of the real model."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,8 @@ from models.flops import dit_forward_flops, dit_train_flops, flop_counter, mfu
 
 
 def test_10b_720p_5s_worked_example():
-    """Spec §6.5: h=3456, N=56, L=14·45·80=50,400, C=300, E=12 -> 8.7686e15 FLOPs per sample; E=16 -> 11.69e15."""
+    """docs/mugv.md §6.5: h=3456, N=56, L=14·45·80=50,400, C=300, E=12 -> 8.7686e15 FLOPs per sample; E=16 ->
+    11.69e15."""
     cfg = dit_mugv_10b()
     f = dit_train_flops(cfg, (1, 14, 90, 160))
     assert f == pytest.approx(8.7686e15, rel=1e-4)

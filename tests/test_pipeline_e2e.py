@@ -99,7 +99,8 @@ def test_registered_version_has_alias_and_lineage(pipeline_run):
 
 def test_stage2_resumed_from_stage1(pipeline_run):
     arts = pipeline_run["root"] / "artifacts" / "train"
-    jobs = {p.name.split("-")[0]: json.loads((p / "job.json").read_text()) for p in arts.iterdir() if (p / "job.json").exists()}
+    jobs = {p.name.split("-")[0]: json.loads((p / "job.json").read_text()) for p in arts.iterdir()
+            if (p / "job.json").exists()}
     assert jobs["stage1_dp2"]["init_checkpoint"] == ""
     assert "stage1_dp2" in jobs["stage2_tp2"]["init_checkpoint"]
     assert "stage2_tp2" in jobs["post_train_sft"]["init_checkpoint"]

@@ -1,11 +1,18 @@
-"""Rectified flow (spec §4): timestep sampling and shift, interpolation, masked loss, Euler CFG sampler."""
+"""Rectified flow (docs/mugv.md §4): timestep sampling and shift, interpolation, masked loss, Euler CFG sampler."""
 import math
 
 import pytest
 import torch
 
 from models.rectified_flow import (
-    euler_sample, flow_loss, interpolate, sample_t, shift_t, training_step_inputs, velocity_target)
+    euler_sample,
+    flow_loss,
+    interpolate,
+    sample_t,
+    shift_t,
+    training_step_inputs,
+    velocity_target,
+)
 
 
 def test_sample_t_range_and_median():

@@ -3,7 +3,8 @@ stage.distributed_optimizer), through the real launch path (run_stage -> TorchX 
 
 Checked: a TP=2 "dist" stage stopped after step 2 resumes from dist/ and ends bitwise equal to an uninterrupted
 run; its dist/ checkpoint loads into a TP=1 model (resharding) with
-the gathered TP=2 weights bitwise; with megatron's DistributedOptimizer (DP=2), a stage whose rank 1 SIGKILLs itself after step 3 (checkpoints every
+the gathered TP=2 weights bitwise; with megatron's DistributedOptimizer (DP=2), a stage whose rank 1 SIGKILLs
+itself after step 3 (checkpoints every
 2) resumes and ends bitwise equal to an uninterrupted run
 (needs the Adam-step fix in trainer/train.py); a corrupted dist/ file is detected by its checksum.
 """
@@ -16,8 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (assert_equal_step_folders as _equal_step_folders, killed_and_rerun as _killed_and_rerun,
-                     run_stage_job as _run, stage_config as _stage, stage_metrics as _metrics, write_latent_dataset)
+from common.hashing import sha256_file
+from helpers import assert_equal_step_folders as _equal_step_folders
+from helpers import killed_and_rerun as _killed_and_rerun
+from helpers import run_stage_job as _run
+from helpers import stage_config as _stage
+from helpers import stage_metrics as _metrics
+from helpers import write_latent_dataset
 from trainer import checkpoint
 
 
@@ -97,7 +103,7 @@ def test_corrupt_dist_file_is_detected(tmp_path):
     (step_dir / "dist").mkdir(parents=True)
     (step_dir / "dist" / "__0_0.distcp").write_bytes(b"shard-bytes")
     (step_dir / "dist" / ".metadata").write_bytes(b"meta")
-    sums = {f"dist/{p.name}": checkpoint._sha256(p) for p in (step_dir / "dist").iterdir()}
+    sums = {f"dist/{p.name}": sha256_file(p) for p in (step_dir / "dist").iterdir()}
     (step_dir / "meta.json").write_text(json.dumps({"step": 1, "checksums": sums}))
     assert checkpoint.verify(step_dir, under="dist")["step"] == 1
     (step_dir / "dist" / "__0_0.distcp").write_bytes(b"shard-bytez")
@@ -111,6 +117,6 @@ def _full_only(tmp: Path) -> Path:
     d = tmp / "step_full"
     d.mkdir()
     (d / "model.safetensors").write_bytes(b"x")
-    (d / "meta.json").write_text(json.dumps({"step": 1, "checksums": {"model.safetensors": checkpoint._sha256(
+    (d / "meta.json").write_text(json.dumps({"step": 1, "checksums": {"model.safetensors": sha256_file(
         d / "model.safetensors")}}))
     return d

@@ -22,8 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (TOL, assert_equal_step_folders as _equal_step_folders, killed_and_rerun as _killed_and_rerun,
-                     run_stage_job as _run, stage_config as _stage, stage_metrics as _metrics, write_latent_dataset)
+from common.hashing import sha256_file
+from helpers import TOL, write_latent_dataset
+from helpers import assert_equal_step_folders as _equal_step_folders
+from helpers import killed_and_rerun as _killed_and_rerun
+from helpers import run_stage_job as _run
+from helpers import stage_config as _stage
+from helpers import stage_metrics as _metrics
 from trainer import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +146,7 @@ def _fake_step(tmp: Path, meta: dict, world: int) -> Path:
     sums = {}
     for r in range(world):
         torch.save({"rng": torch.get_rng_state(), "step": 2, "src": r}, step / "optim" / f"rank{r:05d}.pt")
-        sums[f"optim/rank{r:05d}.pt"] = checkpoint._sha256(step / "optim" / f"rank{r:05d}.pt")
+        sums[f"optim/rank{r:05d}.pt"] = sha256_file(step / "optim" / f"rank{r:05d}.pt")
     (step / "meta.json").write_text(json.dumps({**meta, "step": 2, "checksums": sums}))
     return step
 

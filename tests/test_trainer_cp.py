@@ -10,14 +10,14 @@ size.
 """
 from __future__ import annotations
 
-
 import pytest
 
 from common.config import StageConfig
+from helpers import ODD_SHAPES, TOL, assert_odd_tokens_exact, assert_steps_see_both_shapes, write_latent_dataset
+from helpers import run_stage_job as _run
+from helpers import stage_config as _stage
+from helpers import stage_metrics as _metrics
 from parallel_output_check import run_check
-from helpers import (ODD_SHAPES, TOL, assert_odd_tokens_exact, assert_steps_see_both_shapes, run_stage_job as _run,
-                     stage_config as _stage, stage_metrics as _metrics, write_latent_dataset)
-
 
 
 @pytest.mark.timeout(60)

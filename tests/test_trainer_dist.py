@@ -17,12 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import LAUNCH, TINY_DIT, TOL, write_latent_dataset
+from helpers import run_stage_job as _run
+from helpers import stage_config as _stage
+from helpers import stage_metrics as _metrics
 from models.config import DiTConfig
-from helpers import (LAUNCH, TINY_DIT, TOL, run_stage_job as _run, stage_config as _stage, stage_metrics as _metrics,
-                     write_latent_dataset)
 from trainer import checkpoint
 from trainer.job import StageJob
 from trainer.launch import run_stage
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -38,7 +41,7 @@ def test_dp2_stage_learns_and_writes_checkpoints(tiny):
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert set(rows[0]) == {"step", "loss", "grad_norm", "lr", "step_time_s", "samples_per_s", "tokens_per_s", "mfu"}
-    # 4 clips x 3*4*4 tokens per step (latent [24,3,8,8], patch (1,2,2)); MFU = spec §6.5 FLOPs / time / peak
+    # 4 clips x 3*4*4 tokens per step (latent [24,3,8,8], patch (1,2,2)); MFU = docs/mugv.md §6.5 FLOPs / time / peak
     from models.flops import dit_train_flops
     from trainer import device
 
@@ -148,7 +151,8 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_dp2_losses.json"
 
 @pytest.mark.timeout(60)
 def test_first_ten_losses_match_golden(tiny):
-    """The first ten losses of the seeded tiny DP=2 run match the golden file to 1e-3 (CPU kernels differ across hosts) (regenerate: UPDATE_GOLDEN=1)."""
+    """The first ten losses of the seeded tiny DP=2 run match the golden file to 1e-3 (CPU kernels differ across
+    hosts) (regenerate: UPDATE_GOLDEN=1)."""
     import os
 
     losses = [r["loss"] for r in _metrics(tiny[2])[:10]]

@@ -18,13 +18,14 @@ earlier, with 50-token clips only, 1.1244835 vs 1.1245952 with and without SP), 
 """
 from __future__ import annotations
 
-
 import pytest
 
 from common.config import PipelineConfig, StageConfig, from_dict
+from helpers import ODD_SHAPES, TOL, assert_odd_tokens_exact, assert_steps_see_both_shapes, write_latent_dataset
+from helpers import run_stage_job as _run
+from helpers import stage_config as _stage
+from helpers import stage_metrics as _metrics
 from parallel_output_check import run_check
-from helpers import (ODD_SHAPES, TOL, assert_odd_tokens_exact, assert_steps_see_both_shapes, run_stage_job as _run,
-                     stage_config as _stage, stage_metrics as _metrics, write_latent_dataset)
 from trainer import checkpoint
 
 SP_PARTIAL = {"attn.proj.bias", "cross_attn.proj.bias", "cross_attn_norm.bias", "cross_attn_norm.weight",

@@ -21,8 +21,16 @@ import torch
 from safetensors.torch import save_file
 
 from models.config import VAEConfig, vae_mugv, vae_tiny
-from models.vae import (MUGV_LATENT_MEAN, MUGV_LATENT_STD, DiagonalGaussian, VideoVAE, load_mugv_vae,
-                        load_vae_state, mugv, tiny)
+from models.vae import (
+    MUGV_LATENT_MEAN,
+    MUGV_LATENT_STD,
+    DiagonalGaussian,
+    VideoVAE,
+    load_mugv_vae,
+    load_vae_state,
+    mugv,
+    tiny,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mugv_vae_keys.json"
 MUGV_PARAMS = 411_752_900   # reference MUGAutoencoderPipeline: 2D 83,653,863 + temporal 328,099,036 + logvar 1

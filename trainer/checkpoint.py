@@ -35,7 +35,6 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-_sha256 = sha256_file   # the full hex digest of meta.json "checksums" (tests/test_trainer_ckpt*.py call it too)
 
 
 def _barrier() -> None:
@@ -80,7 +79,7 @@ def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dic
     barrier()
     if rank == 0:
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        meta = {**meta, "step": step, "checksums": {f: _sha256(tmp / f) for f in files}}
+        meta = {**meta, "step": step, "checksums": {f: sha256_file(tmp / f) for f in files}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         if final.exists():   # a re-run of the same step replaces it
             shutil.rmtree(final)
@@ -138,7 +137,7 @@ def verify(step_dir: str | Path, only: Optional[list] = None, under: Optional[st
         path = step_dir / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {step_dir}: {name} is missing (listed in meta.json)")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise CheckpointError(f"checkpoint {step_dir}: checksum mismatch for {name} (expected {expected[:12]}..., "
                                   f"got {actual[:12]}...); the file is corrupt: delete {step_dir} and resume from an "

@@ -11,7 +11,7 @@ shell expansion of TorchX's ``rank0_env`` macro (the scheduler fills in the name
 Environment: ``OMP_NUM_THREADS = max(1, cpu // nproc_per_node)`` unless ``env`` sets it, so the workers of one
 node share its CPUs instead of each starting ``cpu`` threads (torchrun would otherwise force 1);
 ``PYTHONUNBUFFERED=1`` so every loss line reaches the log as it is printed; ``LOGLEVEL=WARNING`` keeps torchrun quiet;
-``CUDA_DEVICE_MAX_CONNECTIONS=1`` with GPUs (megatron's TP layers expect it, spec §6.3).
+``CUDA_DEVICE_MAX_CONNECTIONS=1`` with GPUs (megatron's TP layers expect it, docs/mugv.md §6.3).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def stage_app(job_path: str, nnodes: int = 1, nproc_per_node: int = 2,
         "-m", "trainer.train", "--job", shlex.quote(job_path),
     ])
     role_env = {"OMP_NUM_THREADS": str(max(1, cpu // nproc_per_node)), "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING"}
-    if gpu > 0:   # megatron's TP all-reduce ordering assumption (spec §6.3)
+    if gpu > 0:   # megatron's TP all-reduce ordering assumption (docs/mugv.md §6.3)
         role_env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     role_env.update(env or {})
     return specs.AppDef(name=name, roles=[specs.Role(

@@ -74,7 +74,9 @@ class _LogTail:
     """Reads only the lines appended since the last call to each replica's combined.log (local_cwd)."""
 
     def __init__(self, app_dir: Path):
-        self.app_dir, self.offsets, self.partial = app_dir, {}, {}
+        self.app_dir = app_dir
+        self.offsets: Dict[Path, int] = {}
+        self.partial: Dict[Path, str] = {}
         self.history: List[str] = []
 
     def new_lines(self) -> List[str]:

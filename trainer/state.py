@@ -14,7 +14,7 @@ distributed optimizer needs the Adam-step fix below (``_restore_adam_step``; doc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -104,14 +104,14 @@ def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None)
             "micro_batches": st.micro_batches, "dit": to_dict(job.dit), "loss": loss,
             "checkpoint_format": st.checkpoint_format, "distributed_optimizer": st.distributed_optimizer,
             "optimizer_in_dist": dist_fmt, "full_weights": write_full, "sequence_parallel": plan.sequence_parallel}
-    rank_state = {"rng": torch.get_rng_state()}
+    rank_state: Dict[str, Any] = {"rng": torch.get_rng_state()}
     if ddp is not None:
         rank_state["adam_step"] = _adam_step(opt)
     elif dist_fmt:   # the moments go to dist/ (reshardable); steps and param groups stay here
         rank_state["optimizer"], rank_state["optimizer_in_dist"] = _optimizer_without_moments(opt), True
     else:
         rank_state["optimizer"] = opt.state_dict()
-    dist_state = None
+    dist_state: Optional[Dict[str, Any]] = None
     if dist_fmt:
         dist_state = {"model": dist_sharded_state_dict(plan, model.state_dict(), "model."),
                       "ema": dist_sharded_state_dict(plan, ema, "ema.")}
@@ -153,13 +153,14 @@ def _load_dist(step_dir, plan, model, ema=None, opt=None, rank_state=None, disto
     ``opt``: the distributed optimizer (``distopt``: its state is in ``dist/``), or torch AdamW, whose moments are in
     ``dist/`` when ``rank_state["optimizer"]`` was saved without them (else, older checkpoints, all of its state is
     in ``rank_state``)."""
+    rank_state = rank_state or {}
     local = model.state_dict()
     request = {"model": dist_sharded_state_dict(plan, local, "model.")}
     if ema is not None:
         request["ema"] = dist_sharded_state_dict(plan, ema, "ema.")
-    adam_sd = rank_state.get("optimizer") if rank_state is not None and opt is not None and not distopt else None
+    adam_sd: Dict[str, Any] = (rank_state.get("optimizer") or {}) if opt is not None and not distopt else {}
     trainable = _trainable(model)
-    moments_in_dist = adam_sd is not None and bool(rank_state.get("optimizer_in_dist"))
+    moments_in_dist = bool(adam_sd) and bool(rank_state.get("optimizer_in_dist"))
     if moments_in_dist:
         saved = {int(i): trainable[int(i)] for i in adam_sd["state"]}
         request["adam"] = {m: dist_sharded_state_dict(plan, {n: torch.empty_like(p) for n, p in saved.values()},
@@ -184,7 +185,7 @@ def _load_dist(step_dir, plan, model, ema=None, opt=None, rank_state=None, disto
             for m in ADAM_MOMENTS:
                 s[m] = loaded["adam"][m][name].reshape(p.shape)
         opt.load_state_dict({"param_groups": adam_sd["param_groups"], "state": state})
-    elif adam_sd is not None:
+    elif adam_sd:
         opt.load_state_dict(adam_sd)
 
 
@@ -198,7 +199,7 @@ def _adam_step(opt) -> float:
 def _restore_adam_step(opt, rank_state) -> None:
     """Give every parameter its own Adam ``step`` tensor with the saved count: megatron's load path without Apex/TE
     leaves one step tensor shared by all parameters, set to 1 (docs/checkpoints.md, "The Adam step")."""
-    if rank_state is None or "adam_step" not in rank_state:
+    if "adam_step" not in rank_state:
         return
     for inner in inner_optimizers(opt):
         for s in inner.optimizer.state.values():

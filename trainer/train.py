@@ -65,7 +65,7 @@ def train(job: StageJob) -> None:
                              f"processes but {layout.world_size} were launched (nnodes*nproc_per_node)")
         n_micro = stage.micro_batches   # micro-batch m of DP rank r is "virtual rank" r*M+m of the sampler
         sampler = StepSampler(data.shapes, stage.micro_batch_size, layout.dp * n_micro, stage.seed,
-                              patch_size=job.dit.patch_size, tokens_per_micro_batch=stage.tokens_per_micro_batch)
+                              patch_size=tuple(job.dit.patch_size), tokens_per_micro_batch=stage.tokens_per_micro_batch)
         model, plan, opt, ddp, pipe = _build(job, layout, rt)
         start, ema = state.restore(job, plan, model, opt, ddp)
         log = metrics.MetricsLog(job, plan, start, metrics.param_count(plan, model),

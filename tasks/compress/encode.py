@@ -1,6 +1,6 @@
 """Compress stage: ClipManifest folder -> LatentDataset folder (docs/artifacts.md).
 
-Decodes kept clips with PyAV to [-1, 1] (spec §1.6: pixels in [-1, 1], latents normalised exactly once here),
+Decodes kept clips with PyAV to [-1, 1] (docs/mugv.md §1.6: pixels in [-1, 1], latents normalised exactly once here),
 trains the VAE briefly when no weights are given, encodes every clip (posterior mode), normalises per channel -
 with statistics of the train split (``vae.latent_stats: dataset``) or with the VAE's own shift/scale buffers, i.e. the
 published MUG-V constants (``mugv``) - encodes captions with T5 and writes safetensors shards, index.parquet and
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, cast
 
 import numpy as np
 import pandas as pd
@@ -177,7 +177,8 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path,
         progress(f"compress: encoded {len(raw)} clips, latent {list(raw[0].shape)}")
         split = split_clips(list(kept["clip_id"]), cfg.holdout_fraction)
         if cfg.vae.latent_stats == "mugv":   # the published constants, as the VAE's shift/scale buffers hold them
-            mean, std = vae.shift.flatten().double().cpu(), vae.scale.flatten().double().cpu()
+            shift, scale = cast(torch.Tensor, vae.shift), cast(torch.Tensor, vae.scale)   # registered buffers
+            mean, std = shift.flatten().double().cpu(), scale.flatten().double().cpu()
         else:
             train_z = torch.cat([z.flatten(1) for z, c in zip(raw, kept["clip_id"]) if split[c] == "train"], dim=1)
             mean = train_z.double().mean(dim=1)
@@ -197,7 +198,7 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path,
     ident = text_enc.identity()
     if not cfg.text.pretrained:
         writer.write_text_encoder(text_enc)
-    meta = {
+    meta: Dict[str, Any] = {
         "vae": {"config": vae_config, "weights_sha256": state_dict_sha256(vae_state), "trained_steps": steps,
                 "random_init": not cfg.vae_pretrained and steps == 0, "loss_history": losses},
         "text_encoder": {"config": None if cfg.text.pretrained else ident["config"], "pretrained": cfg.text.pretrained,

@@ -8,14 +8,15 @@ from flytekit import Resources, task
 from common import tracking
 from common.config import CompressConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import code_version, sha256_json
-from containers.images import curation_image
+from containers.images import cpu_image
 from tasks.common import artifact_dir, fresh_dir, local_path, publish
 from tasks.types import ClipManifest, FlyteDirectory, LatentDataset
 
 
 @task(cache=True, cache_version=code_version("tasks/compress", "models", "common"),
-      cache_ignore_input_vars=("parent_run",), container_image=curation_image, requests=Resources(cpu="2", mem="8Gi"))
-def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: TrackingConfig, parent_run: str) -> LatentDataset:
+      cache_ignore_input_vars=("parent_run",), container_image=cpu_image, requests=Resources(cpu="2", mem="8Gi"))
+def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: TrackingConfig,
+             parent_run: str) -> LatentDataset:
     """Encode kept clips with the video VAE and captions with the T5 encoder into latent shards."""
     from common.latents import LatentReader
     from tasks.compress.encode import run_compress
@@ -26,7 +27,8 @@ def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: Tracking
 
         tracking.log_config("compress", to_dict(cfg))
         tmp = fresh_dir(out)
-        meta = run_compress(cfg, local_path(manifest.folder), tmp, progress=lambda m: print(f"[compress] {m}", flush=True))
+        meta = run_compress(cfg, local_path(manifest.folder), tmp,
+                            progress=lambda m: print(f"[compress] {m}", flush=True))
         publish(tmp, out)
         reader = LatentReader(out)
         n_train, n_val = len(reader.clip_ids("train")), len(reader.clip_ids("val"))

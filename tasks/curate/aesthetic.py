@@ -1,4 +1,4 @@
-"""LAION-style aesthetic score: an MLP head on L2-normalised CLIP image embeddings (MUG-V report §1.1, < 4.5 dropped).
+"""LAION-style aesthetic score: an MLP head on L2-normalised CLIP image embeddings (docs/mugv.md §1.1, < 4.5 dropped).
 
 ``AestheticScorer(cfg)`` loads a CLIP vision tower (``CLIPVisionModelWithProjection``) from ``cfg.pretrained`` and
 the LAION "improved aesthetic predictor" head (``layers.0 .. layers.7``, e.g. sac+logos+ava1-l14-linearMSE.pth) from

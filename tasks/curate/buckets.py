@@ -1,4 +1,4 @@
-"""Buckets: resolution x aspect x length per clip (spec §1.5: the 720p buckets, 8k+1 frames).
+"""Buckets: resolution x aspect x length per clip (docs/mugv.md §1.5: the 720p buckets, 8k+1 frames).
 
 A clip's size bucket is the [H, W] of ``cfg.sizes`` whose aspect (W/H) is closest in log scale to the source's;
 its length bucket is the longest of ``clip_frames`` and ``bucket_frames`` that fits the scene (with the stride) and
@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 from common.config import CurateConfig
 
-# spec §1.5, (H, W): the inference repo's 720p buckets (~0.92 Mpx)
+# docs/mugv.md §1.5, (H, W): the inference repo's 720p buckets (~0.92 Mpx)
 MUGV_720P = [[720, 1280], [832, 1110], [960, 960], [1108, 832], [1280, 720]]   # as published; configs round to /16
 
 

@@ -1,7 +1,7 @@
 """Clip captions behind one interface: ``Captioner.caption(frames_THWC, aesthetic) -> str``.
 
-- ``QwenVLCaptioner``: a transformers Qwen2-VL model (the report's captioner family, spec §1.2) asked for one dense
-  paragraph (scene -> lighting -> background -> subject -> framing -> camera -> motion). ``pretrained`` is a local
+- ``QwenVLCaptioner``: a transformers Qwen2-VL model (the report's captioner family, docs/mugv.md §1.2) asked for one
+  dense paragraph (scene -> lighting -> background -> subject -> framing -> camera -> motion). ``pretrained`` is a local
   folder with the model and its processor (cluster: a Qwen2-VL-7B caption fine-tune). ``pretrained == ""`` builds
   a tiny, randomly initialised Qwen2-VL from a ``Qwen2VLConfig`` with a byte-level tokenizer made offline: its
   captions are random bytes, useful only to exercise the code path (the manifest says so in ``caption_source``).

@@ -36,6 +36,7 @@ from tasks.curate.decode import DecodeError, read_video, write_clip
 from tasks.curate.filters import assess
 from tasks.curate.manifest import manifest_row
 
+
 def window_starts(scene_start: int, scene_end: int, span: int, cfg: CurateConfig) -> List[int]:
     """Starts of up to ``cfg.max_clips_per_scene`` non-overlapping windows of ``span`` frames spread evenly over the
     scene [scene_start, scene_end)."""

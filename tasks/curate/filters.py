@@ -1,4 +1,4 @@
-"""Clip quality filters, measured on source-resolution frames (MUG-V report §1.1).
+"""Clip quality filters, measured on source-resolution frames (docs/mugv.md §1.1).
 
 - sharpness: mean over sampled frames of the OpenCV Laplacian variance of the grayscale frame; kept in
   [sharpness_min, sharpness_max] (the upper bound removes noise and over-texture).

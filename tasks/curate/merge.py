@@ -34,25 +34,27 @@ from tasks.curate.store import load_entry
 
 def merge_shards(results: List[Dict[str, Any]], cfg: CurateConfig, store: Path, out_dir: Path,
                  progress: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Write the ClipManifest folder ``out_dir`` (must be empty or absent) from ``run_shard`` results; returns summary."""
+    """Write the ClipManifest folder ``out_dir`` (must be empty or absent) from ``run_shard`` results; returns the
+    summary."""
     store, out_dir = Path(store), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"merge: out_dir must be empty, {out_dir} is not")
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
     (out_dir / "thumbs").mkdir(parents=True, exist_ok=True)
-    entries = [e for r in results for e in r["entries"]]
+    entries: List[Dict[str, Any]] = [e for r in results for e in r["entries"]]
     keyed: List[List[Any]] = []          # [row, reason key, entry key]
     seen: Dict[str, str] = {}
     for e in entries:
+        entry_rows: List[List[Any]]
         if e["key"] and e["source_hash"] in seen:
             earlier = seen[e["source_hash"]]
-            rows = [[manifest_row(e["source_hash"], "", "rejected", f"duplicate source (same bytes as {earlier})"),
-                     "duplicate source"]]
+            reason = f"duplicate source (same bytes as {earlier})"
+            entry_rows = [[manifest_row(e["source_hash"], "", "rejected", reason), "duplicate source"]]
         else:
-            rows = load_entry(store, e["key"])["rows"] if e["key"] else e["rows"]
+            entry_rows = load_entry(store, e["key"])["rows"] if e["key"] else e["rows"]
             if e["key"]:
                 seen[e["source_hash"]] = e["name"]
-        for row, key in rows:
+        for row, key in entry_rows:
             keyed.append([{**row, "source_uri": e["uri"]}, key, e["key"]])
     kept = [(r["clip_id"], r["phash"]) for r, _, _ in keyed if r["status"] == "kept"]
     dups = find_duplicates(kept, cfg.dedup_max_distance)

@@ -1,4 +1,4 @@
-"""Motion amplitude: mean optical-flow magnitude on three frame pairs (MUG-V report §1.1: kept in [1, 20]).
+"""Motion amplitude: mean optical-flow magnitude on three frame pairs (docs/mugv.md §1.1: kept in [1, 20]).
 
 The report uses RAFT; here OpenCV Farnebäck (no weights, CPU) on grayscale frames resized to ``motion_height``
 (aspect kept; Open-Sora measures flow at 320x576). Pairs are consecutive clip frames at 1/4, 1/2 and 3/4 of the
@@ -33,7 +33,8 @@ def _gray(frame_HWC: np.ndarray, height: int) -> np.ndarray:
 def flow_magnitude(a_HWC: np.ndarray, b_HWC: np.ndarray, height: int) -> float:
     """Mean Farnebäck flow magnitude between two frames at ``height`` rows."""
     flow = cv2.calcOpticalFlowFarneback(_gray(a_HWC, height), _gray(b_HWC, height), None, pyr_scale=0.5, levels=4,
-                                        winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+                                        winsize=15, iterations=3, poly_n=5, poly_sigma=1.2,
+                                        flags=0)  # type: ignore[call-overload]  # cv2's stubs: flow=None
     return float(np.linalg.norm(flow, axis=-1).mean())
 
 

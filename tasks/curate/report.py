@@ -91,7 +91,8 @@ def write_report(manifest_dir: str | Path, out_dir: str | Path) -> str:
                      ("inputs", "kept", "rejected", "failed", "clips_kept", "clips_rejected", "processed", "reused"))
     reasons = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in summary["reasons"].items())
     warn = ("<p><b>Aesthetic scores come from a randomly initialised model</b> "
-            f"({html.escape(str(summary['aesthetic_model']))}): they are noise.</p>") if summary["aesthetic_random"] else ""
+            f"({html.escape(str(summary['aesthetic_model']))}): they are noise.</p>"
+            ) if summary["aesthetic_random"] else ""
     page = (f"<h2>Curation</h2><p>inputs = kept + rejected + failed: {summary['inputs']} = {summary['kept']} + "
             f"{summary['rejected']} + {summary['failed']}</p>{warn}"
             f"<table border=1><tr><th>count</th><th>n</th></tr>{counts}</table>"

@@ -10,6 +10,7 @@ no entry.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -26,6 +27,12 @@ def plan_shards(items: List[InputFile], shard_size: int) -> List[List[InputFile]
     if shard_size < 1:
         raise ValueError(f"curate.shard_size must be >= 1, got {shard_size}")
     return [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+
+
+def _curate_into(item: InputFile, cfg: CurateConfig, models: Models, path: Path, source_hash: str,
+                 sidecar: str | None, folder: Path) -> List[Any]:
+    """``curate_input`` writing into the store's temporary entry ``folder``."""
+    return curate_input(item, cfg, models, folder, path, source_hash, sidecar)
 
 
 def run_shard(items: List[InputFile], cfg: CurateConfig, store: Path,
@@ -56,8 +63,8 @@ def run_shard(items: List[InputFile], cfg: CurateConfig, store: Path,
                     reused += 1
                     progress(f"{item.name}: reused stored result {key}")
                 else:
-                    keyed = add_entry(store, key, source_hash, lambda folder: curate_input(
-                        item, cfg, models, folder, path, source_hash, sidecar))
+                    keyed = add_entry(store, key, source_hash, functools.partial(
+                        _curate_into, item, cfg, models, path, source_hash, sidecar))
                     processed += 1
                     statuses = [r["status"] for r, _ in keyed]
                     detail = keyed[0][0]["reason"] if "failed" in statuses else \

@@ -85,7 +85,8 @@ def render_scene(spec: SceneSpec, width: int, height: int, index: int = 0) -> np
             frame_HWC[y:y + side, x:x + side] += object_HW[..., None]
         if spec.kind == "shaky":
             dx, dy = rng.integers(-SHAKE, SHAKE + 1, 2)
-            frame_HWC = cv2.warpAffine(frame_HWC, np.float32([[1, 0, dx], [0, 1, dy]]), (width, height),
+            shift_23 = np.array([[1, 0, dx], [0, 1, dy]], dtype=np.float32)
+            frame_HWC = cv2.warpAffine(frame_HWC, shift_23, (width, height),
                                        borderMode=cv2.BORDER_REFLECT)
         frame = np.clip(frame_HWC, 0, 255).astype(np.uint8)
         if spec.text:
@@ -142,7 +143,7 @@ def _reencode(src: Path, dst: Path, width: int, height: int, max_frames: int) ->
     frames = []
     with av.open(str(src)) as container:
         stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate)
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
         for frame in container.decode(stream):
             frames.append(cv2.resize(frame.to_ndarray(format="rgb24"), (width, height), interpolation=cv2.INTER_AREA))
             if len(frames) == max_frames:

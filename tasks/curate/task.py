@@ -20,7 +20,7 @@ from flytekit import Deck, Resources, map_task, task
 from common import tracking
 from common.config import CurateConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import code_version, sha256_json
-from containers.images import curation_image
+from containers.images import cpu_image
 from tasks.common import artifact_dir, fresh_dir, publish
 from tasks.types import ClipManifest, FlyteDirectory
 
@@ -48,7 +48,7 @@ def store_dir(cfg: CurateConfig, tracking_cfg: TrackingConfig) -> str:
     return cfg.store_uri or str(artifact_dir(tracking_cfg, "curate", "store"))
 
 
-@task(container_image=curation_image)
+@task(container_image=cpu_image)
 def snapshot_inputs(cfg: CurateConfig) -> str:
     """Fingerprint of the raw inputs (names and sizes): curation's cache key changes when videos are added."""
     from common.storage import list_inputs
@@ -56,7 +56,7 @@ def snapshot_inputs(cfg: CurateConfig) -> str:
     return sha256_json([sorted(repr(i) for i in list_inputs(cfg.input_uri))], n=16)
 
 
-@task(container_image=curation_image)
+@task(container_image=cpu_image)
 def plan_curation(cfg: CurateConfig, inputs_fingerprint: str, tracking_cfg: TrackingConfig) -> List[CurateShard]:
     """List the inputs and cut them into shards of ``cfg.shard_size`` (``inputs_fingerprint`` orders it after the
     snapshot)."""
@@ -69,7 +69,7 @@ def plan_curation(cfg: CurateConfig, inputs_fingerprint: str, tracking_cfg: Trac
             for i, s in enumerate(plan_shards(list_inputs(cfg.input_uri), cfg.shard_size))]
 
 
-@task(cache=True, cache_version=code_version("tasks/curate", "common"), retries=2, container_image=curation_image,
+@task(cache=True, cache_version=code_version("tasks/curate", "common"), retries=2, container_image=cpu_image,
       requests=Resources(cpu="2", mem="4Gi"))
 def curate_shard(shard: CurateShard) -> ShardResult:
     """Decode, split, filter, caption one shard's inputs into the per-input store (reusing stored results)."""
@@ -86,7 +86,7 @@ curate_shards = map_task(curate_shard)
 
 
 @task(cache=True, cache_version=code_version("tasks/curate", "common"), cache_ignore_input_vars=("parent_run",),
-      container_image=curation_image, requests=Resources(cpu="1", mem="2Gi"), enable_deck=True)
+      container_image=cpu_image, requests=Resources(cpu="1", mem="2Gi"), enable_deck=True)
 def curate(cfg: CurateConfig, shards: List[ShardResult], tracking_cfg: TrackingConfig, parent_run: str) -> ClipManifest:
     """Merge the shards (source and near-duplicate checks, accounting), report (Deck + MLflow) -> ClipManifest."""
     from tasks.curate.merge import merge_shards

@@ -65,7 +65,7 @@ def to_uint8_THWC(x_CTHW: torch.Tensor) -> np.ndarray:
 
 
 def contact_sheet_png(frames_THWC: np.ndarray, path: Path, n: int = 6) -> None:
-    import cv2   # OpenCV is already a curation dependency; PyAV has no PNG writer
+    import cv2  # OpenCV is already a curation dependency; PyAV has no PNG writer
 
     idx = np.linspace(0, len(frames_THWC) - 1, min(n, len(frames_THWC))).round().astype(int)
     strip = np.concatenate([frames_THWC[i] for i in idx], axis=1)
@@ -75,8 +75,8 @@ def contact_sheet_png(frames_THWC: np.ndarray, path: Path, n: int = 6) -> None:
 @torch.no_grad()
 def run_evaluation(cfg: EvalConfig, dit_cfg: DiTConfig, flow: FlowConfig, latents_dir: Path, step_dir: Path,
                    out_dir: Path, progress: Callable[[str], None] = print) -> Dict[str, float]:
-    from models import rectified_flow as rf
     from common.latents import LatentReader
+    from models import rectified_flow as rf
     from tasks.curate.decode import write_clip
 
     torch.manual_seed(cfg.seed)

@@ -6,13 +6,13 @@ from flytekit import Deck, Resources, task
 from common import tracking
 from common.config import DiTConfig, EvalConfig, FlowConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import code_version, sha256_json
-from containers.images import curation_image
+from containers.images import cpu_image
 from tasks.common import artifact_dir, fresh_dir, local_path, publish
 from tasks.types import Checkpoint, EvalReport, FlyteDirectory, LatentDataset
 
 
 @task(cache=True, cache_version=code_version("tasks/evaluate", "models", "common"), enable_deck=True,
-      cache_ignore_input_vars=("parent_run",), container_image=curation_image, requests=Resources(cpu="2", mem="4Gi"))
+      cache_ignore_input_vars=("parent_run",), container_image=cpu_image, requests=Resources(cpu="2", mem="4Gi"))
 def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentDataset, checkpoint: Checkpoint,
              tracking_cfg: TrackingConfig, parent_run: str) -> EvalReport:
     from tasks.evaluate.evaluate import run_evaluation

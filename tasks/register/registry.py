@@ -21,11 +21,10 @@ def register_checkpoint(name: str, alias: str, dit_cfg: DiTConfig, step_dir: Pat
                         tags: Dict[str, str]) -> Tuple[str, str]:
     """Log and register the model in the active MLflow run; returns (version, model_uri)."""
     import mlflow
+    import torch
     from mlflow.tracking import MlflowClient
 
     from tasks.evaluate.evaluate import load_dit
-
-    import torch
 
     model = load_dit(dit_cfg, step_dir)
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "einops"]

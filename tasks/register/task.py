@@ -6,13 +6,13 @@ from flytekit import task
 from common import tracking
 from common.config import PipelineConfig, config_hash
 from common.hashing import code_version, sha256_json
-from containers.images import curation_image
+from containers.images import cpu_image
 from tasks.common import local_path
 from tasks.types import Checkpoint, ClipManifest, EvalReport, LatentDataset, ModelVersion
 
 
 @task(cache=True, cache_version=code_version("tasks/register", "common"), cache_ignore_input_vars=("parent_run",),
-      container_image=curation_image)
+      container_image=cpu_image)
 def register(config: PipelineConfig, manifest: ClipManifest, data: LatentDataset, checkpoint: Checkpoint,
              report: EvalReport, parent_run: str) -> ModelVersion:
     """Register the checkpoint under config.register.model_name with alias config.register.alias; tags = lineage."""
@@ -35,8 +35,10 @@ def register(config: PipelineConfig, manifest: ClipManifest, data: LatentDataset
         "text_encoder_identity": data.text_encoder_identity,
         **{f"eval.{k}": f"{v:.6g}" for k, v in report.metrics.items()},
     }
-    with tracking.child_run(tracking_cfg.root, parent_run, "register", tags={"lineage.checkpoint_hash": checkpoint.content_hash}) as run_id:
-        version, uri = register_checkpoint(cfg.model_name, cfg.alias, config.train.dit, step_dir, local_path(data.folder), tags)
+    with tracking.child_run(tracking_cfg.root, parent_run, "register",
+                            tags={"lineage.checkpoint_hash": checkpoint.content_hash}) as run_id:
+        version, uri = register_checkpoint(cfg.model_name, cfg.alias, config.train.dit, step_dir,
+                                           local_path(data.folder), tags)
         print(f"[register] {uri} -> version {version}", flush=True)
     return ModelVersion(name=cfg.model_name, version=version, alias=cfg.alias,
                         checkpoint_hash=checkpoint.content_hash, mlflow_run_id=run_id)

@@ -13,13 +13,13 @@ from flytekit import Resources, dynamic, task
 
 from common import tracking
 from common.config import DiTConfig, FlowConfig, LaunchConfig, StageConfig, TrackingConfig, TrainConfig, to_dict
-from common.lineage import hash_dir, hash_values
-from containers.images import curation_image
-from tasks.common import artifact_dir, code_version, local_path
+from common.hashing import code_version, sha256_dir, sha256_json
+from containers.images import cpu_image
+from tasks.common import artifact_dir, local_path
 from tasks.types import Checkpoint, FlyteDirectory, LatentDataset
 
 _CACHE = dict(cache=True, cache_version=code_version("tasks/train", "trainer", "models", "common"),
-              cache_ignore_input_vars=("parent_run", "launch"), container_image=curation_image,
+              cache_ignore_input_vars=("parent_run", "launch"), container_image=cpu_image,
               requests=Resources(cpu="2", mem="4Gi"))
 
 
@@ -28,9 +28,10 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
     from trainer.job import StageJob
     from trainer.launch import run_stage
 
-    stage_hash = hash_values(to_dict(stage), to_dict(dit), to_dict(flow))
+    stage_hash = sha256_json([to_dict(stage), to_dict(dit), to_dict(flow)], n=16)
     parent_hash = init.content_hash if init is not None else ""
-    out = artifact_dir(tracking_cfg, "train", f"{stage.name}-{hash_values(stage_hash, data.content_hash, parent_hash)}")
+    key = sha256_json([stage_hash, data.content_hash, parent_hash], n=16)
+    out = artifact_dir(tracking_cfg, "train", f"{stage.name}-{key}")
     out.mkdir(parents=True, exist_ok=True)
     init_path = ""
     if init is not None:
@@ -49,10 +50,11 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
                        mlflow_tracking_uri=tracking.tracking_uri(tracking_cfg.root), mlflow_run_id=run_id)
         job_path = out / "job.json"
         job_path.write_text(job.to_json())
-        run_stage(job, job_path, launch, log_dir=out / "logs", progress=lambda m: print(f"[{stage.name}] {m}", flush=True))
+        run_stage(job, job_path, launch, log_dir=out / "logs",
+                  progress=lambda m: print(f"[{stage.name}] {m}", flush=True))
         latest = out / (out / "latest").read_text().strip()
         meta = json.loads((latest / "meta.json").read_text())
-        content_hash = hash_dir(latest)
+        content_hash = sha256_dir(latest, n=16)
         mlflow.set_tag("lineage.content_hash", content_hash)
         mlflow.log_artifact(str(out / "metrics.jsonl"))
         mlflow.log_artifact(str(latest / "meta.json"), "checkpoint")
@@ -76,11 +78,12 @@ def post_train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: Lau
     return _train(stage, dit, flow, launch, data, init, tracking_cfg, parent_run)
 
 
-@dynamic(container_image=curation_image)
+@dynamic(container_image=cpu_image)
 def pretrain(train: TrainConfig, data: LatentDataset, tracking_cfg: TrackingConfig, parent_run: str) -> Checkpoint:
     """The curriculum: one train_stage node per configured stage, each starting from the previous checkpoint."""
     ckpt = None
     for stage in train.stages:
         ckpt = train_stage(stage=stage, dit=train.dit, flow=train.flow, launch=train.launch, data=data,
                            tracking_cfg=tracking_cfg, parent_run=parent_run, init=ckpt)
+    assert ckpt is not None, "train.stages is never empty (checked at config load)"
     return ckpt
