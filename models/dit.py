@@ -13,9 +13,9 @@ Module names follow the released HF checkpoint (`blocks.{i}.attn.qkv`, `...cross
 sharded ones. qkv rows are laid out (3, heads, head_dim) and kv rows (2, heads, head_dim); the attention modules infer
 the number of local heads from the Linear's output width, so column-sharded qkv/kv and row-sharded proj work unchanged,
 and the sequence length from the q/qkv Linear's output (sequence parallelism: those gather the sequence chunks).
-This file imports nothing distributed: context/sequence parallelism (trainer/tokens.py) replace identity hooks
-(`token_split`/`token_gather`, `seq_split`/`seq_gather`, `attn.kv_gather`) and set `token_multiple`, to which the
-forward pads the token sequence so the splits divide it evenly (pad keys are never attended to: exact for any L).
+This file imports nothing distributed: context/sequence parallelism (trainer/parallel/context_parallel.py) replace
+identity hooks (`token_split`/`token_gather`, `seq_split`/`seq_gather`, `attn.kv_gather`) and set `token_multiple`,
+to which the forward pads the token sequence so the splits divide it evenly (pad keys are never attended to: exact for any L).
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim)
         self.k_norm = RMSNorm(head_dim)
         self.proj = nn.Linear(hidden_size, hidden_size)
-        self.kv_gather = _identity   # context parallelism (trainer/tokens.py): all-gather local k, v along a dim
+        self.kv_gather = _identity   # context parallelism (trainer/parallel/): all-gather local k, v along a dim
 
     def forward(self, x_BLD: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor, pad: int = 0) -> torch.Tensor:
         """pad: the last `pad` tokens of the full (gathered) sequence are padding (MUGDiT.token_multiple): their keys
@@ -248,7 +248,7 @@ class MUGDiT(nn.Module):
         self.blocks = nn.ModuleList([MUGDiTBlock(cfg) for _ in range(cfg.depth)])
         # 4. output: 2 x in_channels per patch voxel (the second half is MUG-V's unused learned-sigma legacy)
         self.final_layer = FinalLayer(h, math.prod(cfg.patch_size) * 2 * cfg.in_channels)
-        # context parallelism hooks, identity here (set by trainer.tokens.apply_context_parallel): keep this rank's
+        # context parallelism hooks, identity here (set by trainer/parallel/context_parallel.py): keep this rank's
         # contiguous chunk of the L token dim / all-gather the chunks back (after the per-token final layer)
         self.token_split = _identity
         self.token_gather = _identity
@@ -309,7 +309,7 @@ class MUGDiT(nn.Module):
         replaces the caption by the null caption (CFG). Returns float32 [B, in_channels, T, H, W].
 
         The pieces (``condition``, ``embed``, ``run_blocks``, ``head``) are what a pipeline stage runs a part of
-        (trainer/parallel.py): every stage computes the conditioning, the first embeds, each runs its blocks, the
+        (trainer/parallel/pipeline.py): every stage computes the conditioning, the first embeds, each runs its blocks, the
         last the head.
         """
         ctx = self.condition(x_BCTHW, t_B, text_BSD, text_mask_BS, cond_mask_BT, fps_B, force_drop_B)

@@ -10,7 +10,7 @@ padding mask and an I2V conditioning frame. Then:
   ``models.convert.shard_tp(full, 2, rank, layout="ours")`` bitwise; gradients are gathered to full tensors.
 - ``cp``: ``trainer.parallel.context_parallel.apply_context_parallel`` (tokens split in 2 chunks, K/V all-gathered).
 - ``sp``: three TP=2 copies: plain, ``sequence_parallel=True``, and sequence-parallel with activation recomputation;
-  each also takes 3 AdamW steps (``sync_gradients``, ``clip_grad_norm_tp``) next to the one-process model, and the
+  each also takes 3 AdamW steps (``sync_gradients``, ``clip_grad_norm``) next to the one-process model, and the
   full weights after them are compared (``weights_max_abs`` vs TP=1, ``sp_vs_tp_weights_max_abs`` vs plain TP=2).
 - ``cp`` and ``sp`` also run an odd token count (latent [24, 3, 6, 10]: 3*3*5 = 45 video tokens + 2 = 47, which
   neither split divides: the model pads to 48, ``MUGDiT.token_multiple``), with and without activation

@@ -1,4 +1,4 @@
-"""Context parallelism (all-gather-KV, ``trainer.tokens.apply_context_parallel``) on 2 gloo CPU processes.
+"""Context parallelism (all-gather-KV, ``trainer.parallel.context_parallel``) on 2 gloo CPU processes.
 
 Checked: CP=2 gives the same DiT output (1e-5 absolute; measured 0.0) and parameter gradients (1e-5 relative, L2 per
 tensor; measured 5.0e-7) as CP=1 from the same weights and inputs, with an I2V conditioning frame and a padded text
