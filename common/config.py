@@ -187,7 +187,7 @@ class QualityRanking:
     z-scores over the split (a weight of 0 ignores the column). The default is curation's score alone."""
     score: float = 1.0            # curation's ranking score
     aesthetic: float = 0.0        # the LAION-style aesthetic score
-    motion: float = 0.0           # closeness to the middle of curation's motion band (log scale): neither static nor shaky
+    motion: float = 0.0           # closeness to the middle of curation's motion band (log scale)
     sharpness: float = 0.0        # Laplacian variance (log scale)
     caption_length: float = 0.0   # words in the caption: dense captions first
 

@@ -15,7 +15,8 @@ the number of local heads from the Linear's output width, so column-sharded qkv/
 and the sequence length from the q/qkv Linear's output (sequence parallelism: those gather the sequence chunks).
 This file imports nothing distributed: context/sequence parallelism (trainer/parallel/context_parallel.py) replace
 identity hooks (`token_split`/`token_gather`, `seq_split`/`seq_gather`, `attn.kv_gather`) and set `token_multiple`,
-to which the forward pads the token sequence so the splits divide it evenly (pad keys are never attended to: exact for any L).
+to which the forward pads the token sequence so the splits divide it evenly (pad keys are never attended to: exact
+for any L).
 """
 from __future__ import annotations
 
@@ -309,8 +310,8 @@ class MUGDiT(nn.Module):
         replaces the caption by the null caption (CFG). Returns float32 [B, in_channels, T, H, W].
 
         The pieces (``condition``, ``embed``, ``run_blocks``, ``head``) are what a pipeline stage runs a part of
-        (trainer/parallel/pipeline.py): every stage computes the conditioning, the first embeds, each runs its blocks, the
-        last the head.
+        (trainer/parallel/pipeline.py): every stage computes the conditioning, the first embeds, each runs its blocks,
+        the last the head.
         """
         ctx = self.condition(x_BCTHW, t_B, text_BSD, text_mask_BS, cond_mask_BT, fps_B, force_drop_B)
         return self.head(self.run_blocks(self.embed(x_BCTHW, ctx), ctx), ctx)
