@@ -450,15 +450,31 @@ def from_dict(cls: type, data: Dict[str, Any], path: str = "") -> Any:
 
 
 def load_config(path: str | Path) -> PipelineConfig:
+    """The pipeline config of a YAML file; every problem is one ValueError/FileNotFoundError naming the file (and the
+    line and column of a YAML syntax error, the key of a wrong value)."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+        raise FileNotFoundError(f"config file not found: {p} (start from configs/tiny.yaml)")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        raise ValueError(f"{p}: the file is empty; a config names at least the pipeline (`name: ...`) and lists what "
+                         "differs from the defaults (configs/tiny.yaml shows every key)")
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: the top level must be a mapping")
-    return from_dict(PipelineConfig, data)
+        raise ValueError(f"{p}: the top level must be a mapping of sections (name, curate, compress, train, ...), "
+                         f"got a {type(data).__name__}")
+    try:
+        return from_dict(PipelineConfig, data)
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

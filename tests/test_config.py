@@ -45,3 +45,20 @@ def test_hash_is_stable_and_sensitive():
     assert config_hash(a) == config_hash(b)
     b.train.stages[0].lr = 1.0
     assert config_hash(a) != config_hash(b)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"c\.yaml: the file is empty"),
+    ("# only a comment\n", r"c\.yaml: the file is empty"),
+    ("name: x\ntrain:\n  stages: [\n", r"c\.yaml:4:1: YAML syntax error"),
+    ("name: x\n  bad: indent\n", r"c\.yaml:2:6: YAML syntax error: mapping values are not allowed here"),
+    ("- a\n- b\n", r"c\.yaml: the top level must be a mapping"),
+    ("curate:\n  clip_frames: '17'\n", r"c\.yaml: curate\.clip_frames: expected int, got str"),
+])
+def test_config_errors_are_one_clear_message(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(p)
+    with pytest.raises(FileNotFoundError, match=r"config file not found: .*nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
