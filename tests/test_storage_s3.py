@@ -143,3 +143,46 @@ def test_run_curation_from_s3_matches_local(s3_env, tmp_path, monkeypatch):
         assert (tmp_path / "s3" / "clips" / name).read_bytes() == (tmp_path / "local" / "clips" / name).read_bytes()
     assert any("[4/4]" in m for m in messages)
     assert not any((tmp_path / "tmp").iterdir())   # downloaded inputs are removed with the temp folder
+
+
+def test_outage_during_curation_records_nothing_and_a_rerun_curates(monkeypatch, tmp_path):
+    """The S3 endpoint stops after the listing: the shard fails with ConnectionError, no input is recorded as failed
+    (nothing in the per-input store); once the endpoint is back, a rerun with the same store curates every input."""
+    from moto.server import ThreadedMotoServer
+
+    from common.config import CaptionConfig
+    from tasks.curate.shard import run_shard
+
+    port = _free_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")):
+        monkeypatch.setenv(k, v)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_scenes_video(folder / "a.mp4", [SceneSpec("texture", 40, seed=7)])
+    make_scenes_video(folder / "b.mp4", [SceneSpec("texture", 40, seed=8)])
+
+    def serve() -> ThreadedMotoServer:   # moto keeps objects in memory: a restarted endpoint is empty again
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        client = s3_client()
+        client.make_bucket("outage")
+        for path in sorted(folder.iterdir()):
+            client.fput_object("outage", f"v/{path.name}", str(path))
+        return server
+
+    cfg = CurateConfig(input_uri="s3://outage/v", motion_min=0.02, motion_height=96,
+                       caption=CaptionConfig(backend="sidecar"))
+    server = serve()
+    items = list_inputs(cfg.input_uri)
+    server.stop()
+    store = tmp_path / "store"
+    with pytest.raises(ConnectionError, match="cannot reach S3 endpoint"):
+        run_shard(items, cfg, store, progress=lambda m: None)
+    assert not list(store.glob("*/result.json"))   # nothing stored: no input became a "failed" row
+    server = serve()
+    try:
+        summary = run_curation(cfg, tmp_path / "out", store_dir=store, progress=lambda m: None)
+    finally:
+        server.stop()
+    assert (summary["inputs"], summary["failed"], summary["processed"]) == (2, 0, 2)

@@ -129,7 +129,7 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
     out_h, out_w = buckets.size_bucket(src_h, src_w, cfg)
     allowed = buckets.lengths(cfg, fps)
     if not allowed:
-        raise ValueError(f"no clip length in {[cfg.clip_frames, *cfg.bucket_frames]} fits "
+        raise DecodeError(DecodeError.NO_LENGTH, f"no clip length in {[cfg.clip_frames, *cfg.bucket_frames]} fits "
                          f"[{cfg.min_clip_s}, {cfg.max_clip_s}] s at {fps:g} fps")
     min_span = (allowed[-1] - 1) * cfg.frame_stride + 1
     scenes = analyse(frames_THWC, src_fps, cfg)
@@ -183,14 +183,14 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
 
 def curate_input(item: InputFile, cfg: CurateConfig, models: Models, out_dir: Path, path: Path, source_hash: str,
                  sidecar: str | None) -> List[Tuple[Dict[str, Any], str]]:
-    """Rows with reason keys of one fetched input; never raises for a bad input (it becomes a "failed" row)."""
+    """Rows with reason keys of one fetched input. A content failure (``DecodeError``: empty, not a video,
+    undecodable, too short, too large) becomes one "failed" row, which is data: stored and cached like any result.
+    Anything else (storage unreachable, a model that fails to load, out of memory, a bug) is transient or ours, not
+    the input's: it propagates, so the shard fails (Flyte retries it), nothing is stored, and a later run processes
+    the input again."""
     fallback = sidecar or cfg.default_caption
     try:
         return curate_video(path, source_hash, sidecar, cfg, models, out_dir)
     except DecodeError as e:
         return [(manifest_row(source_hash, fallback, "failed", str(e)), e.kind)]
-    except MemoryError as e:
-        return [(manifest_row(source_hash, fallback, "failed", f"out of memory: {e}"), "out of memory")]
-    except Exception as e:  # one bad input must not stop the stage; the reason is kept in the manifest
-        return [(manifest_row(source_hash, fallback, "failed", f"error: {type(e).__name__}: {e}"), "error")]
 

@@ -36,6 +36,7 @@ class DecodeError(Exception):
     CORRUPT = "truncated or corrupt"
     NO_FRAMES = "no decodable frames"
     TOO_LARGE = "resolution too large"
+    NO_LENGTH = "no clip length fits"
 
     def __init__(self, kind: str, detail: str = "") -> None:
         self.kind = kind

@@ -3,8 +3,9 @@
 ``plan_shards`` cuts the input listing into shards of ``shard_size`` inputs (listing order), so each shard is one
 Flyte map_task element, retried and cached on its own. ``run_shard`` processes a shard's inputs one by one into the
 per-input result store (``store.py``): an input whose entry is already stored is reused, not decoded again, so
-re-running after adding videos processes only the new ones. Inputs that cannot even be fetched get a failed row and
-no entry.
+re-running after adding videos processes only the new ones. Only content failures become rows (``curate_input``); an
+unreachable store or any other transient error fails the shard with nothing recorded, so a rerun processes the
+inputs again.
 
     results = [run_shard(shard, cfg, store) for shard in plan_shards(list_inputs(cfg.input_uri), cfg.shard_size)]
 """
@@ -47,14 +48,14 @@ def run_shard(items: List[InputFile], cfg: CurateConfig, store: Path,
     with tempfile.TemporaryDirectory(prefix="curate-fetch-") as tmp:
         for item in items:
             base = {"uri": item.uri, "name": item.name}
-            try:
+            try:   # an unreachable store (OSError) is transient: it fails the shard, nothing is recorded
                 path = fetch(item, tmp)
                 source_hash = sha256_file(path, n=16)
-            except (OSError, ValueError) as e:
-                row = manifest_row("", "", "failed", f"fetch failed: {e}")
-                entries.append({**base, "source_hash": "", "key": "", "rows": [[row, "fetch failed"]]})
+            except ValueError as e:   # the input itself cannot be fetched safely (e.g. a name leaving the folder)
+                row = manifest_row("", "", "failed", f"fetch refused: {e}")
+                entries.append({**base, "source_hash": "", "key": "", "rows": [[row, "fetch refused"]]})
                 processed += 1
-                progress(f"{item.name}: failed (fetch failed: {e})")
+                progress(f"{item.name}: failed (fetch refused: {e})")
                 continue
             try:
                 sidecar = read_sidecar(item, progress)
