@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, List
+from typing import Dict, Iterable, List
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _CHUNK = 1 << 20
@@ -86,3 +86,43 @@ def code_version(*paths: str | Path, n: int = 12, exclude: Iterable[str] = ()) -
     for f in _source_files(*paths, exclude=exclude):
         h.update(f.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + f.read_bytes())
     return _hex(h, n)
+
+
+def _module_file(name: str) -> Path | None:
+    """The repository file of a dotted module name (a module or a package's __init__.py), or None."""
+    base = REPO_ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(*modules: str) -> List[str]:
+    """``modules`` and every repository module they import, directly or through others, at module level or inside
+    functions (AST, nothing is imported), sorted. Third-party imports are left out."""
+    import ast
+
+    seen: Dict[str, Path] = {}
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            if path is None and name in modules:
+                raise ModuleNotFoundError(f"imported_modules: {name} is not a module of {REPO_ROOT}")
+            continue
+        seen[name] = path
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+    return sorted(seen)
+
+
+def module_code_version(*modules: str, n: int = 12) -> str:
+    """``code_version`` of the files of ``imported_modules(*modules)``: a task's cache version that changes when any
+    repository module the task runs changes (``module_code_version("tasks.compress.task")``; a task that launches a
+    program in another process names its entry module too, e.g. ``"trainer.train"``)."""
+    files = [_module_file(m) for m in imported_modules(*modules)]
+    return code_version(*(f.relative_to(REPO_ROOT) for f in files if f is not None), n=n)

@@ -102,3 +102,15 @@ def test_only_the_device_module_reads_megatron_parallel_state(repo_root):
             assert not re.search(r"parallel_state\.|import parallel_state|parallel_state import", text), \
                 f"{rel} reads megatron's parallel_state"
         assert not any(tag in text for tag in role_tags), f"{rel} uses a parameter-role tag"
+
+
+def test_task_cache_versions_cover_every_module_they_import(repo_root, tmp_path):
+    """A task's cache version is the code version of the modules it imports, transitively (function-local imports
+    too): the evaluate task's covers the latent format and the DiT, the training task's the trainer it launches."""
+    from common.hashing import imported_modules
+
+    train = imported_modules("tasks.train.task", "trainer.train")
+    assert {"trainer.parallel.plan", "trainer.state", "models.dit", "common.latents", "common.config"} <= set(train)
+    compress = imported_modules("tasks.compress.task")
+    assert {"tasks.compress.encode", "common.latents", "models.vae", "models.text_encoder"} <= set(compress)
+    assert not any(m.startswith(("trainer", "workflows")) for m in compress)

@@ -7,13 +7,13 @@ from flytekit import Resources, task
 
 from common import tracking
 from common.config import CompressConfig, TrackingConfig, config_hash, to_dict
-from common.hashing import code_version, sha256_json
+from common.hashing import module_code_version, sha256_json
 from containers.images import cpu_image
 from tasks.common import artifact_dir, fresh_dir, local_path, publish
 from tasks.types import ClipManifest, FlyteDirectory, LatentDataset
 
 
-@task(cache=True, cache_version=code_version("tasks/compress", "models", "common"),
+@task(cache=True, cache_version=module_code_version("tasks.compress.task"),
       cache_ignore_input_vars=("parent_run",), container_image=cpu_image, requests=Resources(cpu="2", mem="8Gi"))
 def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: TrackingConfig,
              parent_run: str) -> LatentDataset:

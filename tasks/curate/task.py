@@ -19,7 +19,7 @@ from flytekit import Deck, Resources, map_task, task
 
 from common import tracking
 from common.config import CurateConfig, TrackingConfig, config_hash, to_dict
-from common.hashing import code_version, sha256_json
+from common.hashing import module_code_version, sha256_json
 from containers.images import cpu_image
 from tasks.common import artifact_dir, fresh_dir, publish
 from tasks.types import ClipManifest, FlyteDirectory
@@ -35,6 +35,7 @@ class CurateShard:
     captions: List[str]
     store: str
     cfg: CurateConfig = field(default_factory=CurateConfig)
+    caption_hashes: List[str] = field(default_factory=list)   # sidecar contents: editing a caption reruns the shard
 
 
 @dataclass
@@ -48,12 +49,21 @@ def store_dir(cfg: CurateConfig, tracking_cfg: TrackingConfig) -> str:
     return cfg.store_uri or str(artifact_dir(tracking_cfg, "curate", "store"))
 
 
+def _caption_hash(caption_uri: str) -> str:
+    """sha256 of a sidecar caption's text ("" when the input has none)."""
+    from common.storage import read_text
+
+    return sha256_json(read_text(caption_uri), n=16) if caption_uri else ""
+
+
 @task(container_image=cpu_image)
 def snapshot_inputs(cfg: CurateConfig) -> str:
-    """Fingerprint of the raw inputs (names and sizes): curation's cache key changes when videos are added."""
+    """Fingerprint of the raw inputs (names, sizes and the sidecar captions' contents): curation's cache key changes
+    when videos are added or a caption is edited."""
     from common.storage import list_inputs
 
-    return sha256_json([sorted(repr(i) for i in list_inputs(cfg.input_uri))], n=16)
+    items = list_inputs(cfg.input_uri)
+    return sha256_json([sorted(repr(i) for i in items), sorted(_caption_hash(i.caption_uri) for i in items)], n=16)
 
 
 @task(container_image=cpu_image)
@@ -65,11 +75,12 @@ def plan_curation(cfg: CurateConfig, inputs_fingerprint: str, tracking_cfg: Trac
 
     store = store_dir(cfg, tracking_cfg)
     return [CurateShard(index=i, uris=[x.uri for x in s], names=[x.name for x in s], sizes=[x.size for x in s],
-                        captions=[x.caption_uri for x in s], store=store, cfg=cfg)
+                        captions=[x.caption_uri for x in s], store=store, cfg=cfg,
+                        caption_hashes=[_caption_hash(x.caption_uri) for x in s])
             for i, s in enumerate(plan_shards(list_inputs(cfg.input_uri), cfg.shard_size))]
 
 
-@task(cache=True, cache_version=code_version("tasks/curate", "common"), retries=2, container_image=cpu_image,
+@task(cache=True, cache_version=module_code_version("tasks.curate.task"), retries=2, container_image=cpu_image,
       requests=Resources(cpu="2", mem="4Gi"))
 def curate_shard(shard: CurateShard) -> ShardResult:
     """Decode, split, filter, caption one shard's inputs into the per-input store (reusing stored results)."""
@@ -85,7 +96,7 @@ def curate_shard(shard: CurateShard) -> ShardResult:
 curate_shards = map_task(curate_shard)
 
 
-@task(cache=True, cache_version=code_version("tasks/curate", "common"), cache_ignore_input_vars=("parent_run",),
+@task(cache=True, cache_version=module_code_version("tasks.curate.task"), cache_ignore_input_vars=("parent_run",),
       container_image=cpu_image, requests=Resources(cpu="1", mem="2Gi"), enable_deck=True)
 def curate(cfg: CurateConfig, shards: List[ShardResult], tracking_cfg: TrackingConfig, parent_run: str) -> ClipManifest:
     """Merge the shards (source and near-duplicate checks, accounting), report (Deck + MLflow) -> ClipManifest."""

@@ -13,12 +13,12 @@ from flytekit import Resources, dynamic, task
 
 from common import tracking
 from common.config import DiTConfig, FlowConfig, LaunchConfig, StageConfig, TrackingConfig, TrainConfig, to_dict
-from common.hashing import code_version, sha256_dir, sha256_json
+from common.hashing import module_code_version, sha256_dir, sha256_json
 from containers.images import cpu_image
 from tasks.common import artifact_dir, local_path
 from tasks.types import Checkpoint, FlyteDirectory, LatentDataset
 
-_CACHE = dict(cache=True, cache_version=code_version("tasks/train", "trainer", "models", "common"),
+_CACHE = dict(cache=True, cache_version=module_code_version("tasks.train.task", "trainer.train"),
               cache_ignore_input_vars=("parent_run", "launch"), container_image=cpu_image,
               requests=Resources(cpu="2", mem="4Gi"))
 
