@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 PARENT_TAG = "mlflow.parentRunId"
+PIPELINE_RUN_TAG = "pipeline.parent"          # "true" on every execution's parent run
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")   # MLflow 3's UI then opens on the runs
 
 
 def tracking_uri(root: str) -> str:
@@ -41,20 +43,43 @@ def _client(root: str):
 
 
 def experiment_id(root: str, name: str) -> str:
+    """The experiment's id, created on first use; marked as model development (``EXPERIMENT_KIND``)."""
     client = _client(root)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if tracking_uri(root).startswith("sqlite:"):
         location = (Path(root).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+
+
+def git_source() -> Dict[str, str]:
+    """MLflow's source tags for this checkout: the git commit (with "-dirty" when the work tree has changes) and
+    the repository; {} outside a git checkout (e.g. in an image built without .git)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit + ("-dirty" if dirty else ""), "mlflow.source.name": str(repo),
+            "mlflow.source.type": "PROJECT"}
 
 
 def start_parent_run(root: str, experiment: str, run_name: str, params: Dict[str, object], tags: Dict[str, str]) -> str:
     """Create the execution's parent run and return its id (it stays RUNNING until ``finish_run``)."""
     client = _client(root)
-    run = client.create_run(experiment_id(root, experiment), run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id(root, experiment), run_name=run_name,
+                            tags={PIPELINE_RUN_TAG: "true", **git_source(), **tags})
     flat = {k: str(v)[:6000] for k, v in params.items()}
     for k, v in flat.items():
         client.log_param(run.info.run_id, k, v)
@@ -63,6 +88,29 @@ def start_parent_run(root: str, experiment: str, run_name: str, params: Dict[str
 
 def finish_run(root: str, run_id: str, status: str = "FINISHED") -> None:
     _client(root).set_terminated(run_id, status=status)
+
+
+def child_runs(root: str, parent_run_id: str) -> list:
+    """The child runs of a parent run."""
+    client = _client(root)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+def fail_running_parents(root: str, experiment: str, execution: str, reason: str) -> List[str]:
+    """Mark this execution's parent runs that are still RUNNING as FAILED, with ``reason`` as a tag; returns their
+    ids. (The Flyte failure handler calls it: the failed task's child run already ended FAILED.)"""
+    client = _client(root)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`{PIPELINE_RUN_TAG}` = 'true' and tags.`flyte.execution` = '{execution}' "
+        "and attributes.status = 'RUNNING'"))
+    for run in runs:
+        client.set_tag(run.info.run_id, "pipeline.failure", reason[:5000])
+        client.set_terminated(run.info.run_id, status="FAILED")
+    return [r.info.run_id for r in runs]
 
 
 @contextlib.contextmanager

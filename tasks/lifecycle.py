@@ -1,9 +1,18 @@
-"""Tasks that open and close an execution: strict config loading and the MLflow parent run."""
+"""Tasks that open and close an execution: strict config loading and the MLflow parent run.
+
+The parent run is named ``<config> <trigger> <UTC date and time>`` and carries the git commit as its source;
+``finish_tracking`` closes it, or deletes it when every task was a cache hit (then nothing new was made, and the
+output names the runs that made the results); ``fail_tracking`` is the workflow's failure handler: it marks the
+execution's parent run FAILED with the error.
+"""
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
+from typing import Optional
 
 from flytekit import current_context, task
+from flytekit.types.error import FlyteError
 from flytekit.types.file import FlyteFile
 
 from common import tracking
@@ -21,13 +30,33 @@ def load_pipeline_config(config: FlyteFile) -> PipelineConfig:
 @task(container_image=cpu_image)
 def start_tracking(config: PipelineConfig) -> str:
     """Create this execution's MLflow parent run; its id is passed to every task, which logs a child run under it."""
-    ctx = current_context()
-    execution = ctx.execution_id.name if ctx.execution_id else "local"
+    execution = _execution()
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     return tracking.start_parent_run(
-        config.tracking.root, config.tracking.experiment, run_name=f"{config.name}-{execution}",
+        config.tracking.root, config.tracking.experiment, run_name=f"{config.name} manual {started}",
         params={"config_hash": config_hash(config), "config": json.dumps(to_dict(config), sort_keys=True)},
         tags={"pipeline.config_name": config.name, "pipeline.config_hash": config_hash(config),
-              "flyte.execution": execution})
+              "flyte.execution": execution, "pipeline.trigger": "manual"})
+
+
+def _execution() -> str:
+    """This Flyte execution's name ("local" for every local run)."""
+    ctx = current_context()
+    return ctx.execution_id.name if ctx.execution_id else "local"
+
+
+@task(container_image=cpu_image)
+def fail_tracking(config: FlyteFile, err: Optional[FlyteError] = None) -> None:
+    """The workflow's failure handler: mark this execution's MLflow parent run FAILED, with the error. Nothing to do
+    when the config itself could not be read (no parent run was started)."""
+    try:
+        cfg = load_config(config.download())
+    except (OSError, ValueError) as e:
+        print(f"[tracking] no parent run to close: the config could not be read ({e})", flush=True)
+        return
+    reason = err.message if err is not None else "the workflow failed"
+    closed = tracking.fail_running_parents(cfg.tracking.root, cfg.tracking.experiment, _execution(), reason)
+    print(f"[tracking] marked {len(closed)} parent run(s) FAILED: {', '.join(closed) or '-'}", flush=True)
 
 
 @task(container_image=cpu_image)
@@ -36,20 +65,26 @@ def finish_tracking(config: PipelineConfig, parent_run: str, manifest: ClipManif
     """Close the parent run and say what was produced and how to browse it."""
     import mlflow
 
-    tracking.tracking_uri(config.tracking.root)
     client = mlflow.tracking.MlflowClient(tracking.tracking_uri(config.tracking.root))
-    for k, v in report.metrics.items():
-        client.log_metric(parent_run, k, float(v))
-    client.set_tag(parent_run, "registered_model", f"{model.name}@{model.alias} (v{model.version})")
-    tracking.finish_run(config.tracking.root, parent_run)
+    cached = not tracking.child_runs(config.tracking.root, parent_run)
+    if cached:   # every task was a cache hit: an empty parent run would only clutter the experiment
+        client.delete_run(parent_run)
+        made_by = client.get_run(report.mlflow_run_id).data.tags.get(tracking.PARENT_TAG, report.mlflow_run_id)
+    else:
+        for k, v in report.metrics.items():
+            client.log_metric(parent_run, k, float(v))
+        client.set_tag(parent_run, "registered_model", f"{model.name}@{model.alias} (v{model.version})")
+        tracking.finish_run(config.tracking.root, parent_run)
     lines = [
-        f"pipeline '{config.name}' finished",
+        f"pipeline '{config.name}' finished" + (" (every task was a cache hit: nothing was recomputed)" if cached
+                                                else ""),
         f"  inputs {manifest.inputs}: kept {manifest.kept}, rejected {manifest.rejected}, failed {manifest.failed}"
         f"  (clips: {manifest.folder.path})",
         "  evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.metrics.items())),
         f"  report: {report.folder.path}/report.html",
         f"  model: {model.name} version {model.version} alias '{model.alias}'",
-        f"  MLflow parent run: {parent_run}",
+        f"  MLflow parent run: {made_by} (the run that made these results)" if cached
+        else f"  MLflow parent run: {parent_run}",
         f"  browse: {tracking.browse_command(config.tracking.root)}",
     ]
     return "\n".join(lines)   # pyflyte prints it; on a cluster it is the execution's output

@@ -109,6 +109,41 @@ def test_stage2_resumed_from_stage1(pipeline_run):
 def test_identical_rerun_is_a_cache_hit(pipeline_run, repo_root):
     out, seconds = _run(repo_root, pipeline_run["config"], pipeline_run["tmp"] / "home")
     assert "[curate]" not in out and "step=" not in out and "[evaluate]" not in out, out[-3000:]
-    versions = _client(pipeline_run["root"]).search_model_versions("name='video-dit-tiny'")
+    assert "every task was a cache hit" in out
+    client = _client(pipeline_run["root"])
+    versions = client.search_model_versions("name='video-dit-tiny'")
     assert len(versions) == 1
+    exp = client.get_experiment_by_name("video-gen-tiny")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, "a fully cached rerun must not leave an empty parent run"
     print(f"cached rerun: {seconds:.1f} s")
+
+
+def test_mlflow_experiment_and_parent_run_as_a_user_browses_them(pipeline_run):
+    client = _client(pipeline_run["root"])
+    exp = client.get_experiment_by_name("video-gen-tiny")
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.run_name.startswith("tiny manual ")
+    assert len(parent.data.tags["mlflow.source.git.commit"]) >= 40
+
+
+def test_failed_execution_marks_its_parent_run_failed(pipeline_run, repo_root):
+    """A run whose curation input folder is gone fails after its parent run started: the failure handler closes
+    the parent run as FAILED with the error."""
+    cfg = yaml.safe_load(pipeline_run["config"].read_text())
+    cfg["tracking"]["root"] = str(pipeline_run["tmp"] / "runs-failed")
+    cfg["curate"]["input_uri"] = str(pipeline_run["tmp"] / "no-such-folder")
+    config = pipeline_run["tmp"] / "broken.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HOME": str(pipeline_run["tmp"] / "home"), "PYTHONPATH": str(repo_root), "HF_HUB_OFFLINE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([str(Path(sys.executable).parent / "pyflyte"), "run", "workflows/pipeline.py",
+                           "train_video_model", "--config", str(config)], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    client = _client(pipeline_run["tmp"] / "runs-failed")
+    exp = client.get_experiment_by_name("video-gen-tiny")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in parents] == ["FAILED"], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no-such-folder" in parents[0].data.tags["pipeline.failure"]

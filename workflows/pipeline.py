@@ -15,12 +15,12 @@ from flytekit.types.file import FlyteFile
 from tasks.compress.task import compress
 from tasks.curate.task import curate, curate_shards, plan_curation, snapshot_inputs
 from tasks.evaluate.task import evaluate
-from tasks.lifecycle import finish_tracking, load_pipeline_config, start_tracking
+from tasks.lifecycle import fail_tracking, finish_tracking, load_pipeline_config, start_tracking
 from tasks.register.task import register
 from tasks.train.task import post_train, pretrain
 
 
-@workflow
+@workflow(on_failure=fail_tracking)   # a failed execution marks its MLflow parent run FAILED
 def train_video_model(config: FlyteFile) -> str:
     """Raw footage to a registered, evaluated checkpoint. ``config`` is a YAML file (see configs/)."""
     cfg = load_pipeline_config(config=config)
