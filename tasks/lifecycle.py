@@ -28,15 +28,18 @@ def load_pipeline_config(config: FlyteFile) -> PipelineConfig:
 
 
 @task(container_image=cpu_image)
-def start_tracking(config: PipelineConfig) -> str:
-    """Create this execution's MLflow parent run; its id is passed to every task, which logs a child run under it."""
-    execution = _execution()
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+def start_tracking(config: PipelineConfig, kickoff_time: Optional[datetime] = None) -> str:
+    """Create this execution's MLflow parent run; its id is passed to every task, which logs a child run under it.
+    ``kickoff_time``: the schedule's (then the trigger is "scheduled" and the run is named after that time)."""
+    trigger = "scheduled" if kickoff_time is not None else "manual"
+    at = kickoff_time or datetime.now(timezone.utc)
+    params = {"config_hash": config_hash(config), "config": json.dumps(to_dict(config), sort_keys=True)}
+    if kickoff_time is not None:
+        params["kickoff_time"] = kickoff_time.isoformat()
     return tracking.start_parent_run(
-        config.tracking.root, config.tracking.experiment, run_name=f"{config.name} manual {started}",
-        params={"config_hash": config_hash(config), "config": json.dumps(to_dict(config), sort_keys=True)},
-        tags={"pipeline.config_name": config.name, "pipeline.config_hash": config_hash(config),
-              "flyte.execution": execution, "pipeline.trigger": "manual"})
+        config.tracking.root, config.tracking.experiment, run_name=f"{config.name} {trigger} {at:%Y-%m-%d %H:%M}",
+        params=params, tags={"pipeline.config_name": config.name, "pipeline.config_hash": config_hash(config),
+                             "flyte.execution": _execution(), "pipeline.trigger": trigger})
 
 
 def _execution() -> str:
@@ -46,7 +49,7 @@ def _execution() -> str:
 
 
 @task(container_image=cpu_image)
-def fail_tracking(config: FlyteFile, err: Optional[FlyteError] = None) -> None:
+def fail_tracking(config: FlyteFile, kickoff_time: Optional[datetime] = None, err: Optional[FlyteError] = None) -> None:
     """The workflow's failure handler: mark this execution's MLflow parent run FAILED, with the error. Nothing to do
     when the config itself could not be read (no parent run was started)."""
     try:

@@ -23,6 +23,7 @@ def test_pyflyte_package_serialises_dag_and_schedule(repo_root, tmp_path):
     lp = launch_plan_pb2.LaunchPlan()
     lp.ParseFromString(members[lp_name])
     assert lp.spec.entity_metadata.schedule.cron_schedule.schedule == "0 3 * * 1"
+    assert lp.spec.entity_metadata.schedule.kickoff_time_input_arg == "kickoff_time"   # recorded in MLflow
     tasks = {}
     for name, blob in members.items():
         if ".task." in name and "workflows" not in name and "weekly" not in name:

@@ -8,6 +8,8 @@ raw videos -> curate -> compress (VAE + T5) -> pretrain stage 1 -> stage 2 ... -
 from __future__ import annotations
 
 import os
+from datetime import datetime
+from typing import Optional
 
 from flytekit import CronSchedule, LaunchPlan, workflow
 from flytekit.types.file import FlyteFile
@@ -21,10 +23,11 @@ from tasks.train.task import post_train, pretrain
 
 
 @workflow(on_failure=fail_tracking)   # a failed execution marks its MLflow parent run FAILED
-def train_video_model(config: FlyteFile) -> str:
-    """Raw footage to a registered, evaluated checkpoint. ``config`` is a YAML file (see configs/)."""
+def train_video_model(config: FlyteFile, kickoff_time: Optional[datetime] = None) -> str:
+    """Raw footage to a registered, evaluated checkpoint. ``config`` is a YAML file (see configs/);
+    ``kickoff_time`` is set by the weekly schedule (a manual run leaves it empty)."""
     cfg = load_pipeline_config(config=config)
-    run = start_tracking(config=cfg)
+    run = start_tracking(config=cfg, kickoff_time=kickoff_time)
     shards = plan_curation(cfg=cfg.curate, inputs_fingerprint=snapshot_inputs(cfg=cfg.curate),
                            tracking_cfg=cfg.tracking)                      # inputs cut into shards
     manifest = curate(cfg=cfg.curate, shards=curate_shards(shard=shards),  # map_task: one cached task per shard
@@ -44,6 +47,6 @@ def train_video_model(config: FlyteFile) -> str:
 weekly_retrain = LaunchPlan.get_or_create(
     train_video_model,
     name="train_video_model_weekly",
-    schedule=CronSchedule(schedule="0 3 * * 1"),   # Mondays 03:00 UTC
+    schedule=CronSchedule(schedule="0 3 * * 1", kickoff_time_input_arg="kickoff_time"),   # Mondays 03:00 UTC
     default_inputs={"config": FlyteFile(os.environ.get("VGEN_WEEKLY_CONFIG", "s3://video-gen/configs/weekly.yaml"))},
 )
