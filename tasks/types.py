@@ -10,7 +10,7 @@ from typing import Dict, List
 
 from flytekit.types.directory import FlyteDirectory
 
-from common.config import CompressConfig, CurateConfig, EvalConfig, StageConfig
+from common.config import CompressConfig, CurateConfig, EvalConfig, PairsConfig, StageConfig
 
 
 @dataclass
@@ -40,6 +40,18 @@ class LatentDataset:
 
 
 @dataclass
+class PreferencePairs:
+    folder: FlyteDirectory            # a LatentDataset folder of the pairs' clips + pairs.parquet + summary.json
+    content_hash: str
+    data_hash: str                    # the LatentDataset it was built from (its VAE, text encoder, latent space)
+    num_pairs: int
+    labels: str                       # "auto" (corrupted held-in clips, no human labels) | "human" (a pair table)
+    dropped: int                      # table rows (auto: train clips) that gave no pair; reasons in summary.json
+    config: PairsConfig = field(default_factory=PairsConfig)
+    source_hash: str = ""             # fingerprint of the pair table and its videos ("" for auto)
+
+
+@dataclass
 class Checkpoint:
     folder: FlyteDirectory            # step_XXXXXXXX/ folders + latest + metrics.jsonl
     stage: str
@@ -55,11 +67,17 @@ class Checkpoint:
 
 @dataclass
 class EvalReport:
-    folder: FlyteDirectory            # report.html, metrics.json, samples/*.mp4
-    metrics: Dict[str, float]
+    folder: FlyteDirectory            # report.html, metrics.json, loss curves, samples/ (docs/evaluation.md)
+    metrics: Dict[str, float]         # the candidate's EMA weights, finite values by metric name
     checkpoint_hash: str
     mlflow_run_id: str
     config: EvalConfig = field(default_factory=EvalConfig)
+    suite_hash: str = ""              # reports compare only when their suite hashes match (docs/evaluation.md)
+    directions: Dict[str, str] = field(default_factory=dict)        # metric -> "higher" | "lower" (is better)
+    raw_metrics: Dict[str, float] = field(default_factory=dict)     # the same checkpoint's raw (non-EMA) weights
+    champion_version: str = ""        # the registered champion compared against ("" = none: the first model)
+    champion_metrics: Dict[str, float] = field(default_factory=dict)   # the champion on this same suite
+    deltas: Dict[str, float] = field(default_factory=dict)          # candidate - champion
 
 
 @dataclass

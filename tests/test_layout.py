@@ -7,7 +7,9 @@ from pathlib import Path
 
 FORBIDDEN_IN_MODELS = {"flytekit", "mlflow", "torchx"}
 FLYTE_FREE = ["models", "trainer", "common", "tasks/curate/decode.py", "tasks/compress/encode.py",
-              "tasks/evaluate/evaluate.py", "tasks/register/registry.py"]
+              "tasks/evaluate/evaluate.py", "tasks/register/registry.py", "tasks/preference/__init__.py",
+              "tasks/preference/labels.py", "tasks/preference/auto.py", "tasks/preference/encode.py",
+              "tasks/preference/build.py"]
 
 
 def _imports(path: Path) -> set:
