@@ -152,3 +152,31 @@ def log_config(prefix: str, cfg: Dict[str, object]) -> None:
     items = list(flat.items())
     for i in range(0, len(items), 100):
         mlflow.log_params(dict(items[i:i + 100]))
+
+
+def log_dataset(table, source: str, name: str, digest: str, context: str) -> None:
+    """Log a table (a pandas DataFrame: a listing, manifest or index) as an MLflow dataset input of the active run,
+    so the runs table's Dataset column and the run page show it (``context``: "curation", "training", ...)."""
+    import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
+
+    dataset = from_pandas(table, source=source, name=name, digest=digest[:36])
+    mlflow.log_input(dataset, context=context)
+
+
+def log_checkpoint_model(name: str, run_id: str, folder: str, content_hash: str, metrics: Dict[str, float],
+                         params: Optional[Dict[str, str]] = None) -> str:
+    """An MLflow 3 logged model for a stage's exported weights (an external model: the weights stay in the
+    checkpoint folder, ``tags["checkpoint"]``), with ``metrics`` linked to it; returns its model id."""
+    import mlflow
+
+    model = mlflow.create_external_model(name=name, source_run_id=run_id, model_type="video-dit",
+                                         tags={"checkpoint": folder, "lineage.content_hash": content_hash},
+                                         params=params or {})
+    for k, v in metrics.items():
+        mlflow.log_metric(k, float(v), run_id=run_id, model_id=model.model_id)
+    from mlflow.entities import LoggedModelOutput
+
+    mlflow.tracking.MlflowClient().log_outputs(run_id, [LoggedModelOutput(model.model_id, int(params.get("step", 0))
+                                                                          if params else 0)])
+    return model.model_id

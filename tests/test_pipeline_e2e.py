@@ -126,6 +126,19 @@ def test_mlflow_experiment_and_parent_run_as_a_user_browses_them(pipeline_run):
     (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.run_name.startswith("tiny manual ")
     assert len(parent.data.tags["mlflow.source.git.commit"]) >= 40
+    children = {r.data.tags["pipeline.task"]: r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    inputs = {name: [(d.dataset.name, [t.value for t in d.tags]) for d in r.inputs.dataset_inputs]
+              for name, r in children.items()}
+    assert inputs["curate"] == [("raw-inputs", ["curation"])] and inputs["compress"] == [("clip-manifest",
+                                                                                         ["compression"])]
+    assert inputs["stage1_dp2"] == [("latents", ["training"])]
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    stage_run = children["stage1_dp2"]
+    (stage_model,) = [m for m in models if m.source_run_id == stage_run.info.run_id]
+    assert stage_model.name == "stage1_dp2" and stage_model.tags["checkpoint"].endswith("step_00000030")
+    assert [o.model_id for o in stage_run.outputs.model_outputs] == [stage_model.model_id]
+    assert {m.key for m in stage_model.metrics} == {"final_loss"}
 
 
 def test_failed_execution_marks_its_parent_run_failed(pipeline_run, repo_root):

@@ -26,6 +26,11 @@ def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: Tracking
         import mlflow
 
         tracking.log_config("compress", to_dict(cfg))
+        import pandas as pd
+
+        manifest_dir = local_path(manifest.folder)
+        tracking.log_dataset(pd.read_parquet(manifest_dir / "manifest.parquet"), source=str(manifest_dir),
+                             name="clip-manifest", digest=manifest.content_hash, context="compression")
         tmp = fresh_dir(out)
         meta = run_compress(cfg, local_path(manifest.folder), tmp,
                             progress=lambda m: print(f"[compress] {m}", flush=True))

@@ -121,6 +121,12 @@ def curate(cfg: CurateConfig, shards: List[ShardResult], tracking_cfg: TrackingC
                                                            "clips_rejected", "processed", "reused", "shards")})
         mlflow.log_metrics({"reason." + re.sub(r"[^0-9A-Za-z_.\-/ ]", "_", k).replace(" ", "_"): float(v)
                             for k, v in summary["reasons"].items()})
+        import pandas as pd
+
+        tracking.log_dataset(pd.DataFrame({"uri": [e["uri"] for r in results for e in r["entries"]],
+                                           "source_hash": [e["source_hash"] for r in results for e in r["entries"]]}),
+                             source=str(cfg.input_uri), name="raw-inputs",
+                             digest=sha256_json(summary["source_hashes"]), context="curation")
         mlflow.log_artifact(str(out / "manifest.parquet"), "manifest")
         mlflow.log_artifact(str(out / "summary.json"), "manifest")
         for name in ("report.html", "histograms.png", "contact_sheet.png"):

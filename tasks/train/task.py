@@ -44,8 +44,15 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
 
         tracking.log_config("stage", to_dict(stage))
         tracking.log_config("dit", to_dict(dit))
+        import pandas as pd
+
+        from common.latents import INDEX
+
+        latents_dir = local_path(data.folder)
+        tracking.log_dataset(pd.read_parquet(latents_dir / INDEX), source=str(latents_dir), name="latents",
+                             digest=data.content_hash, context="training")
         mlflow.log_params({"world_size": stage.world_size, "init_checkpoint": init_path or "scratch"})
-        job = StageJob(stage=stage, dit=dit, flow=flow, latents_dir=str(local_path(data.folder)),
+        job = StageJob(stage=stage, dit=dit, flow=flow, latents_dir=str(latents_dir),
                        init_checkpoint=init_path, output_dir=str(out), config_hash=stage_hash,
                        mlflow_tracking_uri=tracking.tracking_uri(tracking_cfg.root), mlflow_run_id=run_id)
         job_path = out / "job.json"
@@ -56,6 +63,9 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
         meta = json.loads((latest / "meta.json").read_text())
         content_hash = sha256_dir(latest, n=16)
         mlflow.set_tag("lineage.content_hash", content_hash)
+        tracking.log_checkpoint_model(stage.name, run_id, str(latest), content_hash,
+                                      {"final_loss": float(meta.get("loss", float("nan")))},
+                                      params={"step": str(meta["step"]), "stage": stage.name})
         mlflow.log_artifact(str(out / "metrics.jsonl"))
         mlflow.log_artifact(str(latest / "meta.json"), "checkpoint")
     return Checkpoint(folder=FlyteDirectory(str(out)), stage=stage.name, step=int(meta["step"]),
