@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from flytekit import workflow
 
-from common.config import CompressConfig, PairsConfig, TextEncoderConfig
+from common import tracking
+from common.config import CompressConfig, PairsConfig, TextEncoderConfig, TrackingConfig
 from common.latents import LatentReader, LatentWriter
 from common.pairs import read_pairs
 from helpers import write_latent_dataset
@@ -21,6 +23,8 @@ from tasks.curate.synthetic import SceneSpec, render_scene
 from tasks.preference.auto import corrupt, shuffle_permutation
 from tasks.preference.build import run_pairs
 from tasks.preference.labels import TableRow, count_keys, read_table, resolve_row, resolve_table
+from tasks.preference.task import build_preference_pairs, pairs_source_hash
+from tasks.types import FlyteDirectory, LatentDataset, PreferencePairs
 
 pytestmark = pytest.mark.timeout(180)
 DIMS = ["visual_quality", "motion_quality", "text_alignment"]
@@ -279,3 +283,78 @@ def test_human_pairs_refuse_an_all_dropped_table(dataset, videos, tmp_path):
     table = _write_table(videos / "ties.jsonl", [_labels(prefs=("tie", "tie", "tie"))] * 2)
     with pytest.raises(ValueError, match=r"no pair left of 2 rows \(dropped: \{'tie': 2\}\)"):
         run_pairs(PairsConfig(source=str(table)), dataset, tmp_path / "none", progress=lambda m: None)
+
+
+def test_human_table_and_videos_on_s3(dataset, videos, tmp_path, monkeypatch):
+    """The table and its videos on S3 (an in-process moto server, read with the minio client) give the pairs of
+    the same table read locally; the fingerprint follows the table's bytes."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    from common.storage import upload_dir
+    from tasks.preference.labels import source_fingerprint
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        for k, v in dict(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
+                         AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1").items():
+            monkeypatch.setenv(k, v)
+        local = tmp_path / "bucket"
+        shutil.copytree(videos / "v", local / "v")
+        rows = HUMAN[:5] + [_labels(b="s3://pairs/labels/v/b.mp4")]      # a relative and an absolute s3 reference
+        _write_table(local / "t.jsonl", rows)
+        upload_dir(local, "s3://pairs/labels/", create_bucket=True)
+        remote = run_pairs(PairsConfig(source="s3://pairs/labels/t.jsonl"), dataset, tmp_path / "s3",
+                           progress=lambda m: None, work_dir=tmp_path)
+        here = run_pairs(PairsConfig(source=str(local / "t.jsonl")), dataset, tmp_path / "local",
+                         progress=lambda m: None)
+        assert remote["pairs"]["reasons"] == here["pairs"]["reasons"] == {"tie": 1, "missing video": 1}
+        columns = ["pair_id", "winner", "loser", "weight"]
+        assert read_pairs(tmp_path / "s3")[columns].equals(read_pairs(tmp_path / "local")[columns])
+        assert remote["pairs"]["table_hash"] == here["pairs"]["table_hash"]
+        fingerprint = source_fingerprint("s3://pairs/labels/t.jsonl", DIMS, tmp_path / "fp")
+        assert len(fingerprint) == 16 and fingerprint == source_fingerprint("s3://pairs/labels/t.jsonl", DIMS,
+                                                                            tmp_path / "fp2")
+        _write_table(local / "t.jsonl", rows[:3])
+        upload_dir(local, "s3://pairs/labels/")
+        assert source_fingerprint("s3://pairs/labels/t.jsonl", DIMS, tmp_path / "fp3") != fingerprint
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------------------------------- Flyte task
+
+def test_task_writes_the_artifact_logs_a_child_run_and_is_cached(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = write_latent_dataset(tmp_path / "latents", n_clips=4, n_val=1)
+    meta = json.loads((data / "meta.json").read_text())
+    tracking_cfg = TrackingConfig(root=str(tmp_path / "runs"))
+    parent = tracking.start_parent_run(tracking_cfg.root, "pairs-test", "parent", {}, {})
+
+    @workflow
+    def wf(cfg: PairsConfig, data: LatentDataset, tracking_cfg: TrackingConfig, parent_run: str) -> PreferencePairs:
+        return build_preference_pairs(cfg=cfg, data=data, tracking_cfg=tracking_cfg, parent_run=parent_run,
+                                      source_hash=pairs_source_hash(cfg=cfg))
+
+    dataset = LatentDataset(folder=FlyteDirectory(str(data)), content_hash=meta["content_hash"], manifest_hash="",
+                            vae_identity="", text_encoder_identity="", num_train=3, num_val=1)
+    first = wf(cfg=PairsConfig(), data=dataset, tracking_cfg=tracking_cfg, parent_run=parent)
+    assert (first.labels, first.num_pairs, first.dropped, first.data_hash) == ("auto", 3, 0, meta["content_hash"])
+    folder = Path(first.folder.path)
+    assert folder.parent == tmp_path / "runs" / "artifacts" / "pairs" and len(read_pairs(folder)) == 3
+    assert json.loads((folder / "meta.json").read_text())["content_hash"] == first.content_hash
+    again = wf(cfg=PairsConfig(), data=dataset, tracking_cfg=tracking_cfg, parent_run=parent)
+    assert again.content_hash == first.content_hash
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(tracking_cfg.root))
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert [r.info.run_name for r in runs] == ["preference_pairs"]   # the rerun was a cache hit: no second run
+    assert runs[0].data.tags["pairs.labels"] == "auto" and runs[0].data.metrics["pairs"] == 3
