@@ -265,7 +265,8 @@ def test_human_pairs_encoded_with_the_datasets_codecs(dataset, videos, tmp_path)
     with torch.no_grad():
         expected = src.normalize(src.load_vae().encode(x[None]).mode()[0])
     winner, text, mask = out.load(pairs["winner"][0])
-    assert (winner - expected).abs().max() < 1e-3 < (out.load(pairs["loser"][0])[0] - expected).abs().max()
+    tol = 5e-2 if torch.cuda.is_available() else 1e-3   # run_pairs encodes on the GPU when there is one (TF32 convs)
+    assert (winner - expected).abs().max() < tol < (out.load(pairs["loser"][0])[0] - expected).abs().max()
     feats, fmask = src.load_text_encoder().encode(["a textured square"])
     assert torch.allclose(text, feats[0], atol=1e-6) and torch.equal(mask, fmask[0])
     assert torch.equal(out.load(pairs["loser"][0])[1], text)    # one prompt per pair
