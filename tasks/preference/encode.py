@@ -44,6 +44,7 @@ from tasks.preference.labels import (
 )
 
 DROPPED = "dropped.jsonl"
+PROMPT_CACHE = 64   # prompts whose text features are kept (consecutive rows often share one)
 CHUNK = 8   # pixel frames per latent frame after the first (the VAE's temporal downsampling; clips are 8k+1 frames)
 
 
@@ -87,7 +88,7 @@ def load_pixels(path: Path, frames: int, height: int, width: int) -> torch.Tenso
 
 
 class PairEncoder:
-    """The dataset's VAE and text encoder, encoding videos (by file content) and prompts once each."""
+    """The dataset's VAE and text encoder; files are fetched and hashed once, prompts encoded once."""
 
     def __init__(self, reader: LatentReader, work_dir: Path, source: str) -> None:
         self.reader, self.work_dir, self.source = reader, work_dir, source
@@ -97,7 +98,6 @@ class PairEncoder:
         self._vae: Any = None
         self._text: Any = None
         self._files: Dict[str, Tuple[Path, str]] = {}            # uri -> (local path, sha256 of the bytes)
-        self._latents: Dict[str, torch.Tensor] = {}               # file hash -> normalised latent
         self._errors: Dict[str, VideoError] = {}                  # uri or file hash -> why it cannot be used
         self._prompts: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -116,29 +116,30 @@ class PairEncoder:
         return self._files[uri]
 
     def latent(self, path: Path, file_hash: str) -> torch.Tensor:
-        """The normalised latent [C, T, h, w] of a video file, in the dataset's space (VideoError when unusable)."""
+        """The normalised latent [C, T, h, w] of a video file, in the dataset's space (VideoError when unusable; a
+        file found unusable once is not decoded again). Latents are not kept: the caller writes each clip once."""
         if file_hash in self._errors:
             raise self._errors[file_hash]
-        if file_hash not in self._latents:
-            try:
-                x_3THW = load_pixels(path, self.frames, self.height, self.width)
-            except VideoError as e:
-                self._errors[file_hash] = e
-                raise
-            if self._vae is None:
-                self._vae = self.reader.load_vae().to(self.device)
-            with torch.no_grad():
-                z = self._vae.encode(x_3THW[None].to(self.device)).mode()[0].cpu()
-            latent = self.reader.normalize(z).float()
-            if tuple(latent.shape) != self.latent_shape:
-                raise ValueError(f"{path}: encoded to latent {list(latent.shape)}, the dataset's bucket is "
-                                 f"{list(self.latent_shape)}")
-            self._latents[file_hash] = latent
-        return self._latents[file_hash]
+        try:
+            x_3THW = load_pixels(path, self.frames, self.height, self.width)
+        except VideoError as e:
+            self._errors[file_hash] = e
+            raise
+        if self._vae is None:
+            self._vae = self.reader.load_vae().to(self.device)
+        with torch.no_grad():
+            z = self._vae.encode(x_3THW[None].to(self.device)).mode()[0].cpu()
+        latent = self.reader.normalize(z).float()
+        if tuple(latent.shape) != self.latent_shape:
+            raise ValueError(f"{path}: encoded to latent {list(latent.shape)}, the dataset's bucket is "
+                             f"{list(self.latent_shape)}")
+        return latent
 
     def prompt(self, text: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """(text_LD, mask_L) of a prompt, with the dataset's text encoder."""
         if text not in self._prompts:
+            if len(self._prompts) >= PROMPT_CACHE:   # bounded: T5-XXL features are ~5 MB per prompt
+                self._prompts.pop(next(iter(self._prompts)))
             if self._text is None:
                 self._text = self.reader.load_text_encoder().to(self.device)
             feats, mask = self._text.encode([text])
@@ -172,17 +173,18 @@ def run_human_pairs(cfg: PairsConfig, latents_dir: Path, out_dir: Path, progress
                 r = r.drop(OVER_MAX_PAIRS, f"{cfg.max_pairs} pairs already kept")
             if r.kept:
                 try:
-                    (path_w, hash_w), (path_l, hash_l) = enc.file(r.video(r.winner)), enc.file(r.video(r.loser))
-                    if hash_w == hash_l:
+                    files = [enc.file(r.video(r.winner)), enc.file(r.video(r.loser))]
+                    if files[0][1] == files[1][1]:
                         raise VideoError(IDENTICAL_VIDEOS, f"{r.video_a} and {r.video_b} have the same bytes")
-                    latent_w, latent_l = enc.latent(path_w, hash_w), enc.latent(path_l, hash_l)
+                    ids = [sha256_bytes(h.encode(), r.prompt.encode(), n=16) for _, h in files]
+                    new = {c: enc.latent(path, h) for c, (path, h) in zip(ids, files) if c not in writer.clips}
                 except VideoError as e:
                     r = r.drop(e.key, e.detail)
             if r.kept:
                 text, mask = enc.prompt(r.prompt)
-                ids = [sha256_bytes(h.encode(), r.prompt.encode(), n=16) for h in (hash_w, hash_l)]
-                for clip_id, latent, h in zip(ids, (latent_w, latent_l), (hash_w, hash_l)):
-                    writer.add(clip_id, latent, text, mask, caption=r.prompt, source_hash=h[:16])
+                for clip_id, (_, h) in zip(ids, files):
+                    if clip_id in new:   # a clip already written (same video, same prompt) is not encoded again
+                        writer.add(clip_id, new[clip_id], text, mask, caption=r.prompt, source_hash=h[:16])
                 pairs.append(_pair_row(r, ids[0], ids[1], list(cfg.dimensions)))
             final.append(r)
     reasons = count_keys(final)
