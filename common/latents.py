@@ -2,13 +2,15 @@
 
 A folder holds safetensors shards with ``<clip_id>/latent`` float32 [C,T,H,W] (normalised, ``(z - mean) / std``
 per channel), ``<clip_id>/text`` float32 [L,D] and ``<clip_id>/text_mask`` uint8 [L]; ``index.parquet`` (one row
-per clip, ``INDEX_COLUMNS``); ``meta.json`` (VAE and text-encoder identity, latent statistics, content hash);
+per clip, ``INDEX_COLUMNS``); ``meta.json`` (VAE and text-encoder identity, latent statistics, content hash and,
+from the compress stage, curation's motion band under ``CURATION``);
 ``null_text.safetensors`` (the encoding of ""), ``vae/`` and ``text_encoder/`` (to decode and encode again).
 The compress stage, the test helpers and the benchmarks write it with ``LatentWriter``; the trainer, the evaluator
 and the tests read it with ``LatentReader``. No Flyte, MLflow or trainer code here.
 
     w = LatentWriter(out_dir, shard_size=64)           # refuses a folder that is not empty
-    w.add("clip0000", latent_CTHW, text_LD, text_mask_L, split="train", caption="a cat", score=0.7)
+    w.add("clip0000", latent_CTHW, text_LD, text_mask_L, split="train", caption="a cat", score=0.7,
+          aesthetic=5.1, motion=4.0, sharpness=650.0)   # curation's scores: optional (NaN when unknown)
     w.write_null_text(null_LD, null_mask_L)             # optional, as are write_vae and write_text_encoder
     meta = w.finish({"vae": {"config": {"spatial_downsample": 8, ...}}, "latent_mean": [...], "latent_std": [...]})
 
@@ -30,7 +32,9 @@ from common.hashing import sha256_dir, sha256_json
 INDEX, META, NULL_TEXT = "index.parquet", "meta.json", "null_text.safetensors"
 VAE_DIR, VAE_WEIGHTS, VAE_CONFIG, TEXT_DIR = "vae", "vae.safetensors", "config.json", "text_encoder"
 LATENT, TEXT, TEXT_MASK = "latent", "text", "text_mask"      # tensor "<clip_id>/<name>" in a shard
-INDEX_COLUMNS = ("clip_id", "shard", "split", "latent_shape", "text_len", "caption", "score", "bucket", "source_hash")
+INDEX_COLUMNS = ("clip_id", "shard", "split", "latent_shape", "text_len", "caption", "score", "bucket", "source_hash",
+                 "aesthetic", "motion", "sharpness")   # curation's filter scores (NaN when unknown): quality ranking
+CURATION = "curation"   # meta.json: {"motion_min", "motion_max"}: curation's motion band, for the quality ranking
 READ_COLUMNS = ("clip_id", "shard", "split", "latent_shape", "score")   # what the reader needs of the index
 
 
@@ -63,8 +67,10 @@ class LatentWriter:
 
     def add(self, clip_id: str, latent_CTHW: torch.Tensor, text_LD: torch.Tensor, text_mask_L: torch.Tensor,
             split: str = "train", caption: str = "", score: float = math.nan, bucket: str = "",
-            source_hash: str = "") -> None:
-        """One clip: normalised latent float32 [C,T,H,W], text features float32 [L,D], mask bool/uint8 [L]."""
+            source_hash: str = "", aesthetic: float = math.nan, motion: float = math.nan,
+            sharpness: float = math.nan) -> None:
+        """One clip: normalised latent float32 [C,T,H,W], text features float32 [L,D], mask bool/uint8 [L];
+        curation's ranking score and filter scores (aesthetic, mean optical-flow motion, Laplacian sharpness)."""
         if split not in ("train", "val"):
             raise ValueError(f"{clip_id}: split must be 'train' or 'val', got {split!r}")
         if latent_CTHW.dim() != 4 or text_LD.dim() != 2 or text_mask_L.shape != text_LD.shape[:1]:
@@ -83,7 +89,8 @@ class LatentWriter:
         self._pending[f"{clip_id}/{TEXT_MASK}"] = mask_L
         self._rows.append(dict(clip_id=clip_id, shard=shard, split=split, latent_shape=list(latent_CTHW.shape),
                                text_len=int(mask_L.sum()), caption=caption, score=float(score), bucket=bucket,
-                               source_hash=source_hash))
+                               source_hash=source_hash, aesthetic=float(aesthetic), motion=float(motion),
+                               sharpness=float(sharpness)))
         if len(self._pending) == 3 * self.shard_size:   # three tensors per clip
             self._flush()
 

@@ -15,7 +15,8 @@ from common.latents import LatentReader
 from tasks.compress.encode import read_clip, run_compress, split_clips
 
 CAPTIONS = ["a red square moving right", "a blue ball bouncing", "slow pan over green hills"]
-INDEX_COLS = ["clip_id", "shard", "split", "latent_shape", "text_len", "caption", "score", "bucket", "source_hash"]
+INDEX_COLS = ["clip_id", "shard", "split", "latent_shape", "text_len", "caption", "score", "bucket", "source_hash",
+              "aesthetic", "motion", "sharpness"]
 
 
 def write_clip(path, seed, frames=17, hw=64):

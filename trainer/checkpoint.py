@@ -50,10 +50,12 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dict[str, torch.Tensor]],
          ema_sd: Optional[Dict[str, torch.Tensor]], rank_state: Dict[str, Any], meta: Dict[str, Any],
-         keep: int, barrier: Callable[[], None] = _barrier, dist_state: Optional[Dict[str, Any]] = None) -> Path:
+         keep: int, barrier: Callable[[], None] = _barrier, dist_state: Optional[Dict[str, Any]] = None,
+         extra_sd: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
     """Write step folder ``step`` (collective). ``model_sd``/``ema_sd`` are the full state dicts, needed on rank 0
     unless ``dist_state`` is given and both are None (then the weights are only in ``dist/``).
-    ``dist_state``: a megatron sharded state dict every rank passes, saved with ``dist_checkpointing`` in ``dist/``."""
+    ``dist_state``: a megatron sharded state dict every rank passes, saved with ``dist_checkpointing`` in ``dist/``.
+    ``extra_sd``: {file name: full state dict} that rank 0 also writes as safetensors (the LoRA adapters)."""
     from safetensors.torch import save_file
 
     out = Path(output_dir)
@@ -76,6 +78,9 @@ def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dic
                              "with a dist_state)")
         save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in ema_sd.items()}, str(tmp / "ema.safetensors"))
+    if rank == 0:
+        for name, sd in (extra_sd or {}).items():
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / name))
     barrier()
     if rank == 0:
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
@@ -160,6 +165,14 @@ def load_weights(step_dir: str | Path, ema: bool = False) -> Dict[str, torch.Ten
                               "the stage's last step, so its weights are only in dist/; write the file with "
                               f"`python -m trainer.export {step_dir} OUT.safetensors --layout ours"
                               f"{' --ema' if ema else ''}`, or load dist/ (checkpoint_format 'dist')")
+    verify(step_dir, only=[name])
+    return load_file(str(Path(step_dir) / name))
+
+
+def load_file_verified(step_dir: str | Path, name: str) -> Dict[str, torch.Tensor]:
+    """A safetensors file of a step folder (e.g. the LoRA adapters), after verifying its checksum."""
+    from safetensors.torch import load_file
+
     verify(step_dir, only=[name])
     return load_file(str(Path(step_dir) / name))
 

@@ -1,7 +1,16 @@
 """Deterministic batches from a LatentDataset folder (format: docs/artifacts.md, read with ``common.latents``).
 
-``LatentSplit(root, split, top_fraction)`` is the rows of one split (optionally only the best-scored fraction) and
-stacks them into ``Batch``es; ``StepSampler`` says which rows each step and rank takes.
+``LatentSplit(root, split, top_fraction, quality)`` is the rows of one split (optionally only the best fraction by
+the stage's ``QualityRanking``, ``quality_keys``) and stacks them into ``Batch``es; ``PairSplit(root)`` is the pairs
+of a PreferencePairs folder (``common.pairs``) for Flow-DPO, batched as ``PairBatch``es (winners, then their
+losers); ``StepSampler`` says which rows (pairs) each step and rank takes.
+
+Quality ranking (``top_fraction`` < 1, SFT): the weighted sum of per-column z-scores over the split of ``score``
+(curation's), ``aesthetic``, ``motion`` (closeness to the middle of curation's motion band in log space,
+-|log m - (log lo + log hi)/2|, the band from meta.json's "curation"), ``sharpness`` (log) and ``caption_length``
+(words of the caption). A clip with an unknown (NaN) value in a weighted column ranks last; clip_id breaks ties.
+With one weighted column its own values rank (a z-score would only rescale them), so the default (score alone)
+keeps exactly the clips and order of a plain score ranking.
 
 Batches are a pure function of (seed, step, dp_rank), so a resumed run sees exactly the batches it would have seen.
 With gradient accumulation (``stage.micro_batches`` = M) the trainer builds the sampler for dp*M ranks and gives
@@ -23,14 +32,17 @@ Streaming: each rank reads only the samples of its own micro-batches; shards are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from common.latents import INDEX, LatentReader
+from common.config import QualityRanking
+from common.latents import CURATION, INDEX, META, LatentReader
+
+QUALITY_COLUMNS = ("score", "aesthetic", "motion", "sharpness", "caption_length")
 
 
 @dataclass
@@ -45,12 +57,65 @@ class Batch:
                      self.text_mask_BL.to(device))
 
 
-class LatentSplit:
-    """The rows of one split of a LatentDataset folder, optionally only the best-scored ``top_fraction``, sorted by
-    clip id: ``clip_ids``, ``shapes`` (latent [C,T,H,W]), ``scores``, ``load(i)`` and ``batch(indices)`` of row
-    indices. ``reader`` is the folder's ``LatentReader`` (``meta``, ``vae_spatial_downsample``)."""
+@dataclass
+class PairBatch(Batch):
+    """B preference pairs as one batch of 2B clips: rows [0, B) the winners, [B, 2B) their losers (same order)."""
+    pair_ids: List[str] = field(default_factory=list)
+    weight_B: torch.Tensor = field(default_factory=lambda: torch.ones(0))   # each pair's loss weight
 
-    def __init__(self, root: str | Path, split: str = "train", top_fraction: float = 1.0):
+    def to(self, device: torch.device) -> "PairBatch":
+        return PairBatch(self.clip_ids, self.latents_BCTHW.to(device), self.text_BLD.to(device),
+                         self.text_mask_BL.to(device), self.pair_ids, self.weight_B.to(device))
+
+
+def quality_keys(df: Any, quality: QualityRanking, meta: Dict[str, Any], where: Path | str = INDEX) -> Any:
+    """The ranking key of every row of ``df`` (an index DataFrame): higher is better, NaN = unknown (ranks last).
+    One weighted column: its own values; several: the weighted sum of their z-scores over ``df``'s rows (NaN
+    propagates). A weight > 0 on a column the index lacks is an error naming it and the fix."""
+    weights = {c: float(getattr(quality, c)) for c in QUALITY_COLUMNS if getattr(quality, c) > 0}
+    terms = {c: _quality_term(df, c, meta, where) for c in weights}
+    if len(terms) == 1:
+        return next(iter(terms.values()))
+    total = 0.0
+    for c, w in weights.items():
+        x = terms[c]
+        mean, std = x.mean(skipna=True), x.std(ddof=0, skipna=True)
+        z = (x - mean) / std if std > 0 else x * 0.0   # a constant column ranks nobody (NaN stays NaN)
+        total = total + w * z
+    return total
+
+
+def _quality_term(df: Any, column: str, meta: Dict[str, Any], where: Path | str) -> Any:
+    source = "caption" if column == "caption_length" else column
+    if source not in df.columns:
+        raise ValueError(f"quality.{column} > 0 but {where} has no '{source}' column (a LatentDataset written before "
+                         "the compress stage recorded curation's scores): re-run the compress stage, or set "
+                         f"quality.{column}: 0")
+    if column == "caption_length":
+        return df["caption"].map(lambda c: float(len(c.split())) if isinstance(c, str) else math.nan)
+    x = df[column].astype(float)
+    if column == "score" or column == "aesthetic":
+        return x
+    x = np.log(x.where(x > 0))   # log scale; non-positive values unknown
+    if column == "sharpness":
+        return x
+    band = meta.get(CURATION) or {}
+    if "motion_min" not in band or "motion_max" not in band:
+        raise ValueError(f"quality.motion > 0 but {Path(where).parent / META} has no '{CURATION}' motion band "
+                         "(motion_min, motion_max): re-run the compress stage on a ClipManifest whose summary.json "
+                         "has curation's config, or set quality.motion: 0")
+    middle = 0.5 * (math.log(band["motion_min"]) + math.log(band["motion_max"]))
+    return -(x - middle).abs()
+
+
+class LatentSplit:
+    """The rows of one split of a LatentDataset folder, optionally only the best ``top_fraction`` by the
+    ``quality`` ranking (default: curation's score), sorted by clip id: ``clip_ids``, ``shapes`` (latent
+    [C,T,H,W]), ``scores``, ``load(i)`` and ``batch(indices)`` of row indices. ``reader`` is the folder's
+    ``LatentReader`` (``meta``, ``vae_spatial_downsample``)."""
+
+    def __init__(self, root: str | Path, split: str = "train", top_fraction: float = 1.0,
+                 quality: Optional[QualityRanking] = None):
         self.reader = LatentReader(root)
         self.root, self.meta = self.reader.root, self.reader.meta
         if not 0.0 < top_fraction <= 1.0:
@@ -59,9 +124,10 @@ class LatentSplit:
         df = df[df["split"] == split]
         if df.empty:
             raise ValueError(f"{self.root / INDEX}: the '{split}' split is empty; nothing to train on")
-        # best first; NaN scores last; clip_id breaks ties so the choice is reproducible
-        df = df.assign(_score=df["score"].astype(float).fillna(-math.inf)).sort_values(
-            ["_score", "clip_id"], ascending=[False, True], kind="stable")
+        if top_fraction < 1.0:   # best first; unknown (NaN) last; clip_id breaks ties so the choice is reproducible
+            key = quality_keys(df, quality or QualityRanking(), self.meta, self.root / INDEX)
+            df = df.assign(_score=key.astype(float).fillna(-math.inf)).sort_values(
+                ["_score", "clip_id"], ascending=[False, True], kind="stable")
         keep = max(1, math.ceil(len(df) * top_fraction))
         df = df.iloc[:keep].sort_values("clip_id", kind="stable")
         self.clip_ids: List[str] = df["clip_id"].tolist()
@@ -79,6 +145,44 @@ class LatentSplit:
         items = [self.load(i) for i in indices]
         return Batch([self.clip_ids[i] for i in indices], torch.stack([x[0] for x in items]),
                      torch.stack([x[1] for x in items]), torch.stack([x[2] for x in items]))
+
+
+class PairSplit:
+    """The preference pairs of a PreferencePairs folder (``common.pairs``: a LatentDataset + pairs.parquet), sorted
+    by pair id: ``pair_ids``, ``winners``, ``losers``, ``weights``, ``shapes`` (the pair's latent shape, the bucket
+    the sampler groups by) and ``batch(indices)`` of pair indices -> ``PairBatch``. Every pair of pairs.parquet is
+    trained on. ``reader`` is the folder's ``LatentReader``."""
+
+    def __init__(self, root: str | Path):
+        from common.pairs import read_pairs
+
+        self.reader = LatentReader(root)
+        self.root, self.meta = self.reader.root, self.reader.meta
+        table = read_pairs(self.root).sort_values("pair_id", kind="stable")
+        self.pair_ids: List[str] = [str(p) for p in table["pair_id"]]
+        self.winners: List[str] = [str(c) for c in table["winner"]]
+        self.losers: List[str] = [str(c) for c in table["loser"]]
+        self.weights: List[float] = [float(w) for w in table["weight"]]
+        self.shapes: List[Tuple[int, ...]] = [self.reader.latent_shape(c) for c in self.winners]
+        for p, w, l, s in zip(self.pair_ids, self.winners, self.losers, self.shapes):
+            if self.reader.latent_shape(l) != s:
+                raise ValueError(f"{self.root}: pair {p} has latent shapes {s} ({w}) and "
+                                 f"{self.reader.latent_shape(l)} ({l}); winner and loser must share one shape")
+
+    @property
+    def clip_ids(self) -> List[str]:
+        """The winners (one clip per pair: what ``shapes`` describes)."""
+        return self.winners
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def batch(self, indices: List[int]) -> PairBatch:
+        ids = [self.winners[i] for i in indices] + [self.losers[i] for i in indices]
+        items = [self.reader.load(c) for c in ids]
+        return PairBatch(ids, torch.stack([x[0] for x in items]), torch.stack([x[1] for x in items]),
+                         torch.stack([x[2] for x in items]), [self.pair_ids[i] for i in indices],
+                         torch.tensor([self.weights[i] for i in indices], dtype=torch.float32))
 
 
 class StepSampler:

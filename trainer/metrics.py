@@ -6,8 +6,10 @@ MLflow).
 
 Per step: loss (mean over micro-batches and DP ranks), grad_norm, lr, step_time_s, samples_per_s, tokens_per_s
 (video tokens of all micro-batches and DP ranks) and mfu = the report's model FLOPs (``models.flops``, E = 12,
-docs/mugv.md §6.5; recomputation is not counted) / step time / the peak of all processes together
-(``trainer.device.peak_flops_per_s``).
+docs/mugv.md §6.5; recomputation is not counted; Flow-DPO adds the reference's forward, E = 4) / step time / the
+peak of all processes together (``trainer.device.peak_flops_per_s``). Only where they apply, after those: samples
+per task of a mix of several tasks (``task_t2v``, ``task_i2v``, ``task_t2i``) and the Flow-DPO metrics
+(``dpo_implicit_acc``, ``dpo_reward_margin``, ``dpo_kl_proxy``; a pair is two samples).
 """
 from __future__ import annotations
 
@@ -16,21 +18,23 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 from models.config import DiTConfig
-from models.flops import dit_train_flops, video_tokens
+from models.flops import dit_forward_flops, dit_train_flops, video_tokens
 from trainer.data import Batch
 from trainer.job import StageJob
 from trainer.parallel.grads import group_sum
 
 
-def step_work(dit: DiTConfig, batch: Batch) -> Tuple[int, float]:
+def step_work(dit: DiTConfig, batch: Batch, reference_forward: bool = False) -> Tuple[int, float]:
     """(video tokens, model FLOPs of forward + backward) of this rank's micro-batch (E = 12: the recomputation,
-    when on, is not counted, so the MFU stays a model-FLOPs utilisation)."""
+    when on, is not counted, so the MFU stays a model-FLOPs utilisation); ``reference_forward``: plus a forward of
+    the same batch (Flow-DPO's reference)."""
     shape = tuple(batch.latents_BCTHW.shape)
     b, per_sample = video_tokens(dit, shape)
-    return b * per_sample, dit_train_flops(dit, shape)
+    flops = dit_train_flops(dit, shape)
+    return b * per_sample, flops + dit_forward_flops(dit, shape) if reference_forward else flops
 
 
 def dp_sum(plan, values) -> list:
@@ -67,22 +71,30 @@ class MetricsLog:
             from mlflow.tracking import MlflowClient
             self.client = MlflowClient(job.mlflow_tracking_uri)
         sp = "on" if plan.sequence_parallel else "off"
+        st = job.stage
+        extra = (f" objective={st.objective}" if st.objective != "flow" else "") + \
+            (f" lora_rank={plan.lora_rank}" if plan.lora_rank else "") + \
+            (" task_mix=" + ",".join(f"{t.task}:{t.ratio:g}x{t.loss_weight:g}" for t in st.task_mix)
+             if len(st.task_mix) > 1 or st.task_mix[0].task != "t2v" else "")
         print(f"stage={job.stage.name} world={layout.world_size} tp={layout.tp} cp={layout.cp} pp={layout.pp} "
               f"dp={layout.dp} sp={sp} micro_batches={job.stage.micro_batches} params={n_params} "
               f"start_step={start} steps={job.stage.steps} recompute={job.stage.recompute} "
-              f"peak_tflops={self.peak / 1e12:.3f}", flush=True)
+              f"peak_tflops={self.peak / 1e12:.3f}{extra}", flush=True)
 
-    def write(self, step: int, loss: float, grad_norm: float, lr: float, work, seconds: float) -> None:
+    def write(self, step: int, loss: float, grad_norm: float, lr: float, work, seconds: float,
+              extra: Optional[Dict[str, float]] = None) -> None:
         """``work`` = (samples, video tokens, model FLOPs) of the whole step, summed over micro-batches and DP
-        ranks."""
+        ranks; ``extra``: more metrics of the step (per-task samples, Flow-DPO), appended to the row."""
         if not self.on:
             return
         samples, tokens, flops = work
         mfu = flops / seconds / self.peak if self.peak > 0 else float("nan")
         rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "step_time_s": seconds,
-               "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu}
+               "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu, **(extra or {})}
+        more = "".join(f" {k}={v:.4g}" for k, v in (extra or {}).items())
         print(f"step={step} loss={loss:.6f} grad_norm={grad_norm:.4f} lr={lr:.3e} step_time={seconds:.3f}s "
-              f"samples_per_s={samples / seconds:.2f} tokens_per_s={tokens / seconds:.1f} mfu={mfu:.4f}", flush=True)
+              f"samples_per_s={samples / seconds:.2f} tokens_per_s={tokens / seconds:.1f} mfu={mfu:.4f}{more}",
+              flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.client is not None:

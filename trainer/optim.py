@@ -77,9 +77,12 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, schedule: str = "constan
 
 @torch.no_grad()
 def ema_update(ema: Dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * weights, per state-dict entry (non-float entries copied)."""
-    for k, v in model.state_dict().items():
+    """ema <- decay * ema + (1 - decay) * weights, for every state-dict entry the EMA holds (all of them, or the
+    LoRA adapters: the frozen base's EMA is the base); non-float entries copied."""
+    sd = model.state_dict()
+    for k, e in ema.items():
+        v = sd[k]
         if v.is_floating_point():
-            ema[k].lerp_(v, 1.0 - decay)
+            e.lerp_(v, 1.0 - decay)
         else:
-            ema[k].copy_(v)
+            e.copy_(v)

@@ -10,6 +10,13 @@ EMA and optimizer state (torch AdamW's moments, whose step counts and param grou
 distributed optimizer's state), from which resume and ``init_checkpoint`` load, resharding between TP and CP sizes.
 With ``full_weights: final`` the full weights are only gathered at the stage's last step. Exact resume of the
 distributed optimizer needs the Adam-step fix below (``_restore_adam_step``; docs/checkpoints.md says why).
+
+LoRA (``plan.lora_rank`` > 0): the base weights are frozen, so they are never saved: a resume rebuilds them as the
+stage started (``init_checkpoint``, else the seeded init) and loads the adapters, their EMA and the optimizer. The
+weights every reader expects keep MUGDiT's keys: ``model``/``ema.safetensors`` and ``dist/``'s "model."/"ema." hold
+the adapters merged into the base (``models.lora.merge_adapters``; the EMA merges the adapters' EMA), the adapters
+themselves go to ``lora.safetensors``/``lora_ema.safetensors`` and ``dist/``'s "lora."/"lora_ema.". The EMA then
+holds the adapters only (the base's EMA is the base).
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from common.config import to_dict
+from models.lora import adapter_state_dict, base_state_dict, merge_adapters
 from trainer import checkpoint
 from trainer.job import StageJob
 from trainer.optim import inner_optimizers
@@ -31,6 +39,7 @@ from trainer.parallel.state_dict import (
 
 DISTOPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+LORA_FILE, LORA_EMA_FILE = "lora.safetensors", "lora_ema.safetensors"   # the full (TP-gathered) adapters
 
 
 def needs_dist_load(job: StageJob) -> bool:
@@ -57,8 +66,8 @@ def restore(job: StageJob, plan, model, opt, ddp=None) -> Tuple[int, Dict[str, t
     when the folder has no ``model.safetensors`` (``full_weights: final`` before the last step)."""
     layout, stage = plan.layout, job.stage
     last, start = checkpoint.latest(job.output_dir), 0
-    fmt = stage.checkpoint_format
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fmt, lora = stage.checkpoint_format, plan.lora_rank > 0
+    ema = _ema_init(plan, model)
     if last is not None:
         meta = checkpoint.read_meta(last)
         saved = (meta.get("checkpoint_format", "full"), bool(meta.get("distributed_optimizer", False)))
@@ -67,13 +76,24 @@ def restore(job: StageJob, plan, model, opt, ddp=None) -> Tuple[int, Dict[str, t
                 f"cannot resume {last}: it was saved with checkpoint_format={saved[0]}, distributed_optimizer="
                 f"{saved[1]}, this stage has {fmt}/{stage.distributed_optimizer}; use a new output_dir and "
                 "pass this step folder as init_checkpoint (weights only)")
+        _check_lora_resume(last, meta, job, plan)
         state = checkpoint.load_rank_state(last, layout, stage.micro_batches)
         if state["resharded"] and layout.rank == 0:
             print(f"resuming {last.name} (saved with {checkpoint.layout_str(checkpoint.saved_layout(meta))}) "
                   f"resharded to tensor_parallel={layout.tp}, context_parallel={layout.cp}, "
                   f"data_parallel={layout.dp}", flush=True)
+        if lora:   # the frozen base is never saved: rebuilt as the stage started
+            load_init_weights(job, plan, model)
         if fmt == "dist":
-            _load_dist(last, plan, model, ema, opt, state, distopt=ddp is not None)
+            _load_dist(last, plan, model, ema, opt, state, distopt=ddp is not None, adapters=lora)
+        elif lora:
+            adapters = adapter_state_dict(model.state_dict())
+            for target, name in ((adapters, LORA_FILE), (ema, LORA_EMA_FILE)):
+                full = checkpoint.load_file_verified(last, name)
+                with torch.no_grad():
+                    for k, v in shard_full_state_dict(plan, model, full, own=target).items():
+                        target[k].copy_(v)
+            opt.load_state_dict(state["optimizer"])
         else:
             load_full_state_dict(plan, model, checkpoint.load_weights(last))
             for k, v in shard_full_state_dict(plan, model, checkpoint.load_weights(last, ema=True)).items():
@@ -82,12 +102,51 @@ def restore(job: StageJob, plan, model, opt, ddp=None) -> Tuple[int, Dict[str, t
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
     elif job.init_checkpoint:
-        if _init_from_dist(job):
-            _load_dist(job.init_checkpoint, plan, model)
-        else:
-            load_full_state_dict(plan, model, checkpoint.load_weights(job.init_checkpoint))
-        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        load_init_weights(job, plan, model)
+        ema = _ema_init(plan, model)
     return start, ema
+
+
+def _ema_init(plan, model) -> Dict[str, torch.Tensor]:
+    """A copy of what the EMA tracks: every state-dict entry, or with LoRA the adapters only."""
+    sd = model.state_dict()
+    return {k: v.detach().clone() for k, v in (adapter_state_dict(sd) if plan.lora_rank > 0 else sd).items()}
+
+
+def load_init_weights(job: StageJob, plan, model) -> None:
+    """The stage's starting weights (its ``init_checkpoint``: the full ``model.safetensors``, or ``dist/`` when the
+    stage reads it) into the model, LoRA adapters excepted (they start fresh); nothing without an init_checkpoint
+    (the seeded init). The Flow-DPO reference copy is loaded with it too."""
+    if not job.init_checkpoint:
+        return
+    if _init_from_dist(job):
+        _load_dist(job.init_checkpoint, plan, model)
+    elif plan.lora_rank > 0:
+        base = base_state_dict(model.state_dict())
+        with torch.no_grad():
+            for k, v in shard_full_state_dict(plan, model, checkpoint.load_weights(job.init_checkpoint),
+                                              own=base).items():
+                base[k].copy_(v)
+    else:
+        load_full_state_dict(plan, model, checkpoint.load_weights(job.init_checkpoint))
+
+
+def _lora_meta(job: StageJob, plan) -> Dict[str, Any]:
+    return {"rank": plan.lora_rank, "alpha": plan.lora_alpha, "init_checkpoint": job.init_checkpoint}
+
+
+def _check_lora_resume(last: Path, meta: Dict[str, Any], job: StageJob, plan) -> None:
+    """A LoRA checkpoint resumes only with the same adapters on the same base (the base is not in it)."""
+    saved = meta.get("lora")
+    wanted = _lora_meta(job, plan) if plan.lora_rank > 0 else None
+    if saved != wanted:
+        def show(d):
+            return "no LoRA" if not d else f"lora_rank={d['rank']}, lora_alpha={d['alpha']} on init_checkpoint=" \
+                                            f"'{d['init_checkpoint']}'"
+        raise checkpoint.CheckpointError(
+            f"cannot resume {last}: it was saved with {show(saved)}, this stage has {show(wanted)} (a LoRA "
+            "checkpoint holds the adapters, not the frozen base they were trained on); rerun with the saved values, "
+            "or use a new output_dir and pass this step folder as init_checkpoint (merged weights)")
 
 
 def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None) -> None:
@@ -96,14 +155,27 @@ def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None)
     st, layout = job.stage, plan.layout
     dist_fmt = st.checkpoint_format == "dist"
     write_full = not dist_fmt or st.full_weights == "every" or step >= st.steps
+    weights: Optional[Dict[str, torch.Tensor]] = None   # None: the model's state dict
+    ema_weights, extra = ema, {}
+    if plan.lora_rank > 0:   # readers get MUGDiT's keys: the adapters (and their EMA) merged into the base
+        sd = model.state_dict()
+        weights = merge_adapters(sd, plan.lora_alpha)
+        ema_weights = merge_adapters({**base_state_dict(sd), **ema}, plan.lora_alpha)
+        extra = {LORA_FILE: adapter_state_dict(sd), LORA_EMA_FILE: ema}
     full = full_ema = None
+    full_extra: Dict[str, Dict[str, torch.Tensor]] = {}
     if write_full:   # collective over TP (and PP: rank 0 gets every stage's part)
-        full, full_ema = gather_full_state_dict(plan, model), gather_full_state_dict(plan, model, ema)
+        full, full_ema = gather_full_state_dict(plan, model, weights), gather_full_state_dict(plan, model, ema_weights)
+        full_extra = {name: gather_full_state_dict(plan, model, part) for name, part in extra.items()}
     meta = {"stage": st.name, "config_hash": job.config_hash, "tensor_parallel": layout.tp,
             "context_parallel": layout.cp, "pipeline_parallel": layout.pp, "data_parallel": layout.dp,
             "micro_batches": st.micro_batches, "dit": to_dict(job.dit), "loss": loss,
             "checkpoint_format": st.checkpoint_format, "distributed_optimizer": st.distributed_optimizer,
             "optimizer_in_dist": dist_fmt, "full_weights": write_full, "sequence_parallel": plan.sequence_parallel}
+    if plan.lora_rank > 0:
+        meta["lora"] = _lora_meta(job, plan)
+    if st.objective != "flow":
+        meta["objective"] = st.objective
     rank_state: Dict[str, Any] = {"rng": torch.get_rng_state()}
     if ddp is not None:
         rank_state["adam_step"] = _adam_step(opt)
@@ -113,8 +185,12 @@ def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None)
         rank_state["optimizer"] = opt.state_dict()
     dist_state: Optional[Dict[str, Any]] = None
     if dist_fmt:
-        dist_state = {"model": dist_sharded_state_dict(plan, model.state_dict(), "model."),
-                      "ema": dist_sharded_state_dict(plan, ema, "ema.")}
+        dist_state = {"model": dist_sharded_state_dict(plan, model.state_dict() if weights is None else weights,
+                                                       "model."),
+                      "ema": dist_sharded_state_dict(plan, ema_weights, "ema.")}
+        for name, part in extra.items():   # LoRA: "lora." and "lora_ema."
+            prefix = name.removesuffix(".safetensors")
+            dist_state[prefix] = dist_sharded_state_dict(plan, part, f"{prefix}.")
         if ddp is not None:
             dist_state["optimizer"] = opt.sharded_state_dict({}, metadata=DISTOPT_METADATA)
         else:
@@ -122,7 +198,7 @@ def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None)
     root = layout.rank == 0
     checkpoint.save(job.output_dir, step, rank=layout.rank, model_sd=full if root else None,
                     ema_sd=full_ema if root else None, rank_state=rank_state, meta=meta,
-                    keep=st.keep_checkpoints, dist_state=dist_state)
+                    keep=st.keep_checkpoints, dist_state=dist_state, extra_sd=full_extra if root else None)
     if root:
         print(f"saved {Path(job.output_dir) / checkpoint.step_name(step)}", flush=True)
 
@@ -147,17 +223,25 @@ def _optimizer_without_moments(opt) -> dict:
             "state": {i: {k: v for k, v in s.items() if k not in ADAM_MOMENTS} for i, s in sd["state"].items()}}
 
 
-def _load_dist(step_dir, plan, model, ema=None, opt=None, rank_state=None, distopt=False) -> None:
+def _load_dist(step_dir, plan, model, ema=None, opt=None, rank_state=None, distopt=False, adapters=False) -> None:
     """Load ``dist/`` into the model (and the EMA and the optimizer when given), resharding over TP and CP.
+    ``adapters``: only the LoRA adapters and their EMA ("lora.", "lora_ema."); else the weights ("model.", "ema."),
+    with LoRA only the base's.
 
     ``opt``: the distributed optimizer (``distopt``: its state is in ``dist/``), or torch AdamW, whose moments are in
     ``dist/`` when ``rank_state["optimizer"]`` was saved without them (else, older checkpoints, all of its state is
     in ``rank_state``)."""
     rank_state = rank_state or {}
-    local = model.state_dict()
-    request = {"model": dist_sharded_state_dict(plan, local, "model.")}
-    if ema is not None:
-        request["ema"] = dist_sharded_state_dict(plan, ema, "ema.")
+    sd = model.state_dict()
+    if adapters:   # resume of a LoRA stage: the adapters and their EMA (the base is the init's)
+        targets = {"lora": adapter_state_dict(sd)}
+        if ema is not None:
+            targets["lora_ema"] = ema
+    else:   # the weights (with LoRA: the base, from an init_checkpoint's merged "model.")
+        targets = {"model": base_state_dict(sd) if plan.lora_rank > 0 else sd}
+        if ema is not None:
+            targets["ema"] = ema
+    request = {name: dist_sharded_state_dict(plan, t, f"{name}.") for name, t in targets.items()}
     adam_sd: Dict[str, Any] = (rank_state.get("optimizer") or {}) if opt is not None and not distopt else {}
     trainable = _trainable(model)
     moments_in_dist = bool(adam_sd) and bool(rank_state.get("optimizer_in_dist"))
@@ -171,10 +255,9 @@ def _load_dist(step_dir, plan, model, ema=None, opt=None, rank_state=None, disto
         request["optimizer"] = opt.sharded_state_dict({}, is_loading=True, metadata=DISTOPT_METADATA)
     loaded = checkpoint.load_dist(step_dir, request)
     with torch.no_grad():
-        for name, target in (("model", local), ("ema", ema)):
-            if name in loaded:
-                for k, t in target.items():
-                    t.copy_(loaded[name][k].reshape(t.shape))
+        for name, target in targets.items():
+            for k, t in target.items():
+                t.copy_(loaded[name][k].reshape(t.shape))
         if opt is not None and distopt:
             opt.load_state_dict(loaded["optimizer"])
             _restore_adam_step(opt, rank_state)

@@ -24,29 +24,38 @@ optimizer step at ``lr_at(step)``, EMA, metrics from rank 0 and a checkpoint eve
 Every input of a step is a function of (seed, step), so on CPU a run killed and rerun ends bitwise equal to an
 uninterrupted one. Bad input exits with status 2 and one message. docs/parallelism.md and docs/checkpoints.md say
 how each parallelism and the checkpoint state work and what was measured.
+
+Objectives (docs/post_training.md): ``flow`` trains the rectified-flow loss on a LatentDataset, each micro-batch on
+one task of ``stage.task_mix`` (``trainer.tasks``: t2v, i2v, t2i, its loss times the task's weight); ``flow_dpo``
+trains Flow-DPO (``trainer.preference``) on the pairs of a PreferencePairs folder against a frozen reference: the
+init_checkpoint's weights, i.e. the same model with its LoRA adapters off (``stage.lora_rank`` > 0,
+``models.lora``) or a second copy parallelised like the policy.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from models import lora
 from models import rectified_flow as rf
-from trainer import checkpoint, device, metrics, optim, state
-from trainer.data import Batch, LatentSplit, StepSampler
+from trainer import checkpoint, device, metrics, optim, preference, state
+from trainer.data import Batch, LatentSplit, PairBatch, PairSplit, StepSampler
 from trainer.job import StageJob
 from trainer.parallel import ParallelPlan, parallelize
 from trainer.parallel.grads import clip_grad_norm, sync_gradients, sync_main_grads
 from trainer.parallel.pipeline import PipelineStage, pipeline_config, pipeline_forward_backward
+from trainer.tasks import check_task_shapes, draw_task, task_batch
 
 KILL_ENV = "VGEN_TEST_KILL_AFTER_STEP"   # tests: "RANK:STEP" makes that rank SIGKILL itself after that step
 
@@ -64,23 +73,31 @@ def train(job: StageJob) -> None:
                              f"data_parallel = {stage.world_size} "
                              f"processes but {layout.world_size} were launched (nnodes*nproc_per_node)")
         n_micro = stage.micro_batches   # micro-batch m of DP rank r is "virtual rank" r*M+m of the sampler
+        dpo = stage.objective == "flow_dpo"
+        budget = stage.tokens_per_micro_batch   # flow_dpo: a pair is two clips of the bucket's tokens
         sampler = StepSampler(data.shapes, stage.micro_batch_size, layout.dp * n_micro, stage.seed,
-                              patch_size=tuple(job.dit.patch_size), tokens_per_micro_batch=stage.tokens_per_micro_batch)
+                              patch_size=tuple(job.dit.patch_size),
+                              tokens_per_micro_batch=max(1, budget // 2) if dpo and budget else budget)
         model, plan, opt, ddp, pipe = _build(job, layout, rt)
         start, ema = state.restore(job, plan, model, opt, ddp)
+        reference = _reference(job, layout, rt, model, plan) if dpo else None
         log = metrics.MetricsLog(job, plan, start, metrics.param_count(plan, model),
                                  device.peak_flops_per_s(rt, stage.peak_tflops) * layout.world_size)
         kill_at = _test_kill_step(layout)
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
             vranks = [layout.dp_rank * n_micro + m for m in range(n_micro)]
-            batches = [data.batch(sampler.indices(step, v)).to(rt.device) for v in vranks]
-            loss, grad_norm, lr = train_step(job, plan, model, opt, batches, vranks, step, rt, vae_factor,
-                                             ddp, pipe)
+            micro = [micro_batch(job, data.batch(sampler.indices(step, v)).to(rt.device), step, v, vae_factor)
+                     for v in vranks]
+            res = train_step(job, plan, model, opt, micro, step, rt, ddp, pipe, reference)
             optim.ema_update(ema, model, optim.EMA_DECAY)
-            work = [sum(w) for w in zip(*(metrics.step_work(job.dit, b) for b in batches))]   # tokens, FLOPs
-            totals = metrics.dp_sum(plan, [loss, sum(len(b.clip_ids) for b in batches), *work])
-            log.write(step + 1, totals[0] / layout.dp, grad_norm, lr, totals[1:], time.perf_counter() - t0)
+            work = [sum(w) for w in zip(*(metrics.step_work(job.dit, m.batch, reference_forward=dpo)
+                                          for m in micro))]   # tokens, FLOPs
+            sums = _step_sums(stage, micro, res)   # per-task samples (a mix of > 1 task) or Flow-DPO sums
+            totals = metrics.dp_sum(plan, [res.loss, sum(len(m.batch.clip_ids) for m in micro), *work,
+                                           *sums.values()])
+            log.write(step + 1, totals[0] / layout.dp, res.grad_norm, res.lr, totals[1:4], time.perf_counter() - t0,
+                      extra=_step_metrics(dict(zip(sums, totals[4:]))))
             if (step + 1) % stage.checkpoint_interval == 0 or step + 1 == stage.steps:
                 state.save(job, plan, model, opt, ema, step + 1, totals[0] / layout.dp, ddp)
             if step + 1 == kill_at:
@@ -98,12 +115,18 @@ def _test_kill_step(layout: device.Layout) -> int:
     return step if rank == layout.rank else -1
 
 
-def _check_inputs(job: StageJob) -> Tuple[LatentSplit, int]:
+def _check_inputs(job: StageJob) -> Tuple[LatentSplit | PairSplit, int]:
     """(the train split, the VAE's spatial downsampling factor); fails before any process group exists on inputs
     that cannot work (the layout was checked at config load)."""
     if job.init_checkpoint and not Path(job.init_checkpoint).is_dir():
         raise FileNotFoundError(f"init_checkpoint not found: {job.init_checkpoint} (expected a step_XXXXXXXX folder)")
-    data = LatentSplit(job.latents_dir, split="train", top_fraction=job.stage.top_fraction)
+    stage = job.stage
+    data: LatentSplit | PairSplit
+    if stage.objective == "flow_dpo":   # a PreferencePairs folder: every pair (top_fraction and the mix: config)
+        data = PairSplit(job.latents_dir)
+    else:
+        data = LatentSplit(job.latents_dir, split="train", top_fraction=stage.top_fraction, quality=stage.quality)
+        check_task_shapes(stage, data.clip_ids, data.shapes, job.dit.patch_size)
     return data, data.reader.vae_spatial_downsample
 
 
@@ -117,7 +140,8 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
     if job.stage.sequence_parallel and layout.tp == 1 and layout.rank == 0:
         print("sequence_parallel: off (tensor_parallel=1: no TP group to split the sequence over)", flush=True)
     model = model.to(rt.device)
-    plan = parallelize(model, layout, sequence_parallel=job.stage.sequence_parallel, recompute=job.stage.recompute)
+    plan = parallelize(model, layout, sequence_parallel=job.stage.sequence_parallel, recompute=job.stage.recompute,
+                       lora_rank=job.stage.lora_rank, lora_alpha=job.stage.lora_alpha)
     model.train()
     pipe = PipelineStage(model, plan, pipeline_config(job.dit, layout.pp, layout.tp)) if layout.pp > 1 else None
     opt, ddp = optim.build_optimizer(job.stage, job.dit, model, plan)
@@ -125,13 +149,52 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
 
 
 @dataclass
+class Reference:
+    """Flow-DPO's frozen reference: ``model`` run inside ``mode()`` (the policy with its LoRA adapters off, or a
+    second frozen copy of the init weights with a no-op mode)."""
+    model: Any
+    mode: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+
+
+def _reference(job: StageJob, layout: device.Layout, rt: device.Runtime, model, plan: ParallelPlan) -> Reference:
+    """The init_checkpoint's weights, frozen: with LoRA the same model with its adapters switched off (no second
+    copy); else a second MUGDiT built and parallelised like the policy and loaded from the init_checkpoint (the
+    seeded init without one: the policy's step-0 weights). Rebuilt on every start, never saved."""
+    if plan.lora_rank > 0:
+        return Reference(model, lambda: lora.adapters_off(model))
+    from models.dit import MUGDiT
+
+    with torch.random.fork_rng(devices=[]):   # the policy's RNG stream is untouched (exact resume)
+        torch.manual_seed(job.stage.seed)
+        ref = MUGDiT(job.dit)
+    ref.y_embedder.dropout_prob = 0.0
+    ref = ref.to(rt.device)
+    ref_plan = parallelize(ref, layout, sequence_parallel=job.stage.sequence_parallel)
+    state.load_init_weights(job, ref_plan, ref)
+    ref.requires_grad_(False)
+    ref.eval()
+    return Reference(ref)
+
+
+@dataclass
 class MicroBatch:
-    """One micro-batch with its rectified-flow inputs."""
+    """One micro-batch with its rectified-flow inputs and its task (flow) or pairs (flow_dpo)."""
     batch: Batch
     noise: torch.Tensor
     t_B: torch.Tensor
     x_t: torch.Tensor
     drop_B: torch.Tensor      # caption dropout (CFG): drawn here, seeded, so TP/CP/PP ranks agree
+    task: str = "t2v"
+    loss_weight: float = 1.0
+    cond_BT: Optional[torch.Tensor] = None   # i2v: True on the clean conditioning latent frames (out of the loss)
+
+
+@dataclass
+class StepResult:
+    loss: float               # mean over the micro-batches, on every rank
+    grad_norm: float
+    lr: float
+    dpo: Dict[str, float] = field(default_factory=dict)   # flow_dpo: trainer.preference.dpo_sums over micro-batches
 
 
 def _step_generator(seed: int, step: int, vrank: int) -> torch.Generator:
@@ -141,29 +204,56 @@ def _step_generator(seed: int, step: int, vrank: int) -> torch.Generator:
 
 def micro_batch(job: StageJob, batch: Batch, step: int, vrank: int, vae_factor: int) -> MicroBatch:
     """The flow-matching inputs of a micro-batch: a CPU generator seeded by (seed, step, virtual rank), so they are
-    identical on all TP, CP and PP ranks and on any device."""
+    identical on all TP, CP and PP ranks and on any device. ``flow``: the micro-batch's task is drawn from its own
+    generator (``trainer.tasks.draw_task``) and shapes the batch (t2i: frame 0) and the condition (i2v: frame 0);
+    ``flow_dpo`` (a ``PairBatch``): noise, t and caption drop once per pair, shared by winner and loser."""
     g = _step_generator(job.stage.seed, step, vrank)
+    if isinstance(batch, PairBatch):
+        x_t, t_B, noise, drop_B = preference.pair_flow_inputs(
+            batch.latents_BCTHW, g, job.flow.t_loc, job.flow.t_scale, job.flow.use_shift, vae_spatial=vae_factor,
+            drop_prob=job.dit.caption_dropout_prob)
+        return MicroBatch(batch, noise, t_B, x_t, drop_B)
+    share = draw_task(job.stage.task_mix, job.stage.seed, step, vrank)
+    batch, cond_BT = task_batch(batch, share.task)
     x_t, t_B, noise = rf.training_step_inputs(batch.latents_BCTHW, g, job.flow.t_loc, job.flow.t_scale,
-                                              job.flow.use_shift, vae_spatial=vae_factor)
+                                              job.flow.use_shift, cond_mask=cond_BT, vae_spatial=vae_factor)
     drop_B = torch.rand(len(batch.clip_ids), generator=g) < job.dit.caption_dropout_prob
-    return MicroBatch(batch, noise, t_B, x_t, drop_B.to(batch.latents_BCTHW.device))
+    return MicroBatch(batch, noise, t_B, x_t, drop_B.to(batch.latents_BCTHW.device), share.task, share.loss_weight,
+                      cond_BT)
 
 
 def _forward(model, m: MicroBatch, rt: device.Runtime) -> torch.Tensor:
+    cond = {} if m.cond_BT is None else {"cond_mask_BT": m.cond_BT}
     with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.autocast):
-        return model(m.x_t, m.t_B, m.batch.text_BLD, m.batch.text_mask_BL, force_drop_B=m.drop_B)
+        return model(m.x_t, m.t_B, m.batch.text_BLD, m.batch.text_mask_BL, force_drop_B=m.drop_B, **cond)
 
 
 def _loss(v_BCTHW: torch.Tensor, m: MicroBatch) -> torch.Tensor:
-    return rf.flow_loss(v_BCTHW.float(), m.batch.latents_BCTHW, m.noise).mean()
+    """The micro-batch's flow loss (generated frames only: i2v leaves its condition out) times its task's weight."""
+    frame_mask_BT = None if m.cond_BT is None else ~m.cond_BT
+    loss = rf.flow_loss(v_BCTHW.float(), m.batch.latents_BCTHW, m.noise, frame_mask_BT=frame_mask_BT).mean()
+    return loss if m.loss_weight == 1.0 else loss * m.loss_weight
 
 
-def train_step(job: StageJob, plan: ParallelPlan, model, opt, batches: List[Batch], vranks: List[int], step: int,
-               rt: device.Runtime, vae_factor: int, ddp=None, pipe=None) -> Tuple[float, float, float]:
-    """One optimizer step over this DP rank's micro-batches (sampled for virtual ranks ``vranks``): each
-    micro-batch's loss / M is backpropagated and the gradients accumulate, then they are synced once, clipped and
-    applied. Returns (loss: the mean over the micro-batches, on every rank; grad norm; lr)."""
-    micro = [micro_batch(job, b, step, v, vae_factor) for b, v in zip(batches, vranks)]
+def _dpo_loss(model, reference: Reference, m: MicroBatch, rt: device.Runtime, beta: float
+              ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Flow-DPO on the micro-batch's pairs: the reference's per-sample errors without gradient, then the policy's."""
+    x0, batch = m.batch.latents_BCTHW, m.batch
+    assert isinstance(batch, PairBatch)
+    with torch.no_grad(), reference.mode():
+        e_ref_2B = rf.flow_loss(_forward(reference.model, m, rt).float(), x0, m.noise)
+    e_2B = rf.flow_loss(_forward(model, m, rt).float(), x0, m.noise)
+    delta_B = preference.dpo_delta(e_2B, e_ref_2B)
+    return (preference.flow_dpo_loss(delta_B, beta, batch.weight_B),
+            preference.dpo_sums(delta_B, e_2B.detach(), e_ref_2B, beta))
+
+
+def train_step(job: StageJob, plan: ParallelPlan, model, opt, micro: List[MicroBatch], step: int,
+               rt: device.Runtime, ddp=None, pipe=None, reference: Optional[Reference] = None) -> StepResult:
+    """One optimizer step over this DP rank's micro-batches (``micro_batch``): each micro-batch's loss / M is
+    backpropagated and the gradients accumulate, then they are synced once, clipped and applied. ``reference``:
+    Flow-DPO's (the objective is then flow_dpo). Returns the mean loss over the micro-batches (on every rank), the
+    grad norm, the LR and, for Flow-DPO, the summed ``preference.dpo_sums``."""
     n_micro = len(micro)
     st = job.stage
     lr = optim.lr_at(step, st.lr, st.warmup_steps, st.lr_schedule, st.min_lr, st.steps)
@@ -172,12 +262,17 @@ def train_step(job: StageJob, plan: ParallelPlan, model, opt, batches: List[Batc
         opt.zero_grad()
     else:
         opt.zero_grad(set_to_none=True)
+    dpo: Dict[str, float] = {}
     if pipe is not None:
         loss_value = pipeline_forward_backward(pipe, micro, plan, lambda s, m: _forward(s, m, rt), _loss)
     else:
         losses = []
         for m in micro:
-            loss = _loss(_forward(model, m, rt), m)
+            if reference is not None:
+                loss, sums = _dpo_loss(model, reference, m, rt, st.dpo_beta)
+                dpo = {k: dpo.get(k, 0.0) + v for k, v in sums.items()}
+            else:
+                loss = _loss(_forward(model, m, rt), m)
             (loss / n_micro if n_micro > 1 else loss).backward()   # accumulate: the gradient of the mean loss
             losses.append(float(loss.detach()))
         loss_value = losses[0] if n_micro == 1 else sum(losses) / n_micro
@@ -188,11 +283,29 @@ def train_step(job: StageJob, plan: ParallelPlan, model, opt, batches: List[Batc
         ok, grad_norm, _ = opt.step()
         if not ok:
             raise RuntimeError(f"step {step + 1}: the distributed optimizer skipped the update (inf/nan gradients)")
-        return loss_value, float(grad_norm), lr
+        return StepResult(loss_value, float(grad_norm), lr, dpo)
     sync_gradients(plan, model)
     grad_norm = clip_grad_norm(plan, model, job.stage.grad_clip)
     opt.step()
-    return loss_value, grad_norm, lr
+    return StepResult(loss_value, grad_norm, lr, dpo)
+
+
+def _step_sums(stage, micro: List[MicroBatch], res: StepResult) -> Dict[str, float]:
+    """This rank's numbers that metrics.jsonl adds up over DP: samples per task ("task_<name>", only for a mix of
+    more than one task) or the Flow-DPO sums; {} for a plain stage (its rows keep their keys)."""
+    if res.dpo:
+        return res.dpo
+    if len(stage.task_mix) < 2:
+        return {}
+    counts = {f"task_{t.task}": 0.0 for t in stage.task_mix}
+    for m in micro:
+        counts[f"task_{m.task}"] += len(m.batch.clip_ids)
+    return counts
+
+
+def _step_metrics(sums: Dict[str, float]) -> Dict[str, float]:
+    """The extra metrics of a step from its DP-summed ``_step_sums``."""
+    return preference.dpo_metrics(sums) if "pairs" in sums else sums
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, cast
 
@@ -19,11 +21,12 @@ import torch
 
 from common.config import CompressConfig
 from common.hashing import sha256_bytes, sha256_file, sha256_json
-from common.latents import VAE_WEIGHTS, LatentWriter
+from common.latents import CURATION, VAE_WEIGHTS, LatentWriter
 from models.text_encoder import TextEncoder, state_dict_sha256
 from models.vae import CHUNK, VideoVAE, load_mugv_vae
 
 TRAIN_BATCH = 4    # 8-frame chunks per VAE training step
+FILTER_SCORES = ("aesthetic", "motion", "sharpness")   # manifest columns copied to the index (quality ranking)
 TRAIN_CROP = 32    # random spatial crop for VAE training (the VAE is fully convolutional)
 
 
@@ -55,6 +58,18 @@ def split_clips(clip_ids: List[str], holdout_fraction: float) -> Dict[str, str]:
     if len(clip_ids) >= 2 and holdout_fraction > 0 and "val" not in split.values():
         split[min(clip_ids, key=lambda c: u[c])] = "val"
     return split
+
+
+def motion_band(manifest_dir: str | Path) -> Dict[str, float] | None:
+    """Curation's motion band {"motion_min", "motion_max"} from the manifest folder's summary.json ``config``
+    (the quality ranking's motion term is the closeness to its middle), or None when it does not record one."""
+    path = Path(manifest_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text()).get("config") or {}
+    if "motion_min" not in config or "motion_max" not in config:
+        return None
+    return {"motion_min": float(config["motion_min"]), "motion_max": float(config["motion_max"])}
 
 
 def manifest_hash(manifest_dir: str | Path, kept: pd.DataFrame) -> str:
@@ -191,7 +206,8 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path,
 
     for i, r in enumerate(kept.itertuples()):
         writer.add(str(r.clip_id), norm[i], text_BLD[i], mask_BL[i], split=split[str(r.clip_id)], caption=captions[i],
-                   score=float(r.score), bucket=str(r.bucket), source_hash=str(r.source_hash))
+                   score=float(r.score), bucket=str(r.bucket), source_hash=str(r.source_hash),
+                   **{k: float(getattr(r, k, math.nan)) for k in FILTER_SCORES})
     writer.write_null_text(null_LD[0], null_mask_L[0])
     vae_state, vae_config = _cpu_state(vae), dataclasses.asdict(cfg.vae)
     writer.write_vae(vae_state, vae_config)
@@ -206,6 +222,9 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path,
         "latent_mean": [float(v) for v in mean], "latent_std": [float(v) for v in std],
         "clip_manifest_hash": manifest_hash(manifest_dir, kept),
     }
+    band = motion_band(manifest_dir)
+    if band is not None:
+        meta[CURATION] = band
     meta = writer.finish(meta)
     progress(f"compress: wrote {len(kept)} clips in {len(range(0, len(kept), cfg.shard_size))} shard(s) to "
              f"{out_dir} (content_hash {meta['content_hash'][:16]})")

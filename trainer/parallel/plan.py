@@ -5,7 +5,8 @@
     plan.role("blocks.0.attn.qkv.weight")    # ParamRole(tp='column', parts=3, tp_partial='', pp_replicated=False)
     sync_gradients(plan, model); clip_grad_norm(plan, model, 1.0)          # trainer.parallel.grads
 
-``parallelize`` applies, in this order, tensor parallelism with Megatron sequence parallelism
+``parallelize`` applies, in this order, LoRA adapters when asked (``models/lora.py``, on the unsharded model),
+tensor parallelism with Megatron sequence parallelism
 (``tensor_parallel.py``), the sequence-parallel and context-parallel token splits (``context_parallel.py``),
 activation recomputation (``recompute.py``) and the pipeline stage (``pipeline.py``), and returns a
 ``ParallelPlan``: the layout with its process groups, the role of every state-dict key of this rank's part of the
@@ -23,11 +24,12 @@ from typing import Dict, Tuple
 
 from torch import nn
 
+from models.lora import ADAPTER, apply_lora
 from trainer.device import Layout
 from trainer.parallel.context_parallel import apply_context_parallel, set_sequence_parallel_hooks
 from trainer.parallel.pipeline import PP_REPLICATED, apply_pipeline_parallel
 from trainer.parallel.recompute import apply_activation_checkpointing
-from trainer.parallel.tensor_parallel import TPLinear, apply_tensor_parallel
+from trainer.parallel.tensor_parallel import TPLinear, apply_tensor_parallel, key_tp_rule
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class ParallelPlan:
     absent: Tuple[str, ...] = ()                                     # key prefixes held by other pipeline stages
     sequence_parallel: bool = False
     recompute: bool = False
+    lora_rank: int = 0                                               # > 0: LoRA adapters (models/lora.py), base frozen
+    lora_alpha: float = 0.0
 
     @staticmethod
     def single(layout: Layout | None = None) -> "ParallelPlan":
@@ -86,13 +90,18 @@ class ParallelPlan:
 
 
 def parallelize(model: nn.Module, layout: Layout, *, sequence_parallel: bool = False, recompute: bool = False,
-                backend: str = "local") -> ParallelPlan:
+                backend: str = "local", lora_rank: int = 0, lora_alpha: float = 32.0) -> ParallelPlan:
     """Apply this rank's part of the layout to a MUGDiT in place (the module docstring says what, in which order)
-    and return its plan. ``sequence_parallel`` only acts with tp > 1; ``backend``: ``tp_layer_specs``'s."""
+    and return its plan. ``sequence_parallel`` only acts with tp > 1; ``backend``: ``tp_layer_specs``'s;
+    ``lora_rank`` > 0 first adds LoRA adapters to the unsharded model (``models.lora.apply_lora``: A drawn from the
+    global CPU generator, the same for every TP size; everything else frozen), which the TP linears then shard."""
     sp = sequence_parallel and layout.tp > 1
     if sp and not (hasattr(model, "seq_split") and hasattr(model, "token_multiple")):
         raise TypeError("parallelize: sequence_parallel needs the model's seq_split/seq_gather hooks and "
                         "token_multiple (MUGDiT)")
+    # 0. LoRA adapters on the unsharded linears
+    if lora_rank > 0:
+        apply_lora(model, lora_rank, lora_alpha)
     # 1. tensor (+ sequence) parallel linears
     tp_linears = apply_tensor_parallel(model, layout, sequence_parallel=sp, backend=backend)
     tp_roles = _tensor_parallel_roles(model, tp_linears, sp)
@@ -115,18 +124,25 @@ def parallelize(model: nn.Module, layout: Layout, *, sequence_parallel: bool = F
     for name, p in model.named_parameters():   # megatron's flag: counted once in its optimizer's grad norm
         if roles.get(name, REPLICATED).pp_replicated:
             p.shared = layout.pp_rank > 0
-    return ParallelPlan(layout, roles, tp_linears, block_range, absent, sp, recompute)
+    return ParallelPlan(layout, roles, tp_linears, block_range, absent, sp, recompute, lora_rank,
+                        lora_alpha if lora_rank > 0 else 0.0)
 
 
 def _tensor_parallel_roles(model: nn.Module, tp_linears: Dict[str, TPLinear], sp: bool) -> Dict[str, ParamRole]:
-    """Roles from TP and SP, keyed by parameter name: the sharded linears' weights (and column biases); the other
-    parameters of the modules that hold them (per-head QK norms) are partial over TP ("heads"); with sequence
+    """Roles from TP and SP, keyed by parameter name: the sharded linears' weights (and column biases) and the
+    sharded halves of their LoRA adapters (column B, row A; tensor_parallel.key_tp_rule); the other parameters of
+    the modules that hold them (per-head QK norms) are partial over TP ("heads"); with sequence
     parallelism, every other parameter of the blocks and the final layer is used on a token chunk ("sequence")."""
     roles: Dict[str, ParamRole] = {}
     for name, lin in tp_linears.items():
         roles[f"{name}.weight"] = ParamRole(lin.kind, lin.parts)
         if lin.kind == "column" and getattr(model.get_submodule(name), "bias", None) is not None:
             roles[f"{name}.bias"] = ParamRole(lin.kind, lin.parts)
+        for leaf in ("A", "B"):   # LoRA: column B / row A are sharded like the base; the other one is replicated
+            key = f"{name}.{ADAPTER}.{leaf}"
+            rule, parts = key_tp_rule(key)
+            if rule and hasattr(model.get_submodule(name), ADAPTER):
+                roles[key] = ParamRole(rule, parts)
     for parent in sorted({n.rpartition(".")[0] for n in tp_linears}):
         inside = tuple(f"{n}." for n in tp_linears)
         for pname, _ in model.get_submodule(parent).named_parameters():

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.convert import merge_tensors, shard_tensor, tp_rule
+from models.convert import merge_tensors, shard_tensor
+from trainer.parallel.tensor_parallel import key_tp_rule
 
 
 def gather_full_state_dict(plan, model: nn.Module,
@@ -52,9 +53,11 @@ def _gather_tp_state_dict(plan, local_sd: Dict[str, torch.Tensor]) -> Dict[str, 
     return full
 
 
-def shard_full_state_dict(plan, model: nn.Module, full_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """This rank's slices of a full state dict (keys checked against the model, with the differences named)."""
-    own = model.state_dict()
+def shard_full_state_dict(plan, model: nn.Module, full_sd: Dict[str, torch.Tensor],
+                          own: Dict[str, torch.Tensor] | None = None) -> Dict[str, torch.Tensor]:
+    """This rank's slices of a full state dict (keys checked against the model's, or against ``own``, a part of
+    its state dict such as the base weights or the LoRA adapters, with the differences named)."""
+    own = model.state_dict() if own is None else own
     if plan.absent:   # pipeline parallelism: the keys of the other stages' parts are not here
         full_sd = {k: v for k, v in full_sd.items() if not plan.on_other_stage(k)}
     missing, unexpected = sorted(set(own) - set(full_sd)), sorted(set(full_sd) - set(own))
@@ -82,7 +85,8 @@ def dist_sharded_state_dict(plan, local_sd: Dict[str, torch.Tensor], prefix: str
     """Megatron ``dist_checkpointing`` ShardedTensors for a (possibly TP-sharded) local state dict.
 
     The global layout does not depend on the TP size, so a checkpoint saved at one TP size loads at another
-    (resharding): a column-parallel weight/bias (``models.convert.tp_rule``) with ``parts`` fused blocks (qkv = 3,
+    (resharding): a column-parallel weight/bias (``models.convert.tp_rule``; LoRA adapters:
+    ``tensor_parallel.key_tp_rule``) with ``parts`` fused blocks (qkv = 3,
     kv = 2, else 1) is stored as [parts, out/parts, (in)] with this rank holding fragment ``tp_rank`` of ``tp`` on
     axis 1 (the per-part head slices of ``shard_tensor``); a row-parallel weight is fragmented on axis 1; everything
     else (row-parallel biases, norms, embedders) is replicated, saved by TP rank 0 of DP-CP rank 0. ``replica_id``
@@ -102,7 +106,7 @@ def dist_sharded_state_dict(plan, local_sd: Dict[str, torch.Tensor], prefix: str
         if pp_rank and plan.role(key).pp_replicated:   # held by every PP stage: stage 0 saves it
             out[key] = ShardedTensor.from_rank_offsets(prefix + key, t, replica_id=(pp_rank, tp_rank, dp_rank))
             continue
-        rule, parts = tp_rule(key)
+        rule, parts = key_tp_rule(key)
         if rule == "column":
             view = t.reshape(parts, t.shape[0] // parts, *t.shape[1:])
             out[key] = ShardedTensor.from_rank_offsets(prefix + key, view, (1, tp_rank, tp),

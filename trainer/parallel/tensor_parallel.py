@@ -26,6 +26,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from models import lora
 from models.convert import shard_tensor, tp_rule
 from trainer.device import Layout
 
@@ -169,7 +170,57 @@ def apply_tensor_parallel(model: nn.Module, layout: Layout, *, sequence_parallel
             new.weight.copy_(shard_tensor(lin.weight.detach(), kind, parts, rank, tp))
             if bias:
                 new.bias.copy_(shard_tensor(lin.bias.detach(), kind, parts, rank, tp))
+        new.weight.requires_grad_(lin.weight.requires_grad)   # LoRA freezes the base weights
+        if bias:
+            new.bias.requires_grad_(lin.bias.requires_grad)
+        adapter = getattr(lin, lora.ADAPTER, None)
+        if adapter is not None:
+            if sp:
+                raise ValueError(f"{name}: LoRA with sequence parallelism is not implemented")
+            _shard_adapter(adapter, kind, parts, rank, tp, tp_group)
+            lora.attach(new, adapter)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         sharded[name] = TPLinear(kind, parts, sp)
     return sharded
+
+
+def _shard_adapter(adapter: "lora.LoRA", kind: str, parts: int, rank: int, tp: int, tp_group) -> None:
+    """Keep this TP rank's part of a LoRA adapter of a sharded linear, exact for any TP size:
+
+    - column-parallel base (output rows sharded): A [r, in] replicated, B keeps the base's output rows (per fused
+      part); the rank-r projection u = A x goes through megatron's ``copy_to_tensor_model_parallel_region``
+      (identity forward; backward all-reduces du over TP), so A and the input get their full gradients on every TP
+      rank, as they do through the base's own input all-reduce;
+    - row-parallel base (input columns sharded): A keeps the base's input columns, B [out, r] replicated; the partial
+      projections are summed with megatron's ``reduce_from_tensor_model_parallel_region`` (all-reduce forward,
+      identity backward), so B sees the full u and gets the full gradient on every rank.
+    The gradients that are TP-sharded (column B, row A) carry the base's role in the plan; the others are complete
+    and identical on every TP rank."""
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        reduce_from_tensor_model_parallel_region,
+    )
+
+    with torch.no_grad():
+        if kind == "column":
+            adapter.B = nn.Parameter(shard_tensor(adapter.B.detach(), "column", parts, rank, tp))
+            adapter.mid = functools.partial(copy_to_tensor_model_parallel_region, group=tp_group)
+        else:
+            adapter.A = nn.Parameter(shard_tensor(adapter.A.detach(), "row", 1, rank, tp))
+            adapter.mid = functools.partial(reduce_from_tensor_model_parallel_region, group=tp_group)
+
+
+def key_tp_rule(key: str) -> Tuple[str | None, int]:
+    """(rule, fused parts) of a state-dict key, whatever the TP size (``models.convert.tp_rule``), LoRA adapters
+    included: a column-parallel linear's B is split like its weight's rows and its A replicated; a row-parallel
+    linear's A is split like its weight's columns and its B replicated."""
+    parsed = lora.adapter_of(key)
+    if parsed is None:
+        return tp_rule(key)
+    rule, parts = tp_rule(f"{parsed[0]}.weight")
+    if (rule, parsed[1]) == ("column", "B"):
+        return "column", parts
+    if (rule, parsed[1]) == ("row", "A"):
+        return "row", 1
+    return None, 1
