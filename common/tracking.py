@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Mapping, Optional
 
 PARENT_TAG = "mlflow.parentRunId"
 PIPELINE_RUN_TAG = "pipeline.parent"          # "true" on every execution's parent run
@@ -75,7 +75,8 @@ def git_source() -> Dict[str, str]:
             "mlflow.source.type": "PROJECT"}
 
 
-def start_parent_run(root: str, experiment: str, run_name: str, params: Dict[str, object], tags: Dict[str, str]) -> str:
+def start_parent_run(root: str, experiment: str, run_name: str, params: Mapping[str, object],
+                     tags: Dict[str, str]) -> str:
     """Create the execution's parent run and return its id (it stays RUNNING until ``finish_run``)."""
     client = _client(root)
     run = client.create_run(experiment_id(root, experiment), run_name=run_name,
