@@ -1,26 +1,57 @@
-"""Flyte adapter for evaluation: Checkpoint -> EvalReport (metrics, samples, report as a Deck and in MLflow)."""
+"""Flyte adapter for evaluation: the final Checkpoint's EMA weights (raw beside them) against the registered champion
+on the fixed suite -> EvalReport (metrics, comparison, samples, loss curves; the report as a Deck and in MLflow)."""
 from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import List, Optional
 
 from flytekit import Deck, Resources, task
 
 from common import tracking
-from common.config import DiTConfig, EvalConfig, FlowConfig, TrackingConfig, config_hash, to_dict
+from common.config import DiTConfig, EvalConfig, FlowConfig, RegisterConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import code_version, sha256_json
 from containers.images import cpu_image
 from tasks.common import artifact_dir, fresh_dir, local_path, publish
 from tasks.types import Checkpoint, EvalReport, FlyteDirectory, LatentDataset
 
 
-@task(cache=True, cache_version=code_version("tasks/evaluate", "models", "common"), enable_deck=True,
-      cache_ignore_input_vars=("parent_run",), container_image=cpu_image, requests=Resources(cpu="2", mem="4Gi"))
-def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentDataset, checkpoint: Checkpoint,
-             tracking_cfg: TrackingConfig, parent_run: str) -> EvalReport:
-    from tasks.evaluate.evaluate import run_evaluation
-
-    key = sha256_json([config_hash(cfg), checkpoint.content_hash, data.content_hash], n=16)
-    out = artifact_dir(tracking_cfg, "evaluate", key)
+def final_step_dir(checkpoint: Checkpoint) -> Path:
     root = local_path(checkpoint.folder)
-    step_dir = root / (root / "latest").read_text().strip()
+    return root / (root / "latest").read_text().strip()
+
+
+def find_clip_manifest(tracking_cfg: TrackingConfig, manifest_hash: str) -> Optional[Path]:
+    """The ClipManifest folder with ``manifest_hash`` under <root>/artifacts/curate (its clips/<clip_id>.mp4 are the
+    held-out clips' pixels for the VAE reconstruction metrics), or None (e.g. remote storage)."""
+    curate = Path(tracking_cfg.root).resolve() / "artifacts" / "curate"
+    for summary in sorted(curate.glob("*/summary.json")) if curate.is_dir() else []:
+        try:
+            if json.loads(summary.read_text()).get("content_hash") == manifest_hash:
+                return summary.parent
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@task(cache=True, cache_version=code_version("tasks/evaluate", "tasks/register", "models", "common", "trainer"),
+      enable_deck=True, cache_ignore_input_vars=("parent_run",), container_image=cpu_image,
+      requests=Resources(cpu="2", mem="4Gi"))
+def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentDataset, checkpoint: Checkpoint,
+             stages: List[Checkpoint], register: RegisterConfig, tracking_cfg: TrackingConfig,
+             parent_run: str) -> EvalReport:
+    """Evaluate ``checkpoint`` (its final step's EMA weights) on ``cfg``'s suite over ``data``'s held-out clips, beside
+    its raw weights and against the version of ``register.model_name`` holding ``register.champion_alias`` (none on
+    the first run); ``stages`` are every training stage's Checkpoint, whose metrics.jsonl give the loss curves."""
+    from tasks.evaluate.evaluate import run_evaluation
+    from tasks.register.registry import champion_files
+
+    key = sha256_json([config_hash(cfg), checkpoint.content_hash, data.content_hash,
+                       [s.content_hash for s in stages], config_hash(register)], n=16)
+    out = artifact_dir(tracking_cfg, "evaluate", key)
+    step_dir = final_step_dir(checkpoint)
     with tracking.child_run(tracking_cfg.root, parent_run, "evaluate",
                             tags={"lineage.checkpoint_hash": checkpoint.content_hash,
                                   "lineage.data_hash": data.content_hash}) as run_id:
@@ -28,13 +59,35 @@ def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentData
 
         tracking.log_config("evaluate", to_dict(cfg))
         tmp = fresh_dir(out)
-        metrics = run_evaluation(cfg, dit, flow, local_path(data.folder), step_dir, tmp,
-                                 progress=lambda m: print(f"[evaluate] {m}", flush=True))
+
+        def log(message: str) -> None:
+            print(f"[evaluate] {message}", flush=True)
+
+        with tempfile.TemporaryDirectory() as download:   # the champion's registered files, not an output
+            champion = champion_files(register.model_name, register.champion_alias, Path(download))
+            log(f"champion: {'none (first model)' if champion is None else 'version ' + champion.version}")
+            outcome = run_evaluation(cfg, dit, flow, local_path(data.folder), step_dir, tmp,
+                                     stages=[(s.stage, local_path(s.folder)) for s in stages], champion=champion,
+                                     clips_dir=find_clip_manifest(tracking_cfg, data.manifest_hash), progress=log)
         publish(tmp, out)
-        mlflow.log_metrics(metrics)
+
+        champ = outcome.champion.values() if outcome.champion else {}
+        deltas = {r.name: r.delta for r in outcome.comparison if math.isfinite(r.delta)}
+        mlflow.log_metrics({f"eval.{k}": v for k, v in outcome.flat.items()})
+        mlflow.log_metrics({f"eval.raw.{k}": m.value for k, m in outcome.raw.items() if math.isfinite(m.value)})
+        mlflow.log_metrics({f"champion.{k}": v for k, v in champ.items() if math.isfinite(v)})
+        mlflow.log_metrics({f"delta.{k}": v for k, v in deltas.items()})
+        mlflow.set_tags({"eval.suite_hash": outcome.suite.hash, "eval.weights": "ema",
+                         "eval.champion_version": champion.version if champion else "",
+                         "eval.heldout_pixels": outcome.suite.pixels_source})
         mlflow.log_artifacts(str(out / "samples"), "samples")
-        mlflow.log_artifact(str(out / "report.html"))
-        mlflow.log_artifact(str(out / "metrics.json"))
+        for name in ("report.html", "metrics.json", outcome.files.get("loss_curves", "")):
+            if name and (out / name).is_file():
+                mlflow.log_artifact(str(out / name))
         Deck("evaluation", (out / "report.html").read_text())
-    return EvalReport(folder=FlyteDirectory(str(out)), metrics=metrics, checkpoint_hash=checkpoint.content_hash,
-                      mlflow_run_id=run_id, config=cfg)
+    return EvalReport(folder=FlyteDirectory(str(out)), metrics=outcome.flat, checkpoint_hash=checkpoint.content_hash,
+                      mlflow_run_id=run_id, config=cfg, suite_hash=outcome.suite.hash,
+                      directions={k: m.direction for k, m in outcome.metrics.items()},
+                      raw_metrics={k: m.value for k, m in outcome.raw.items() if math.isfinite(m.value)},
+                      champion_version=champion.version if champion else "",
+                      champion_metrics={k: v for k, v in champ.items() if math.isfinite(v)}, deltas=deltas)

@@ -1,47 +1,138 @@
-"""Register a checkpoint in the MLflow model registry (no Flyte here).
+"""The MLflow model registry (no Flyte here): register an evaluated checkpoint, find and download the champion.
 
-The model version holds the DiT (``mlflow.pytorch``, pickle format with the ``models`` package as code, so
-``mlflow.pytorch.load_model("models:/<name>@candidate")`` works without this repo on the path), the checkpoint
-folder, and the VAE + text encoder needed to turn latents into videos. Its tags carry the lineage.
+A model version holds the DiT's EMA weights as an ``mlflow.pytorch`` model (pickle format with the ``models``
+package as code, so ``mlflow.pytorch.load_model("models:/<name>@candidate")`` works without this repo on the
+path), ``checkpoint/`` = model.safetensors, ema.safetensors and meta.json of the step folder (no optimizer state,
+no dist/), ``codecs/`` = the VAE + text encoder + latent statistics that turn its latents into videos, and
+``evaluation/metrics.json``. Its tags carry the lineage, the metrics and the suite hash (``eval.suite_hash``).
+
+    version, uri = register_checkpoint(name, "candidate", dit_cfg, step_dir, latents_dir, tags, eval_dir=report_dir)
+    champ = champion_files(name, "champion", dst)   # ChampionFiles (downloaded) or None before the first version
+
+Until a real gate exists, the first version of a model (no version holds the champion alias) also becomes the
+champion, tagged ``gate.decision = first model: champion by default``.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from common.config import DiTConfig
 from common.latents import META, NULL_TEXT, TEXT_DIR, VAE_DIR
+from tasks.evaluate.results import ChampionFiles
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "meta.json")   # what a version keeps of a step folder
+FIRST_CHAMPION = "first model: champion by default"
+SUITE_TAG, METRICS_TAG = "eval.suite_hash", "eval.metrics_json"
+TAG_LIMIT = 5000   # MLflow's model-version tag value limit (characters)
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    tags: Dict[str, str]
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def find_alias(name: str, alias: str) -> Optional[RegisteredVersion]:
+    """The version of registered model ``name`` holding ``alias``, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return RegisteredVersion(name, str(mv.version), str(mv.run_id or ""), dict(mv.tags or {}))
+
+
+def download_version(mv: RegisteredVersion, dst: Path) -> Tuple[Path, Path]:
+    """Download a version's ``checkpoint/`` and ``codecs/`` into ``dst``; returns (step folder, codecs folder)."""
+    import mlflow
+
+    if not mv.run_id:
+        raise ValueError(f"model {mv.name} version {mv.version} has no source run: its files cannot be downloaded")
+    dst.mkdir(parents=True, exist_ok=True)
+    step = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="checkpoint", dst_path=str(dst)))
+    codecs = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="codecs", dst_path=str(dst)))
+    missing = [f for f in ("ema.safetensors", "meta.json") if not (step / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"model {mv.name} version {mv.version}: checkpoint/ lacks {missing} (registered "
+                                "before versions carried their EMA weights); re-register it or move the champion alias")
+    return step, codecs
+
+
+def champion_files(name: str, alias: str, dst: Path) -> Optional[ChampionFiles]:
+    """The champion of ``name`` downloaded into ``dst`` with its registered suite hash and metrics; None if the
+    model has no version with ``alias`` (the first run)."""
+    mv = find_alias(name, alias)
+    if mv is None:
+        return None
+    step, codecs = download_version(mv, dst)
+    try:
+        metrics = {k: float(v) for k, v in json.loads(mv.tags.get(METRICS_TAG, "{}")).items()}
+    except (ValueError, TypeError, AttributeError):
+        metrics = {}
+    return ChampionFiles(version=mv.version, step_dir=step, codecs_dir=codecs, suite_hash=mv.tags.get(SUITE_TAG, ""),
+                         metrics=metrics)
 
 
 def register_checkpoint(name: str, alias: str, dit_cfg: DiTConfig, step_dir: Path, latents_dir: Path,
-                        tags: Dict[str, str]) -> Tuple[str, str]:
-    """Log and register the model in the active MLflow run; returns (version, model_uri)."""
+                        tags: Dict[str, str], champion_alias: str = "champion",
+                        eval_dir: Optional[Path] = None) -> Tuple[str, str]:
+    """Log and register the checkpoint's EMA weights in the active MLflow run, set ``alias`` (and ``champion_alias``
+    when no version holds it yet); returns (version, model_uri)."""
     import mlflow
     import torch
-    from mlflow.tracking import MlflowClient
 
     from tasks.evaluate.evaluate import load_dit
 
-    model = load_dit(dit_cfg, step_dir)
+    champion_before = find_alias(name, champion_alias)
+    model = load_dit(dit_cfg, step_dir, ema=True)      # what evaluation ranked
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "einops"]
     info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=requirements,
                                     code_paths=[str(REPO_ROOT / "models")], registered_model_name=name)
-    mlflow.log_artifacts(str(step_dir), "checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "checkpoint"
+        ckpt.mkdir()
+        for f in CHECKPOINT_FILES:
+            if not (step_dir / f).is_file():
+                raise FileNotFoundError(f"{step_dir / f} not found: registration needs the full weights, the EMA and "
+                                        "meta.json of the final step folder")
+            shutil.copy(step_dir / f, ckpt / f)
+        mlflow.log_artifacts(str(ckpt), "checkpoint")
+        codecs = Path(tmp) / "codecs"
+        codecs.mkdir()
         for sub in (VAE_DIR, TEXT_DIR):
             if (latents_dir / sub).is_dir():
-                shutil.copytree(latents_dir / sub, Path(tmp) / sub)
+                shutil.copytree(latents_dir / sub, codecs / sub)
         for f in (META, NULL_TEXT):
             if (latents_dir / f).is_file():
-                shutil.copy(latents_dir / f, Path(tmp) / f)
-        mlflow.log_artifacts(tmp, "codecs")
+                shutil.copy(latents_dir / f, codecs / f)
+        mlflow.log_artifacts(str(codecs), "codecs")
+    if eval_dir is not None and (eval_dir / "metrics.json").is_file():
+        mlflow.log_artifact(str(eval_dir / "metrics.json"), "evaluation")
     version = str(info.registered_model_version)
-    client = MlflowClient()
+    client = _client()
     for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, str(v))
+        client.set_model_version_tag(name, version, k, str(v)[:TAG_LIMIT])
     client.set_registered_model_alias(name, alias, version)
+    if champion_before is None:
+        client.set_registered_model_alias(name, champion_alias, version)
+        client.set_model_version_tag(name, version, "gate.decision", FIRST_CHAMPION)
+    else:
+        client.set_model_version_tag(name, version, "gate.decision",
+                                     f"no gate yet: {champion_alias} stays version {champion_before.version}")
     return version, f"models:/{name}@{alias}"
