@@ -443,11 +443,40 @@ class EvalConfig:
 
 
 @dataclass
+class GateMetric:
+    """One rule of the champion gate (directions come from the evaluation's metric table)."""
+    name: str = "heldout_flow_loss"
+    must_improve: bool = False   # the candidate must be better than the champion, by at least ``margin``
+    margin: float = 0.0
+    tolerance: float = 0.0       # the candidate may be worse than the champion by at most this
+
+
+@dataclass
+class GateConfig:
+    """Promote the candidate to champion only when it beats the champion on the same suite (docs/evaluation.md)."""
+    metrics: List[GateMetric] = field(default_factory=lambda: [
+        GateMetric("heldout_flow_loss", must_improve=True),          # the one metric that must get better
+        GateMetric("temporal_flickering", tolerance=0.02),           # the others may not get much worse
+        GateMetric("vae_recon_psnr", tolerance=0.02),
+        GateMetric("frechet_distance", tolerance=0.10),
+    ])
+    relative: bool = True        # margins and tolerances as fractions of the champion's value
+    enabled: bool = True         # False: every candidate stays a candidate (promote by hand)
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.metrics]
+        if len(set(names)) != len(names):
+            raise ValueError(f"register.gate.metrics: a metric is listed twice ({names})")
+        if any(m.margin < 0 or m.tolerance < 0 for m in self.metrics):
+            raise ValueError("register.gate.metrics: margin and tolerance must be >= 0")
+
+
+@dataclass
 class RegisterConfig:
     model_name: str = "video-dit-tiny"
     alias: str = "candidate"       # set on every registered version
-    champion_alias: str = "champion"   # the version evaluation compares against; the first version gets it (no gate
-                                       # exists yet)
+    champion_alias: str = "champion"   # the version evaluation compares against; the gate moves it
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 @dataclass
