@@ -241,6 +241,9 @@ class StageConfig:
     dpo_beta: float = 500.0       # Flow-DPO's constant beta (Liu et al. 2025: 500; a time-weighted beta reward-hacked)
     lora_rank: int = 0            # > 0: train LoRA adapters on the attention and MLP linears only (MUG-V: r 64)
     lora_alpha: float = 32.0      # adapter scale alpha / rank (MUG-V: alpha 32)
+    init: str = ""                # where the weights start: "" = the previous stage's (the first stage: scratch),
+                                  # "scratch", "champion" (the registered champion: warm start), or a step folder
+    skip: bool = False            # leave the stage out (a warm-started weekly run skips e.g. the low-res stages)
 
     def __post_init__(self) -> None:
         for k in ("steps", "micro_batch_size", "micro_batches", "tensor_parallel", "data_parallel", "context_parallel",
@@ -271,6 +274,10 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': task_mix must list at least one task")
         if len({t.task for t in self.task_mix}) != len(self.task_mix):
             raise ValueError(f"stage '{self.name}': task_mix lists a task twice")
+        if self.init not in ("", "scratch", "champion") and not (self.init.startswith("models:/")
+                                                                   or "/" in self.init or self.init.startswith(".")):
+            raise ValueError(f"stage '{self.name}': init must be '', 'scratch', 'champion', a models:/ URI or a "
+                             f"step folder path, got '{self.init}'")
         if self.objective not in ("flow", "flow_dpo"):
             raise ValueError(f"stage '{self.name}': objective must be 'flow' or 'flow_dpo', got '{self.objective}'")
         if self.dpo_beta <= 0 or self.lora_rank < 0 or self.lora_alpha <= 0:
@@ -343,6 +350,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("train.stages must list at least one stage")
+        if all(s.skip for s in self.stages):
+            raise ValueError("train.stages: every stage has skip: true; at least one must run")
         names = [s.name for s in self.stages] + [self.post_train.name, self.preference.name]
         if len(set(names)) != len(names):
             raise ValueError(f"train.stages: stage names must be unique, got {names}")

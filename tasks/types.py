@@ -66,6 +66,13 @@ class Checkpoint:
 
 
 @dataclass
+class Curriculum:
+    """The checkpoints of every training stage, in the order they trained; ``final`` is the last."""
+    stages: List[Checkpoint]
+    final: Checkpoint
+
+
+@dataclass
 class EvalReport:
     folder: FlyteDirectory            # report.html, metrics.json, loss curves, samples/ (docs/evaluation.md)
     metrics: Dict[str, float]         # the candidate's EMA weights, finite values by metric name

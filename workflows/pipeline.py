@@ -3,7 +3,8 @@
     pyflyte run workflows/pipeline.py train_video_model --config configs/tiny.yaml            # local, in-process
     pyflyte run --remote workflows/pipeline.py train_video_model --config configs/mugv_10b.yaml  # a Flyte cluster
 
-raw videos -> curate -> compress (VAE + T5) -> pretrain stage 1 -> stage 2 ... -> post_train -> evaluate -> register
+raw videos -> curate -> compress (VAE + T5) -> pretrain stage 1 -> stage 2 ... -> SFT -> preference (Flow-DPO on
+pairs) -> evaluate (vs the champion) -> register
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from tasks.compress.task import compress
 from tasks.curate.task import curate, curate_shards, plan_curation, snapshot_inputs
 from tasks.evaluate.task import evaluate
 from tasks.lifecycle import fail_tracking, finish_tracking, load_pipeline_config, start_tracking
+from tasks.preference.task import build_preference_pairs, pairs_source_hash
 from tasks.register.task import register
-from tasks.train.task import post_train, pretrain
+from tasks.train.task import curriculum, post_train, preference, pretrain
 
 
 @workflow(on_failure=fail_tracking)   # a failed execution marks its MLflow parent run FAILED
@@ -33,12 +35,19 @@ def train_video_model(config: FlyteFile, kickoff_time: Optional[datetime] = None
     manifest = curate(cfg=cfg.curate, shards=curate_shards(shard=shards),  # map_task: one cached task per shard
                       tracking_cfg=cfg.tracking, parent_run=run)           # merge + report + MLflow "curate" run
     latents = compress(cfg=cfg.compress, manifest=manifest, tracking_cfg=cfg.tracking, parent_run=run)
-    pretrained = pretrain(train=cfg.train, data=latents, tracking_cfg=cfg.tracking, parent_run=run)
+    pretrained = pretrain(train=cfg.train, data=latents, register=cfg.register, tracking_cfg=cfg.tracking,
+                          parent_run=run)                                   # Curriculum
     tuned = post_train(stage=cfg.train.post_train, dit=cfg.train.dit, flow=cfg.train.flow, launch=cfg.train.launch,
-                       data=latents, init=pretrained, tracking_cfg=cfg.tracking, parent_run=run)
-    report = evaluate(cfg=cfg.evaluate, dit=cfg.train.dit, flow=cfg.train.flow, data=latents, checkpoint=tuned,
-                      tracking_cfg=cfg.tracking, parent_run=run)
-    model = register(config=cfg, manifest=manifest, data=latents, checkpoint=tuned, report=report, parent_run=run)
+                       data=latents, init=pretrained.final, tracking_cfg=cfg.tracking, parent_run=run)   # SFT
+    pairs = build_preference_pairs(cfg=cfg.train.pairs, data=latents, tracking_cfg=cfg.tracking, parent_run=run,
+                                   source_hash=pairs_source_hash(cfg=cfg.train.pairs))
+    aligned = preference(stage=cfg.train.preference, dit=cfg.train.dit, flow=cfg.train.flow, launch=cfg.train.launch,
+                         pairs=pairs, init=tuned, tracking_cfg=cfg.tracking, parent_run=run)      # Flow-DPO
+    trained = curriculum(pretraining=pretrained.stages, post_training=[tuned, aligned])
+    report = evaluate(cfg=cfg.evaluate, dit=cfg.train.dit, flow=cfg.train.flow, data=latents, checkpoint=trained.final,
+                      stages=trained.stages, register=cfg.register, tracking_cfg=cfg.tracking, parent_run=run)
+    model = register(config=cfg, manifest=manifest, data=latents, checkpoint=trained.final, report=report,
+                     parent_run=run)
     return finish_tracking(config=cfg, parent_run=run, manifest=manifest, report=report, model=model)
 
 

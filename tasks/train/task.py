@@ -7,29 +7,43 @@ that was interrupted resumes from its last checkpoint when rerun (its output fol
 from __future__ import annotations
 
 import json
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 from flytekit import Resources, dynamic, task
 
 from common import tracking
-from common.config import DiTConfig, FlowConfig, LaunchConfig, StageConfig, TrackingConfig, TrainConfig, to_dict
+from common.config import (
+    DiTConfig,
+    FlowConfig,
+    LaunchConfig,
+    RegisterConfig,
+    StageConfig,
+    TrackingConfig,
+    TrainConfig,
+    to_dict,
+)
 from common.hashing import module_code_version, sha256_dir, sha256_json
 from containers.images import cpu_image
 from tasks.common import artifact_dir, local_path
-from tasks.types import Checkpoint, FlyteDirectory, LatentDataset
+from tasks.types import Checkpoint, Curriculum, FlyteDirectory, LatentDataset, PreferencePairs
 
 _CACHE = dict(cache=True, cache_version=module_code_version("tasks.train.task", "trainer.train"),
               cache_ignore_input_vars=("parent_run", "launch"), container_image=cpu_image,
               requests=Resources(cpu="2", mem="4Gi"))
 
 
-def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchConfig, data: LatentDataset,
-           init: Optional[Checkpoint], tracking_cfg: TrackingConfig, parent_run: str) -> Checkpoint:
+def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchConfig,
+           data: LatentDataset | PreferencePairs, init: Optional[Checkpoint], tracking_cfg: TrackingConfig,
+           parent_run: str, init_uri: str = "") -> Checkpoint:
+    """Run one stage on ``data`` (a LatentDataset, or the PreferencePairs of a ``flow_dpo`` stage), from ``init``
+    (the previous stage), or from ``init_uri`` (a registered version ``models:/<name>/<version>`` or a step folder:
+    a warm start), or from scratch."""
     from trainer.job import StageJob
     from trainer.launch import run_stage
 
     stage_hash = sha256_json([to_dict(stage), to_dict(dit), to_dict(flow)], n=16)
-    parent_hash = init.content_hash if init is not None else ""
+    parent_hash = init.content_hash if init is not None else (sha256_json(init_uri, n=16) if init_uri else "")
     key = sha256_json([stage_hash, data.content_hash, parent_hash], n=16)
     out = artifact_dir(tracking_cfg, "train", f"{stage.name}-{key}")
     out.mkdir(parents=True, exist_ok=True)
@@ -37,6 +51,8 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
     if init is not None:
         root = local_path(init.folder)
         init_path = str(root / (root / "latest").read_text().strip())
+    elif init_uri:
+        init_path = str(_warm_start_folder(init_uri, out / "init"))
     with tracking.child_run(tracking_cfg.root, parent_run, stage.name,
                             tags={"lineage.data_hash": data.content_hash, "lineage.parent_checkpoint": parent_hash,
                                   "stage.config_hash": stage_hash}) as run_id:
@@ -49,7 +65,8 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
         from common.latents import INDEX
 
         latents_dir = local_path(data.folder)
-        tracking.log_dataset(pd.read_parquet(latents_dir / INDEX), source=str(latents_dir), name="latents",
+        tracking.log_dataset(pd.read_parquet(latents_dir / INDEX), source=str(latents_dir),
+                             name="preference-pairs" if isinstance(data, PreferencePairs) else "latents",
                              digest=data.content_hash, context="training")
         mlflow.log_params({"world_size": stage.world_size, "init_checkpoint": init_path or "scratch"})
         job = StageJob(stage=stage, dit=dit, flow=flow, latents_dir=str(latents_dir),
@@ -74,11 +91,34 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
                       config=stage)
 
 
+def _warm_start_folder(init_uri: str, dst: Path) -> Path:
+    """The step folder a warm start loads: a registered version's weights (``models:/<name>/<version>``, downloaded
+    into ``dst``) or a step folder path as it is."""
+    if not init_uri.startswith("models:/"):
+        folder = Path(init_uri)
+        if not (folder / "meta.json").is_file():
+            raise FileNotFoundError(f"stage init {init_uri}: not a checkpoint step folder (no meta.json)")
+        return folder
+    from common.lineage import parse_model_uri
+    from tasks.register.registry import RegisteredVersion, download_version
+
+    name, kind, version = parse_model_uri(init_uri)
+    if kind != "version":
+        raise ValueError(f"stage init {init_uri}: name a version (models:/<name>/<version>)")
+    from mlflow.tracking import MlflowClient
+
+    mv = MlflowClient().get_model_version(name, version)
+    step, _ = download_version(RegisteredVersion(name, str(version), str(mv.run_id or ""), dict(mv.tags or {})), dst)
+    return step
+
+
 @task(**_CACHE)
 def train_stage(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchConfig, data: LatentDataset,
-                tracking_cfg: TrackingConfig, parent_run: str, init: Optional[Checkpoint] = None) -> Checkpoint:
-    """One curriculum pretraining stage (its layout, TP x DP, comes from the stage config)."""
-    return _train(stage, dit, flow, launch, data, init, tracking_cfg, parent_run)
+                tracking_cfg: TrackingConfig, parent_run: str, init: Optional[Checkpoint] = None,
+                init_uri: str = "") -> Checkpoint:
+    """One curriculum pretraining stage (its layout, TP x DP, comes from the stage config); ``init_uri``: a warm
+    start (the champion's version, resolved by ``pretrain``)."""
+    return _train(stage, dit, flow, launch, data, init, tracking_cfg, parent_run, init_uri)
 
 
 @task(**_CACHE)
@@ -88,12 +128,57 @@ def post_train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: Lau
     return _train(stage, dit, flow, launch, data, init, tracking_cfg, parent_run)
 
 
+@task(**_CACHE)
+def preference(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchConfig, pairs: PreferencePairs,
+               init: Checkpoint, tracking_cfg: TrackingConfig, parent_run: str) -> Checkpoint:
+    """Preference optimisation (Flow-DPO, ``stage.objective: flow_dpo``) on the pairs, from the SFT checkpoint (the
+    frozen reference)."""
+    return _train(stage, dit, flow, launch, pairs, init, tracking_cfg, parent_run)
+
+
 @dynamic(container_image=cpu_image)
-def pretrain(train: TrainConfig, data: LatentDataset, tracking_cfg: TrackingConfig, parent_run: str) -> Checkpoint:
-    """The curriculum: one train_stage node per configured stage, each starting from the previous checkpoint."""
-    ckpt = None
+def pretrain(train: TrainConfig, data: LatentDataset, register: RegisterConfig, tracking_cfg: TrackingConfig,
+             parent_run: str) -> Curriculum:
+    """The curriculum: one train_stage node per configured stage (``skip: true`` ones left out), each starting from
+    the previous checkpoint, unless its ``init`` says scratch, the registered champion (a warm start: its version is
+    resolved here, so a new champion is a new cache key) or a step folder."""
+    ckpts: List[Checkpoint] = []
+    prev: Optional[Checkpoint] = None
     for stage in train.stages:
-        ckpt = train_stage(stage=stage, dit=train.dit, flow=train.flow, launch=train.launch, data=data,
-                           tracking_cfg=tracking_cfg, parent_run=parent_run, init=ckpt)
-    assert ckpt is not None, "train.stages is never empty (checked at config load)"
-    return ckpt
+        if stage.skip:
+            print(f"[pretrain] {stage.name}: skipped (skip: true)", flush=True)
+            continue
+        init_uri = ""
+        if stage.init:
+            prev = None
+            init_uri = "" if stage.init == "scratch" else stage.init
+        if init_uri == "champion":
+            init_uri = _champion_uri(register, tracking_cfg)
+            print(f"[pretrain] {stage.name}: warm start from "
+                  f"{init_uri or 'scratch (no champion of ' + register.model_name + ' yet)'}", flush=True)
+        prev = train_stage(stage=stage, dit=train.dit, flow=train.flow, launch=train.launch, data=data,
+                           tracking_cfg=tracking_cfg, parent_run=parent_run, init=prev, init_uri=init_uri)
+        ckpts.append(prev)
+    return curriculum(pretraining=ckpts, post_training=[])
+
+
+def _champion_uri(register: RegisterConfig, tracking_cfg: TrackingConfig) -> str:
+    """``models:/<name>/<version>`` of the current champion, "" before the first one."""
+    import mlflow
+
+    from tasks.register.registry import find_alias
+
+    uri = tracking.tracking_uri(tracking_cfg.root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    champ = find_alias(register.model_name, register.champion_alias)
+    return f"models:/{register.model_name}/{champ.version}" if champ is not None else ""
+
+
+@task(container_image=cpu_image)
+def curriculum(pretraining: List[Checkpoint], post_training: List[Checkpoint]) -> Curriculum:
+    """The stages in the order they trained; ``final`` is the last one."""
+    stages = list(pretraining) + list(post_training)
+    if not stages:
+        raise ValueError("curriculum: no training stage")
+    return Curriculum(stages=stages, final=stages[-1])
