@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -372,36 +373,80 @@ def test_better_and_worse_models_are_ranked_by_direction(world, tmp_path):
     assert back["heldout_flow_loss"].verdict == "worse" and back["heldout_flow_loss"].delta > 0
 
 
-def test_registration_logs_weights_only_and_the_first_version_is_champion(world, tmp_path, monkeypatch):
-    import mlflow
+def test_tasks_first_version_becomes_champion_then_candidates_are_compared_with_it(world, tmp_path, monkeypatch):
+    """The Flyte task bodies: evaluate (no champion) -> register (v1 = champion, weights only) -> evaluate another
+    checkpoint (compared with v1 on the same suite) -> register (v2 = candidate; the champion stays v1)."""
+    from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
-    from tasks.register.registry import CHECKPOINT_FILES, FIRST_CHAMPION, champion_files, register_checkpoint
+    from common import tracking
+    from common.config import PipelineConfig, RegisterConfig, TrackingConfig, TrainConfig
+    from tasks.evaluate.task import evaluate
+    from tasks.register.registry import CHECKPOINT_FILES, FIRST_CHAMPION
+    from tasks.register.task import register
+    from tasks.types import Checkpoint, ClipManifest, FlyteDirectory, LatentDataset
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    exp = mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
-    from mlflow.tracking import MlflowClient
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tc = TrackingConfig(experiment="t", root=str(tmp_path / "runs"))
+    config = PipelineConfig(train=TrainConfig(dit=TINY_DIT), register=RegisterConfig(model_name="m"), tracking=tc,
+                            evaluate=_cfg())
+    parent = tracking.start_parent_run(tc.root, tc.experiment, "p", {}, {})
+    data = LatentDataset(folder=FlyteDirectory(str(world["latents"])), content_hash="d", manifest_hash="m",
+                         vae_identity="v", text_encoder_identity="t", num_train=3, num_val=3)
+    manifest = ClipManifest(folder=FlyteDirectory(str(world["manifest"])), content_hash="m", source_hashes=["s"],
+                            inputs=1, kept=1, rejected=0, failed=0)
 
-    client = MlflowClient()
-    assert champion_files("m", "champion", tmp_path / "none") is None
-    versions = []
-    for step in ("good", "bad"):
-        with mlflow.start_run(experiment_id=exp) as run:
-            versions.append(register_checkpoint("m", "candidate", TINY_DIT, world[step], world["latents"],
-                                                {"eval.suite_hash": "abc", "eval.metrics_json": '{"x": 1.5}'})[0])
-            files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
-            assert files == {f"checkpoint/{f}" for f in CHECKPOINT_FILES}      # no optim/, no dist/
-    first, second = (client.get_model_version("m", v) for v in versions)
-    assert first.tags["gate.decision"] == FIRST_CHAMPION and "stays version 1" in second.tags["gate.decision"]
-    assert client.get_model_version_by_alias("m", "champion").version == first.version
-    assert client.get_model_version_by_alias("m", "candidate").version == second.version
-    champ = champion_files("m", "champion", tmp_path / "dl")
-    assert champ is not None and champ.version == str(first.version) and champ.suite_hash == "abc"
-    assert champ.metrics == {"x": 1.5} and (champ.step_dir / "ema.safetensors").is_file()
-    assert (champ.codecs_dir / "meta.json").is_file()
+    def ckpt(name: str) -> Checkpoint:
+        return Checkpoint(folder=FlyteDirectory(str(world[name].parent)), stage=name, step=4, content_hash=name,
+                          config_hash="c", data_hash="d", parent_hash="", mlflow_run_id="", final_loss=1.0)
+
+    reports, versions = [], []
+    for name, raw in (("good", False), ("bad", True)):
+        report = evaluate.task_function(cfg=_cfg(evaluate_raw=raw), dit=TINY_DIT, flow=FlowConfig(), data=data,
+                                        checkpoint=ckpt(name), stages=[ckpt("good"), ckpt("bad")],
+                                        register=config.register, tracking_cfg=tc, parent_run=parent)
+        reports.append(report)
+        versions.append(register.task_function(config=config, manifest=manifest, data=data, checkpoint=ckpt(name),
+                                               report=report, parent_run=parent))
+    first, second = reports
+    assert first.champion_version == "" and first.champion_metrics == {} and first.deltas == {}
+    assert second.champion_version == versions[0].version and second.suite_hash == first.suite_hash
+    assert second.champion_metrics["heldout_flow_loss"] == pytest.approx(first.metrics["heldout_flow_loss"])
+    assert second.deltas["heldout_flow_loss"] > 0 and second.directions["heldout_flow_loss"] == "lower"
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(tc.root), registry_uri=tracking.tracking_uri(tc.root))
+    run = client.get_run(second.mlflow_run_id)
+    for key in ("eval.heldout_flow_loss", "eval.raw.heldout_flow_loss", "champion.heldout_flow_loss",
+                "delta.heldout_flow_loss"):
+        assert key in run.data.metrics, key
+    assert run.data.tags["eval.suite_hash"] == second.suite_hash
+    v1, v2 = (client.get_model_version("m", v.version) for v in versions)
+    files = {a.path for a in client.list_artifacts(v1.run_id, "checkpoint")}
+    assert files == {f"checkpoint/{f}" for f in CHECKPOINT_FILES}          # no optim/, no dist/
+    assert v1.tags["gate.decision"] == FIRST_CHAMPION and "stays version 1" in v2.tags["gate.decision"]
+    assert v1.tags["eval.suite_hash"] == first.suite_hash
+    assert json.loads(v1.tags["eval.metrics_json"]) == pytest.approx(first.metrics)
+    assert client.get_model_version_by_alias("m", "champion").version == v1.version
+    assert client.get_model_version_by_alias("m", "candidate").version == v2.version
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(tc.root))
     loaded = mlflow.pytorch.load_model("models:/m@champion")
     ema = load_file(str(world["good"] / "ema.safetensors"))
     assert all(torch.equal(loaded.state_dict()[k], ema[k]) for k in ema)   # the registered model is the EMA
+
+
+def test_only_the_final_steps_weights_are_fetched_from_remote_storage(world, tmp_path):
+    """A remote Checkpoint folder (here a file:// URI) gives evaluation latest + model/ema/meta.json, not optim/."""
+    from tasks.evaluate.task import STEP_FILES, final_step_dir
+    from tasks.types import Checkpoint, FlyteDirectory
+
+    folder = FlyteDirectory(str(tmp_path / "not-downloaded"))
+    folder._remote_source = world["good"].parent.as_uri()
+    ckpt = Checkpoint(folder=folder, stage="s", step=4, content_hash="h", config_hash="c", data_hash="d",
+                      parent_hash="", mlflow_run_id="", final_loss=1.0)
+    step = final_step_dir(ckpt, tmp_path / "dl")
+    assert step == tmp_path / "dl" / world["good"].name
+    assert sorted(p.name for p in step.iterdir()) == sorted(STEP_FILES)
+    local = final_step_dir(replace(ckpt, folder=FlyteDirectory(str(world["good"].parent))), tmp_path / "x")
+    assert local == world["good"] and not (tmp_path / "x").exists()   # a local folder is read in place

@@ -12,15 +12,38 @@ from flytekit import Deck, Resources, task
 
 from common import tracking
 from common.config import DiTConfig, EvalConfig, FlowConfig, RegisterConfig, TrackingConfig, config_hash, to_dict
-from common.hashing import code_version, sha256_json
+from common.hashing import module_code_version, sha256_json
 from containers.images import cpu_image
 from tasks.common import artifact_dir, fresh_dir, local_path, publish
 from tasks.types import Checkpoint, EvalReport, FlyteDirectory, LatentDataset
 
+STEP_FILES = ("model.safetensors", "ema.safetensors", "meta.json")   # what evaluation reads of a step folder
 
-def final_step_dir(checkpoint: Checkpoint) -> Path:
-    root = local_path(checkpoint.folder)
-    return root / (root / "latest").read_text().strip()
+
+def fetch_files(folder: FlyteDirectory, names: List[str], dst: Path) -> Path:
+    """A folder artifact's files ``names`` (relative paths) without the rest of it: the folder itself when it is on
+    this machine, else each file copied from the folder's remote URI to ``dst`` (a missing one is skipped). A
+    checkpoint folder also holds optimizer state and older steps: a 10B stage is hundreds of GB, so evaluation reads
+    only the files it needs."""
+    source = str(folder.remote_source or folder.path)
+    if Path(source).is_dir():
+        return Path(source)
+    from flytekit import FlyteContextManager
+
+    fs = FlyteContextManager.current_context().file_access
+    for name in names:
+        remote = f"{source.rstrip('/')}/{name}"
+        if fs.exists(remote):
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_data(remote, str(dst / name))
+    return dst
+
+
+def final_step_dir(checkpoint: Checkpoint, dst: Path) -> Path:
+    """The final step folder of a Checkpoint (named by its ``latest``) with the weights, the EMA and meta.json."""
+    root = fetch_files(checkpoint.folder, ["latest"], dst)
+    step = (root / "latest").read_text().strip()
+    return fetch_files(checkpoint.folder, [f"{step}/{f}" for f in STEP_FILES], dst) / step
 
 
 def find_clip_manifest(tracking_cfg: TrackingConfig, manifest_hash: str) -> Optional[Path]:
@@ -36,7 +59,7 @@ def find_clip_manifest(tracking_cfg: TrackingConfig, manifest_hash: str) -> Opti
     return None
 
 
-@task(cache=True, cache_version=code_version("tasks/evaluate", "tasks/register", "models", "common", "trainer"),
+@task(cache=True, cache_version=module_code_version("tasks.evaluate.task"),
       enable_deck=True, cache_ignore_input_vars=("parent_run",), container_image=cpu_image,
       requests=Resources(cpu="2", mem="4Gi"))
 def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentDataset, checkpoint: Checkpoint,
@@ -51,7 +74,6 @@ def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentData
     key = sha256_json([config_hash(cfg), checkpoint.content_hash, data.content_hash,
                        [s.content_hash for s in stages], config_hash(register)], n=16)
     out = artifact_dir(tracking_cfg, "evaluate", key)
-    step_dir = final_step_dir(checkpoint)
     with tracking.child_run(tracking_cfg.root, parent_run, "evaluate",
                             tags={"lineage.checkpoint_hash": checkpoint.content_hash,
                                   "lineage.data_hash": data.content_hash}) as run_id:
@@ -63,12 +85,16 @@ def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentData
         def log(message: str) -> None:
             print(f"[evaluate] {message}", flush=True)
 
-        with tempfile.TemporaryDirectory() as download:   # the champion's registered files, not an output
-            champion = champion_files(register.model_name, register.champion_alias, Path(download))
+        with tempfile.TemporaryDirectory() as download:   # inputs fetched here (champion, weights), not outputs
+            dl = Path(download)
+            step_dir = final_step_dir(checkpoint, dl / "candidate")
+            curves = [(s.stage, fetch_files(s.folder, ["metrics.jsonl"], dl / "stages" / str(i)))
+                      for i, s in enumerate(stages)]
+            champion = champion_files(register.model_name, register.champion_alias, dl / "champion")
             log(f"champion: {'none (first model)' if champion is None else 'version ' + champion.version}")
-            outcome = run_evaluation(cfg, dit, flow, local_path(data.folder), step_dir, tmp,
-                                     stages=[(s.stage, local_path(s.folder)) for s in stages], champion=champion,
-                                     clips_dir=find_clip_manifest(tracking_cfg, data.manifest_hash), progress=log)
+            outcome = run_evaluation(cfg, dit, flow, local_path(data.folder), step_dir, tmp, stages=curves,
+                                     champion=champion, progress=log,
+                                     clips_dir=find_clip_manifest(tracking_cfg, data.manifest_hash))
         publish(tmp, out)
 
         champ = outcome.champion.values() if outcome.champion else {}
