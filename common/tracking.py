@@ -158,10 +158,14 @@ def log_config(prefix: str, cfg: Dict[str, object]) -> None:
 def log_dataset(table, source: str, name: str, digest: str, context: str) -> None:
     """Log a table (a pandas DataFrame: a listing, manifest or index) as an MLflow dataset input of the active run,
     so the runs table's Dataset column and the run page show it (``context``: "curation", "training", ...)."""
+    import warnings
+
     import mlflow
     from mlflow.data.pandas_dataset import from_pandas
 
-    dataset = from_pandas(table, source=source, name=name, digest=digest[:36])
+    with warnings.catch_warnings():   # its schema hint about integer columns: these tables have no missing values
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        dataset = from_pandas(table, source=source, name=name, digest=digest[:36])
     mlflow.log_input(dataset, context=context)
 
 
