@@ -196,3 +196,15 @@ def test_quality_ranking_needs_its_columns(tmp_path):
     idx.to_parquet(root / INDEX, index=False)                          # columns back, but no motion band
     with pytest.raises(ValueError, match=r"quality.motion > 0 but .*meta.json has no 'curation' motion band"):
         LatentSplit(root, top_fraction=0.5, quality=QualityRanking(motion=1.0))
+
+
+def test_compress_records_the_motion_band(tmp_path):
+    import json
+
+    from tasks.compress.encode import motion_band
+
+    assert motion_band(tmp_path) is None                                # no summary.json
+    (tmp_path / "summary.json").write_text(json.dumps({"inputs": 1}))
+    assert motion_band(tmp_path) is None                                # a summary without curation's config
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"motion_min": 1, "motion_max": 20.0}}))
+    assert motion_band(tmp_path) == {"motion_min": 1.0, "motion_max": 20.0}
