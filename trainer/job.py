@@ -19,7 +19,8 @@ class StageJob:
     stage: StageConfig = field(default_factory=StageConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
-    latents_dir: str = ""            # a LatentDataset folder (docs/artifacts.md)
+    latents_dir: str = ""            # a LatentDataset folder, or a PreferencePairs one for objective flow_dpo
+                                     # (docs/artifacts.md)
     init_checkpoint: str = ""        # a step folder of another stage; "" = train from scratch
     output_dir: str = ""             # the Checkpoint folder this stage writes (and resumes from)
     config_hash: str = ""            # recorded in every checkpoint's meta.json
@@ -28,7 +29,7 @@ class StageJob:
 
     def __post_init__(self) -> None:
         if not self.latents_dir:
-            raise ValueError("job.latents_dir must name a LatentDataset folder")
+            raise ValueError("job.latents_dir must name a LatentDataset (or, for flow_dpo, PreferencePairs) folder")
         if not self.output_dir:
             raise ValueError("job.output_dir must name the folder the stage writes checkpoints to")
         if bool(self.mlflow_tracking_uri) != bool(self.mlflow_run_id):
