@@ -43,7 +43,7 @@ from tasks.evaluate.metrics import (
     video_psnr_ssim,
 )
 from tasks.evaluate.results import ChampionFiles, EvalOutcome, ModelEval, finite, json_safe
-from tasks.evaluate.suite import EVAL_TIMESTEPS, SampleCase, Suite, build_suite
+from tasks.evaluate.suite import EVAL_TIMESTEPS, SampleCase, Suite, build_suite, clip_captions
 
 Progress = Callable[[str], None]
 
@@ -228,7 +228,7 @@ def run_evaluation(cfg: EvalConfig, dit_cfg: DiTConfig, flow: FlowConfig, latent
     codecs = Codecs.load(latents_dir)
     tools = Toolkit(cfg, video_features(cfg, codecs.vae, codecs.vae_identity[:16]), ClipScorer(cfg))
     suite = build_suite(cfg, reader, codecs, tools.features.identity, tools.clip.identity, clips_dir)
-    captions = {c: str(p or "") for c, p in zip(reader.index["clip_id"], reader.index.get("caption", []))}
+    captions = clip_captions(reader)
     tools.prepare(suite, captions)
     progress(f"suite {suite.hash}: {len(suite.cases)} samples, held-out {suite.heldout} ({suite.pixels_source})")
 

@@ -92,6 +92,13 @@ def load_image(path: str, height: int, width: int) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def clip_captions(reader: Any) -> Dict[str, str]:
+    """clip id -> caption from the dataset index ("" where there is none)."""
+    if "caption" not in reader.index:
+        return {}
+    return {str(c): p if isinstance(p, str) else "" for c, p in zip(reader.index["clip_id"], reader.index["caption"])}
+
+
 def build_suite(cfg: EvalConfig, reader: Any, codecs: Any, feature_identity: str, clip_identity: str,
                 clips_dir: Optional[Path] = None, load_pixels: bool = True) -> Suite:
     """The suite of ``cfg`` on the dataset of ``reader`` (``common.latents.LatentReader``) with its ``codecs``.
@@ -115,7 +122,7 @@ def build_suite(cfg: EvalConfig, reader: Any, codecs: Any, feature_identity: str
         pixels = {cid: codecs.decode(reader.load(cid)[0], frames[cid]) for cid in heldout}
 
     height, width = (cfg.height, cfg.width) if cfg.height and cfg.width else sizes[heldout[0]]
-    captions = dict(zip(reader.index["clip_id"], reader.index["caption"])) if "caption" in reader.index else {}
+    captions = clip_captions(reader)
     cases: List[SampleCase] = []
     for i, prompt in enumerate(cfg.prompts):
         for seed in cfg.seeds:
@@ -134,7 +141,7 @@ def build_suite(cfg: EvalConfig, reader: Any, codecs: Any, feature_identity: str
             k += 1
             img = pixels[clip_id][0] if load_pixels else None
             shape = (frames[clip_id], *sizes[clip_id])
-            prompt = given or str(captions.get(clip_id) or "")
+            prompt = given or captions.get(clip_id, "")
         for seed in cfg.seeds:
             case = SampleCase(f"i2v{i:02d}_s{seed}", "i2v", prompt, seed, *shape, image=image, clip_id=clip_id)
             cases.append(case)
