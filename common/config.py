@@ -149,10 +149,19 @@ class CompressConfig:
     holdout_fraction: float = 0.25   # clips held out for evaluation, chosen by clip-id hash
     shard_size: int = 64             # samples per safetensors shard
     seed: int = 0
+    vae_refit: int = 0               # the fitted VAE is reused by later runs (new clips too); raise this to fit again
+    store_uri: str = ""              # latent store (raw latents per clip): a local or shared folder;
+    #                                  "" = <tracking.root>/artifacts/compress/latent-store
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"compress.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.vae_refit < 0:
+            raise ValueError(f"compress.vae_refit must be >= 0 (a counter: raise it to fit the VAE again), "
+                             f"got {self.vae_refit}")
+        if "://" in self.store_uri:
+            raise ValueError(f"compress.store_uri must be a folder path (local or a shared file system), got "
+                             f"{self.store_uri!r}")
 
 
 @dataclass

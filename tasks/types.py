@@ -28,6 +28,18 @@ class ClipManifest:
 
 
 @dataclass
+class VAEModel:
+    """The video VAE compression encodes with (docs/artifacts.md, "VAE folder"): fitted once on the clips of the
+    first manifest it saw (or imported from MUG-V's vae.pt) and reused until ``compress.vae_refit`` is raised."""
+    folder: FlyteDirectory            # vae.safetensors, config.json, meta.json
+    identity: str                     # sha256 of the weights, first 16 hex digits (= LatentDataset.vae_identity)
+    trained_steps: int                # 0: random init or imported
+    random_init: bool
+    config: CompressConfig = field(default_factory=CompressConfig)
+    fit_manifest_hash: str = ""       # the ClipManifest whose kept clips it was fitted on ("" when none was read)
+
+
+@dataclass
 class LatentDataset:
     folder: FlyteDirectory            # shards, index.parquet, meta.json, vae/, text_encoder/
     content_hash: str
