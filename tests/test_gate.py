@@ -44,3 +44,31 @@ def test_absolute_margins_and_config_errors():
     assert not decide({"heldout_flow_loss": 0.85}, CHAMP, DIRS, cfg).promote
     with pytest.raises(ValueError, match="listed twice"):
         GateConfig(metrics=[GateMetric("a"), GateMetric("a")])
+
+
+def test_promote_by_hand_rollback_and_history(tmp_path, monkeypatch, capsys):
+    """python -m tasks.register.promote: by hand, back, and the history, through a real MLflow registry."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.register import promote
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mlflow.set_tracking_uri(uri)
+    client.create_registered_model("m")
+    exp = client.create_experiment("e")
+    for _ in range(3):
+        with mlflow.start_run(experiment_id=exp) as run:
+            client.create_model_version("m", source=f"runs:/{run.info.run_id}/x", run_id=run.info.run_id)
+    assert promote.main(["m", "--show"]) == 0 and "m@champion: none" in capsys.readouterr().out
+    assert promote.promote(client, "m", "1", "first model: champion by default") is None
+    assert promote.promote(client, "m", "2", "gate: promoted") == "1"
+    assert promote.main(["m", "3"]) == 0 and "(was 2)" in capsys.readouterr().out
+    assert promote.history(client, "m") == ["3", "2", "1"]
+    assert client.get_model_version("m", "3").tags["gate.decision"] == "promoted by hand"
+    assert promote.main(["m", "--rollback"]) == 0 and "-> version 2" in capsys.readouterr().out
+    assert promote.rollback(client, "m") == "1"
+    assert promote.main(["m", "--rollback"]) == 2 and "was the first champion" in capsys.readouterr().err
+    assert promote.main(["m", "9"]) == 2
