@@ -77,9 +77,11 @@ def test_mlflow_parent_with_one_child_per_task(pipeline_run):
         stage, steps = stage["name"], stage["steps"]
         hist = client.get_metric_history(by_name[stage].info.run_id, "loss")
         assert sorted(m.step for m in hist) == list(range(1, steps + 1)), stage
-    ev = by_name["evaluate"].data.metrics
-    assert ev["heldout_flow_loss"] > 0 and "stat_gap" in ev
-    arts = [a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id, "samples")]
+    ev = by_name["evaluate"]   # the EMA weights under eval.*, the raw ones under eval.raw.*; no champion yet
+    assert ev.data.metrics["eval.heldout_flow_loss"] > 0 and "eval.raw.heldout_flow_loss" in ev.data.metrics
+    assert "eval.temporal_flickering" in ev.data.metrics and ev.data.tags["eval.suite_hash"]
+    assert ev.data.tags["eval.champion_version"] == "" and not any(k.startswith("delta.") for k in ev.data.metrics)
+    arts = [a.path for a in client.list_artifacts(ev.info.run_id, "samples/candidate")]
     assert any(a.endswith(".mp4") for a in arts)
     cur = by_name["curate"].data.metrics
     assert cur["inputs"] == cur["kept"] + cur["rejected"] + cur["failed"] and cur["failed"] >= 2
@@ -88,8 +90,14 @@ def test_mlflow_parent_with_one_child_per_task(pipeline_run):
 def test_registered_version_has_alias_and_lineage(pipeline_run):
     client = _client(pipeline_run["root"])
     mv = client.get_model_version_by_alias("video-dit-tiny", "candidate")
-    for tag in ("config_hash", "checkpoint_hash", "data.latents_hash", "data.manifest_hash", "data.sources_hash"):
+    for tag in ("config_hash", "checkpoint_hash", "data.latents_hash", "data.manifest_hash", "data.sources_hash",
+                "eval.suite_hash", "eval.metrics_json"):
         assert mv.tags.get(tag), tag
+    # the first version is also the champion (no gate yet), and it keeps the weights, not the optimizer state
+    assert client.get_model_version_by_alias("video-dit-tiny", "champion").version == mv.version
+    assert "first model" in mv.tags["gate.decision"] and mv.tags["gate.promoted"] == "True"
+    files = {a.path for a in client.list_artifacts(mv.run_id, "checkpoint")}
+    assert files == {"checkpoint/model.safetensors", "checkpoint/ema.safetensors", "checkpoint/meta.json"}
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{pipeline_run['root'] / 'mlflow.db'}")

@@ -185,7 +185,7 @@ def evaluate_model(label: str, model: MUGDiT, codecs: Codecs, suite: Suite, tool
 
     # 5. VAE reconstruction of the held-out clips with the model's own VAE
     recon_psnr, recon_ssim = tools.reconstruction(suite, codecs)
-    note = "" if suite.pixels_source == "clips" else \
+    note = "vs the held-out clips' pixels (the ClipManifest's mp4s)" if suite.pixels_source == "clips" else \
         "vs the held-out latents decoded by the dataset's VAE (no clip pixels found): a re-encoding figure"
     metrics["vae_recon_psnr"] = make_metric("vae_recon_psnr", recon_psnr, comparable=suite.pixels_source == "clips",
                                             note=note)

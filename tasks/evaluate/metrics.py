@@ -78,10 +78,9 @@ METRICS: Dict[str, MetricSpec] = {
     "i2v_first_frame_ssim": MetricSpec(
         "higher", True, "SSIM of the generated first frame vs the conditioning image"),
     "vae_recon_psnr": MetricSpec(
-        "higher", True, "PSNR (dB) of held-out clips vs their VAE reconstruction",
-        "against the clips' pixels when the ClipManifest is found, else against the VAE-decoded held-out latents"),
+        "higher", True, "PSNR (dB) of held-out clips vs their VAE reconstruction"),
     "vae_recon_ssim": MetricSpec(
-        "higher", True, "SSIM of held-out clips vs their VAE reconstruction", ""),
+        "higher", True, "SSIM of held-out clips vs their VAE reconstruction"),
     "frechet_distance": MetricSpec(
         "lower", True, "Fréchet distance between held-out and generated clips in a video feature space",
         "FVD with the I3D torchscript weights (features 'i3d'); few samples bias it upwards"),
