@@ -39,10 +39,10 @@ def start_tracking(config: PipelineConfig, kickoff_time: Optional[datetime] = No
     return tracking.start_parent_run(
         config.tracking.root, config.tracking.experiment, run_name=f"{config.name} {trigger} {at:%Y-%m-%d %H:%M}",
         params=params, tags={"pipeline.config_name": config.name, "pipeline.config_hash": config_hash(config),
-                             "flyte.execution": _execution(), "pipeline.trigger": trigger})
+                             "flyte.execution": execution_name(), "pipeline.trigger": trigger})
 
 
-def _execution() -> str:
+def execution_name() -> str:
     """This Flyte execution's name ("local" for every local run)."""
     ctx = current_context()
     return ctx.execution_id.name if ctx.execution_id else "local"
@@ -58,7 +58,7 @@ def fail_tracking(config: FlyteFile, kickoff_time: Optional[datetime] = None, er
         print(f"[tracking] no parent run to close: the config could not be read ({e})", flush=True)
         return
     reason = err.message if err is not None else "the workflow failed"
-    closed = tracking.fail_running_parents(cfg.tracking.root, cfg.tracking.experiment, _execution(), reason)
+    closed = tracking.fail_running_parents(cfg.tracking.root, cfg.tracking.experiment, execution_name(), reason)
     print(f"[tracking] marked {len(closed)} parent run(s) FAILED: {', '.join(closed) or '-'}", flush=True)
 
 

@@ -47,7 +47,7 @@ def train_video_model(config: FlyteFile, kickoff_time: Optional[datetime] = None
     report = evaluate(cfg=cfg.evaluate, dit=cfg.train.dit, flow=cfg.train.flow, data=latents, checkpoint=trained.final,
                       stages=trained.stages, register=cfg.register, tracking_cfg=cfg.tracking, parent_run=run)
     model = register(config=cfg, manifest=manifest, data=latents, checkpoint=trained.final, report=report,
-                     parent_run=run)
+                     parent_run=run, stages=trained.stages)
     return finish_tracking(config=cfg, parent_run=run, manifest=manifest, report=report, model=model)
 
 

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 CHAMPION = "champion"
 
 
-def _client(root: str):
+def registry_client(root: str):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if sum([bool(args.version), args.rollback, args.show]) != 1:
         parser.error("give a version, --rollback or --show")
-    client = _client(args.root)
+    client = registry_client(args.root)
     try:
         if args.show:
             chain = history(client, args.name, args.alias)

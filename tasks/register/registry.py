@@ -9,8 +9,8 @@ no dist/), ``codecs/`` = the VAE + text encoder + latent statistics that turn it
     version, uri = register_checkpoint(name, "candidate", dit_cfg, step_dir, latents_dir, tags, eval_dir=report_dir)
     champ = champion_files(name, "champion", dst)   # ChampionFiles (downloaded) or None before the first version
 
-Until a real gate exists, the first version of a model (no version holds the champion alias) also becomes the
-champion, tagged ``gate.decision = first model: champion by default``.
+Registration sets the candidate alias only; the champion alias moves through the gate (``tasks/register/gate.py``,
+applied by the register task with ``tasks/register/promote.py``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from tasks.evaluate.results import ChampionFiles
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "meta.json")   # what a version keeps of a step folder
-FIRST_CHAMPION = "first model: champion by default"
 SUITE_TAG, METRICS_TAG = "eval.suite_hash", "eval.metrics_json"
 TAG_LIMIT = 5000   # MLflow's model-version tag value limit (characters)
 
@@ -92,14 +91,13 @@ def champion_files(name: str, alias: str, dst: Path) -> Optional[ChampionFiles]:
 def register_checkpoint(name: str, alias: str, dit_cfg: DiTConfig, step_dir: Path, latents_dir: Path,
                         tags: Dict[str, str], champion_alias: str = "champion",
                         eval_dir: Optional[Path] = None) -> Tuple[str, str]:
-    """Log and register the checkpoint's EMA weights in the active MLflow run, set ``alias`` (and ``champion_alias``
-    when no version holds it yet); returns (version, model_uri)."""
+    """Log and register the checkpoint's EMA weights in the active MLflow run and set ``alias``; returns (version,
+    model_uri). (``champion_alias`` is accepted for callers of the former signature; the gate moves it.)"""
     import mlflow
     import torch
 
     from tasks.evaluate.evaluate import load_dit
 
-    champion_before = find_alias(name, champion_alias)
     model = load_dit(dit_cfg, step_dir, ema=True)      # what evaluation ranked
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "einops"]
     info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=requirements,
@@ -129,10 +127,4 @@ def register_checkpoint(name: str, alias: str, dit_cfg: DiTConfig, step_dir: Pat
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v)[:TAG_LIMIT])
     client.set_registered_model_alias(name, alias, version)
-    if champion_before is None:
-        client.set_registered_model_alias(name, champion_alias, version)
-        client.set_model_version_tag(name, version, "gate.decision", FIRST_CHAMPION)
-    else:
-        client.set_model_version_tag(name, version, "gate.decision",
-                                     f"no gate yet: {champion_alias} stays version {champion_before.version}")
     return version, f"models:/{name}@{alias}"
