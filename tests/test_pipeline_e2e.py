@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +39,8 @@ def pipeline_run(repo_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = yaml.safe_load((repo_root / "configs/tiny.yaml").read_text())
     cfg["tracking"]["root"] = str(tmp / "runs")
-    cfg["curate"]["input_uri"] = str(repo_root / "data/demo")
+    shutil.copytree(repo_root / "data/demo", tmp / "videos")   # a folder the weekly run below adds videos to
+    cfg["curate"]["input_uri"] = str(tmp / "videos")
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
     out, seconds = _run(repo_root, config, tmp / "home")
@@ -68,12 +70,13 @@ def test_mlflow_parent_with_one_child_per_task(pipeline_run):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     names = sorted(r.data.tags["pipeline.task"] for r in children)
-    assert names == sorted(["curate", "compress", "stage1_dp2", "stage2_tp2", "post_train_sft", "evaluate", "register"])
+    assert set(names) >= {"curate", "compress", "stage1_dp2", "stage2_tp2", "post_train_sft", "preference_pairs",
+                          "preference_dpo", "evaluate", "register"} and len(names) == len(set(names))
     assert all(r.info.status == "FINISHED" for r in children)
     by_name = {r.data.tags["pipeline.task"]: r for r in children}
     # loss logged every step by rank 0 of each stage
     cfg = yaml.safe_load(pipeline_run["config"].read_text())["train"]
-    for stage in cfg["stages"] + [cfg["post_train"]]:
+    for stage in cfg["stages"] + [cfg["post_train"], cfg["preference"]]:
         stage, steps = stage["name"], stage["steps"]
         hist = client.get_metric_history(by_name[stage].info.run_id, "loss")
         assert sorted(m.step for m in hist) == list(range(1, steps + 1)), stage
@@ -168,3 +171,50 @@ def test_failed_execution_marks_its_parent_run_failed(pipeline_run, repo_root):
     parents = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parents] == ["FAILED"], proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "no-such-folder" in parents[0].data.tags["pipeline.failure"]
+
+
+@pytest.fixture(scope="module")
+def weekly_run(pipeline_run, repo_root):
+    """The scheduled retraining, simulated: run 1 was ``pipeline_run``; one good and one corrupt video are added,
+    and run 2 uses the weekly config (the low-resolution stage skipped, stage 2 warm-started from the champion)."""
+    from tasks.curate.synthetic import SceneSpec, make_scenes_video
+
+    tmp = pipeline_run["tmp"]
+    make_scenes_video(tmp / "videos" / "weekly_new.mp4", [SceneSpec("texture", 40, seed=21)])
+    (tmp / "videos" / "weekly_new.txt").write_text("a new textured square drifting\n")
+    (tmp / "videos" / "weekly_broken.mp4").write_bytes(b"\x00not a video" * 50)
+    cfg = yaml.safe_load(pipeline_run["config"].read_text())
+    cfg["train"]["stages"][0]["skip"] = True
+    cfg["train"]["stages"][1]["init"] = "champion"
+    config = tmp / "weekly.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out, seconds = _run(repo_root, config, tmp / "home")
+    return {"out": out, "seconds": seconds}
+
+
+def test_weekly_run_is_incremental_warm_started_gated_and_traceable(pipeline_run, weekly_run, repo_root):
+    out, root = weekly_run["out"], pipeline_run["root"]
+    print(f"weekly run: {weekly_run['seconds']:.1f} s")
+    # curation processed only the two new inputs; the corrupt one is a failed input, not a crash
+    assert "weekly_new.mp4: processed" in out and "weekly_broken.mp4: processed (not a video" in out
+    assert "synthetic_a.mp4: reused stored result" in out
+    # stage 1 skipped, stage 2 warm-started from version 1 (the champion by default after run 1)
+    assert "stage1_dp2: skipped" in out and "stage2_tp2: warm start from models:/video-dit-tiny/1" in out
+    client = _client(root)
+    versions = sorted(client.search_model_versions("name='video-dit-tiny'"), key=lambda v: int(v.version))
+    assert [v.version for v in versions] == ["1", "2"]
+    v2 = client.get_model_version("video-dit-tiny", "2")
+    assert v2.tags["eval.champion_version"] == "1" and v2.tags["gate.promoted"] in ("True", "False")
+    assert v2.tags["gate.decision"].startswith(("promoted", "not promoted"))
+    champion = client.get_model_version_by_alias("video-dit-tiny", "champion").version
+    assert champion == ("2" if v2.tags["gate.promoted"] == "True" else "1")
+    # lineage: version 2 lists exactly the union of both runs' sources; the new video finds version 2 only
+    from common import lineage
+
+    doc1, doc2 = (lineage.lineage_of(client, f"models:/video-dit-tiny/{v}") for v in ("1", "2"))
+    uris1, uris2 = {s["uri"] for s in doc1["sources"]}, {s["uri"] for s in doc2["sources"]}
+    new = {str(pipeline_run["tmp"] / "videos" / n) for n in ("weekly_new.mp4", "weekly_broken.mp4")}
+    assert uris2 == uris1 | new and not uris1 & new
+    hits = lineage.versions_using(client, str(pipeline_run["tmp"] / "videos" / "weekly_new.mp4"))
+    assert [h["model"]["version"] for h in hits] == ["2"]
+    assert [c["stage"] for c in doc2["checkpoints"]] == ["stage2_tp2", "post_train_sft", "preference_dpo"]
