@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -46,12 +46,18 @@ def read_kept(manifest_dir: Path) -> pd.DataFrame:
     return kept
 
 
-def manifest_hash(manifest_dir: str | Path, kept: pd.DataFrame) -> str:
+def clip_file_hashes(manifest_dir: str | Path, kept: pd.DataFrame) -> Dict[str, str]:
+    """{relative path: sha256 of the bytes} of the kept clip files."""
+    return {str(p): sha256_file(Path(manifest_dir) / str(p)) for p in kept["path"]}
+
+
+def manifest_hash(manifest_dir: str | Path, kept: pd.DataFrame, clip_hashes: Optional[Dict[str, str]] = None) -> str:
     """sha256 of {relative path: sha256} of manifest.parquet, summary.json (if any) and the kept clip files: what
-    compression read of the ClipManifest folder."""
+    compression read of the ClipManifest folder. ``clip_hashes``: ``clip_file_hashes`` when already computed."""
     root = Path(manifest_dir)
     names = ["manifest.parquet"] + (["summary.json"] if (root / "summary.json").is_file() else [])
-    return sha256_json({name: sha256_file(root / name) for name in names + [str(p) for p in kept["path"]]})
+    files = {name: sha256_file(root / name) for name in names}
+    return sha256_json({**files, **(clip_hashes if clip_hashes is not None else clip_file_hashes(root, kept))})
 
 
 @contextlib.contextmanager

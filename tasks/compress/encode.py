@@ -29,7 +29,7 @@ from common.config import CompressConfig
 from common.hashing import sha256_bytes
 from common.latents import CURATION, META, LatentWriter
 from models.text_encoder import TextEncoder
-from tasks.compress.clips import deterministic, manifest_hash, read_clip, read_kept
+from tasks.compress.clips import clip_file_hashes, deterministic, manifest_hash, read_clip, read_kept
 from tasks.compress.latent_store import Entry, LatentStore, entry_key, identities, identity_changes
 from tasks.compress.vae_fit import cpu_state, dataset_vae_meta, fit_vae_module, load_vae_dir, needs_clips
 
@@ -97,6 +97,8 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
     captions = [c if isinstance(c, str) else "" for c in kept["caption"]]
     frames = [int(n) for n in kept["num_frames"]]
     paths = [manifest_dir / str(p) for p in kept["path"]]
+    clip_hashes = clip_file_hashes(manifest_dir, kept)
+    file_sha = [clip_hashes[str(p)] for p in kept["path"]]
     progress(f"compress: {len(kept)} kept clips from {manifest_dir}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pixels: Dict[str, torch.Tensor] = {}
@@ -117,7 +119,7 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
         # 2. look every clip up in the latent store; encode the misses (reading only their videos)
         ident = text_enc.identity()
         idents = identities(vae_meta["weights_sha256"], vae_meta["config"], text_enc, device, text_identity=ident)
-        keys = [entry_key(c, cap, n, idents) for c, cap, n in zip(ids, captions, frames)]
+        keys = [entry_key(c, h, cap, n, idents) for c, h, cap, n in zip(ids, file_sha, captions, frames)]
         store = LatentStore(store_dir) if store_dir is not None else None
         entries: Dict[str, Entry] = {}
         if store is not None:
@@ -133,13 +135,14 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
                 progress(f"compress: {change}: {why}")
             progress(f"compress: latent store {store.root}: {reused} clips from the store, {n - reused} to encode")
         reused, t0 = len(entries), time.perf_counter()
-        for c, cap, n, p, k in zip(ids, captions, frames, paths, keys):
+        for c, h, cap, n, p, k in zip(ids, file_sha, captions, frames, paths, keys):
             if c in entries:
                 continue
             x = pixels.pop(c, None)
             entries[c] = _encode_clip(vae, text_enc, read_clip(p, n) if x is None else x, cap, device)
             if store is not None:
-                store.put(k, *entries[c], metadata={"clip_id": c, "caption": cap, "num_frames": str(n)})
+                store.put(k, *entries[c], metadata={"clip_id": c, "file_sha256": h, "caption": cap,
+                                                    "num_frames": str(n)})
         encoded = len(ids) - reused
         if store is not None:
             store.remember(idents)
@@ -176,7 +179,7 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
         "text_encoder": {"config": None if cfg.text.pretrained else ident["config"], "pretrained": cfg.text.pretrained,
                          "weights_sha256": ident["weights_sha256"]},
         "latent_mean": [float(v) for v in mean], "latent_std": [float(v) for v in std],
-        "clip_manifest_hash": manifest_hash(manifest_dir, kept),
+        "clip_manifest_hash": manifest_hash(manifest_dir, kept, clip_hashes),
     }
     band = motion_band(manifest_dir)
     if band is not None:

@@ -3,15 +3,18 @@ clips it has not encoded before (docs/artifacts.md, "Latent store").
 
 One entry per clip, keyed by everything that changes its bytes:
 
-    key = sha256(clip_id, caption, frames encoded, VAE identity, text-encoder identity, encoding settings)[:32]
+    key = sha256(clip_id, clip file sha256, caption, frames encoded, VAE identity, text-encoder identity,
+                 encoding settings)[:32]
 
-clip_id is already a content hash of the clip's pixels (curation); the VAE identity is its weights' sha256 and a
+clip_id is already a content hash of the clip's pixels (curation) and the file's hash pins the exact bytes decoded
+(compression hashes every clip file anyway, for the manifest hash); the VAE identity is its weights' sha256 and a
 hash of its config; the text encoder's is its weights' sha256, max_length and tokenizer; the settings are the
 posterior statistic (mode), the dtype and the device kind (CPU and GPU kernels give different bits). Layout:
 
     <store>/<key[:2]>/<key>.safetensors   "latent" float32 [C,T,H,W] raw (unnormalised) posterior mode,
                                           "text" float32 [L,D], "text_mask" uint8 [L]; metadata "entry":
-                                          JSON {"key", "clip_id", "caption", "num_frames"}
+                                          JSON {"key", "clip_id", "file_sha256", "caption",
+                                          "num_frames"}
     <store>/last_identities.json          the identities of the last run that used the store, so the next run can
                                           say why nothing is reused (a new VAE, text encoder or setting)
 
@@ -20,7 +23,7 @@ most ``.tmp-*`` files, which are never read. Entries are never deleted by the pi
 
     store = LatentStore(folder)
     idents = identities(vae_sha256, vae_config, text_encoder, device)
-    key = entry_key(clip_id, caption, num_frames, idents)
+    key = entry_key(clip_id, file_sha256, caption, num_frames, idents)
     entry = store.get(key)                     # (latent, text, mask) or None
     store.put(key, latent, text, mask, {"clip_id": clip_id})
 """
@@ -63,9 +66,10 @@ def identities(vae_sha256: str, vae_config: Dict[str, Any], text_encoder: Any, d
             "settings": {"posterior": POSTERIOR, "dtype": str(dtype).removeprefix("torch."), "device": device.type}}
 
 
-def entry_key(clip_id: str, caption: str, num_frames: int, idents: Dict[str, Any]) -> str:
-    """The store key of one clip (32 hex digits)."""
-    return sha256_json([clip_id, caption, int(num_frames), idents], n=32)
+def entry_key(clip_id: str, file_sha256: str, caption: str, num_frames: int, idents: Dict[str, Any]) -> str:
+    """The store key of one clip (32 hex digits); ``file_sha256``: the clip file's bytes (the clip id hashes the
+    source pixels; the file is their H.264 encoding, which another cut of the same clip may not repeat bitwise)."""
+    return sha256_json([clip_id, file_sha256, caption, int(num_frames), idents], n=32)
 
 
 def _short(v: Any) -> str:
