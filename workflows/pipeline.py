@@ -20,7 +20,7 @@ from tasks.curate.task import curate, curate_shards, plan_curation, snapshot_inp
 from tasks.evaluate.task import evaluate
 from tasks.lifecycle import fail_tracking, finish_tracking, load_pipeline_config, start_tracking
 from tasks.preference.task import build_preference_pairs, pairs_source_hash
-from tasks.register.task import register
+from tasks.register.task import current_champion, register
 from tasks.train.task import curriculum, post_train, preference, pretrain
 
 
@@ -45,7 +45,8 @@ def train_video_model(config: FlyteFile, kickoff_time: Optional[datetime] = None
                          pairs=pairs, init=tuned, tracking_cfg=cfg.tracking, parent_run=run)      # Flow-DPO
     trained = curriculum(pretraining=pretrained.stages, post_training=[tuned, aligned])
     report = evaluate(cfg=cfg.evaluate, dit=cfg.train.dit, flow=cfg.train.flow, data=latents, checkpoint=trained.final,
-                      stages=trained.stages, register=cfg.register, tracking_cfg=cfg.tracking, parent_run=run)
+                      stages=trained.stages, register=cfg.register, tracking_cfg=cfg.tracking, parent_run=run,
+                      champion=current_champion(register=cfg.register, tracking_cfg=cfg.tracking))
     model = register(config=cfg, manifest=manifest, data=latents, checkpoint=trained.final, report=report,
                      parent_run=run, stages=trained.stages)
     return finish_tracking(config=cfg, parent_run=run, manifest=manifest, report=report, model=model)

@@ -64,10 +64,12 @@ def find_clip_manifest(tracking_cfg: TrackingConfig, manifest_hash: str) -> Opti
       requests=Resources(cpu="2", mem="4Gi"))
 def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentDataset, checkpoint: Checkpoint,
              stages: List[Checkpoint], register: RegisterConfig, tracking_cfg: TrackingConfig,
-             parent_run: str) -> EvalReport:
+             parent_run: str, champion: str = "") -> EvalReport:
     """Evaluate ``checkpoint`` (its final step's EMA weights) on ``cfg``'s suite over ``data``'s held-out clips, beside
     its raw weights and against the version of ``register.model_name`` holding ``register.champion_alias`` (none on
-    the first run); ``stages`` are every training stage's Checkpoint, whose metrics.jsonl give the loss curves."""
+    the first run); ``stages`` are every training stage's Checkpoint, whose metrics.jsonl give the loss curves.
+    ``champion``: that version as ``current_champion`` saw it before this task ran: part of the cache key, so a moved
+    champion alias is evaluated against, not served from the cache."""
     from tasks.evaluate.evaluate import run_evaluation
     from tasks.register.registry import champion_files
 
@@ -90,10 +92,13 @@ def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentData
             step_dir = final_step_dir(checkpoint, dl / "candidate")
             curves = [(s.stage, fetch_files(s.folder, ["metrics.jsonl"], dl / "stages" / str(i)))
                       for i, s in enumerate(stages)]
-            champion = champion_files(register.model_name, register.champion_alias, dl / "champion")
-            log(f"champion: {'none (first model)' if champion is None else 'version ' + champion.version}")
+            champion_now = champion_files(register.model_name, register.champion_alias, dl / "champion")
+            log(f"champion: {'none (first model)' if champion_now is None else 'version ' + champion_now.version}")
+            if (champion_now.version if champion_now else "") != champion:
+                log(f"the champion moved since this run started (was {champion or 'none'}): comparing with the "
+                    "current one")
             outcome = run_evaluation(cfg, dit, flow, local_path(data.folder), step_dir, tmp, stages=curves,
-                                     champion=champion, progress=log,
+                                     champion=champion_now, progress=log,
                                      clips_dir=find_clip_manifest(tracking_cfg, data.manifest_hash))
         publish(tmp, out)
 
@@ -104,7 +109,7 @@ def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentData
         mlflow.log_metrics({f"champion.{k}": v for k, v in champ.items() if math.isfinite(v)})
         mlflow.log_metrics({f"delta.{k}": v for k, v in deltas.items()})
         mlflow.set_tags({"eval.suite_hash": outcome.suite.hash, "eval.weights": "ema",
-                         "eval.champion_version": champion.version if champion else "",
+                         "eval.champion_version": champion_now.version if champion_now else "",
                          "eval.heldout_pixels": outcome.suite.pixels_source})
         mlflow.log_artifacts(str(out / "samples"), "samples")
         for name in ("report.html", "metrics.json", outcome.files.get("loss_curves", "")):
@@ -115,5 +120,5 @@ def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentData
                       mlflow_run_id=run_id, config=cfg, suite_hash=outcome.suite.hash,
                       directions={k: m.direction for k, m in outcome.metrics.items()},
                       raw_metrics={k: m.value for k, m in outcome.raw.items() if math.isfinite(m.value)},
-                      champion_version=champion.version if champion else "",
+                      champion_version=champion_now.version if champion_now else "",
                       champion_metrics={k: v for k, v in champ.items() if math.isfinite(v)}, deltas=deltas)

@@ -16,7 +16,7 @@ from typing import List, Optional
 from flytekit import Deck, task
 
 from common import tracking
-from common.config import PipelineConfig, config_hash, to_dict
+from common.config import PipelineConfig, RegisterConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import module_code_version, sha256_json
 from containers.images import cpu_image
 from tasks.common import local_path
@@ -69,6 +69,16 @@ def register(config: PipelineConfig, manifest: ClipManifest, data: LatentDataset
         log_lineage(_lineage(config, manifest, data, stages or [checkpoint], version, parent_run))
     return ModelVersion(name=cfg.model_name, version=version, alias=cfg.alias,
                         checkpoint_hash=checkpoint.content_hash, mlflow_run_id=run_id)
+
+
+@task(container_image=cpu_image)
+def current_champion(register: RegisterConfig, tracking_cfg: TrackingConfig) -> str:
+    """The version holding ``register.champion_alias`` now ("" before the first): an input of the cached evaluate
+    task, so a moved champion is a new cache key. Never cached."""
+    from tasks.register.promote import current_champion as lookup
+    from tasks.register.promote import registry_client
+
+    return lookup(registry_client(tracking_cfg.root), register.model_name, register.champion_alias) or ""
 
 
 def _gate(config: PipelineConfig, report: EvalReport, version: str):
