@@ -15,7 +15,7 @@ from typing import Optional
 from flytekit import CronSchedule, LaunchPlan, workflow
 from flytekit.types.file import FlyteFile
 
-from tasks.compress.task import compress
+from tasks.compress.task import compress, fit_vae
 from tasks.curate.task import curate, curate_shards, plan_curation, snapshot_inputs
 from tasks.evaluate.task import evaluate
 from tasks.lifecycle import fail_tracking, finish_tracking, load_pipeline_config, start_tracking
@@ -34,7 +34,8 @@ def train_video_model(config: FlyteFile, kickoff_time: Optional[datetime] = None
                            tracking_cfg=cfg.tracking)                      # inputs cut into shards
     manifest = curate(cfg=cfg.curate, shards=curate_shards(shard=shards),  # map_task: one cached task per shard
                       tracking_cfg=cfg.tracking, parent_run=run)           # merge + report + MLflow "curate" run
-    latents = compress(cfg=cfg.compress, manifest=manifest, tracking_cfg=cfg.tracking, parent_run=run)
+    vae = fit_vae(cfg=cfg.compress, manifest=manifest, tracking_cfg=cfg.tracking, parent_run=run)  # fitted once
+    latents = compress(cfg=cfg.compress, manifest=manifest, tracking_cfg=cfg.tracking, parent_run=run, vae=vae)
     pretrained = pretrain(train=cfg.train, data=latents, register=cfg.register, tracking_cfg=cfg.tracking,
                           parent_run=run)                                   # Curriculum
     tuned = post_train(stage=cfg.train.post_train, dit=cfg.train.dit, flow=cfg.train.flow, launch=cfg.train.launch,
