@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,9 @@ def pipeline_run(repo_root, tmp_path_factory):
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
     out, seconds = _run(repo_root, config, tmp / "home")
-    return {"tmp": tmp, "config": config, "out": out, "seconds": seconds, "root": tmp / "runs"}
+    kept = re.search(r"curate: (\d+) clips kept from", out)
+    return {"tmp": tmp, "config": config, "out": out, "seconds": seconds, "root": tmp / "runs",
+            "clips_kept": int(kept.group(1)) if kept else -1}
 
 
 def _client(root: Path):
@@ -198,6 +201,11 @@ def test_weekly_run_is_incremental_warm_started_gated_and_traceable(pipeline_run
     # curation processed only the two new inputs; the corrupt one is a failed input, not a crash
     assert "weekly_new.mp4: processed" in out and "weekly_broken.mp4: processed (not a video" in out
     assert "synthetic_a.mp4: reused stored result" in out
+    # the VAE fitted by run 1 is reused; compress encodes only the new clips (the others come from the latent store)
+    assert "[fit_vae]" not in out or "reusing the VAE" in out
+    store = re.search(r"latent store .*: (\d+) clips from the store, (\d+) to encode", out)
+    assert store, out[-3000:]
+    assert int(store.group(1)) == pipeline_run["clips_kept"] and int(store.group(2)) >= 1
     # stage 1 skipped, stage 2 warm-started from version 1 (the champion by default after run 1)
     assert "stage1_dp2: skipped" in out and "stage2_tp2: warm start from models:/video-dit-tiny/1" in out
     client = _client(root)
