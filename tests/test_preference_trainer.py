@@ -216,3 +216,34 @@ def test_unimplemented_combinations_are_refused_at_config_load(section, kw, matc
     stage = {"name": "post", "data_parallel": 1, "objective": objective, **kw}
     with pytest.raises(ValueError, match=rf"train.{section} \('post'\).*{match}"):
         from_dict(PipelineConfig, {"train": {"dit": {**TINY_DIT, "depth": 2}, section: stage}})
+
+
+def test_lora_resume_needs_the_same_adapters_and_base(setup, lora_run, tmp_path):
+    """The base is not in a LoRA checkpoint: resuming with another rank or on another init checkpoint is refused,
+    naming both; the same base fetched to another path resumes (its identity is its meta.json checksums)."""
+    import shutil
+
+    from trainer.job import StageJob
+    from trainer.parallel import ParallelPlan
+    from trainer.state import _check_lora_resume
+
+    _, pairs, init = setup
+    step = checkpoint.latest(lora_run[0])
+    meta = checkpoint.read_meta(step)
+
+    def check(rank: int, init_dir: str) -> None:
+        job = StageJob(stage=_dpo(lora_rank=rank, lora_alpha=8.0), dit=DiTConfig(**TINY_DIT), latents_dir=str(pairs),
+                       output_dir=str(tmp_path), init_checkpoint=init_dir)
+        _check_lora_resume(step, meta, job, ParallelPlan(ParallelPlan.single().layout, lora_rank=rank,
+                                                         lora_alpha=8.0 if rank else 0.0))
+
+    moved = tmp_path / "fetched" / Path(init).name
+    shutil.copytree(init, moved)
+    check(4, str(moved))
+    with pytest.raises(checkpoint.CheckpointError, match=r"saved with lora_rank=4.*this stage has lora_rank=8"):
+        check(8, init)
+    with pytest.raises(checkpoint.CheckpointError, match="this stage has no LoRA"):
+        check(0, init)
+    other = write_init_checkpoint(tmp_path / "other", seed=8)
+    with pytest.raises(checkpoint.CheckpointError, match="not the frozen base they were trained on"):
+        check(4, str(other))

@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from common.config import to_dict
+from common.hashing import sha256_json
 from models.lora import adapter_state_dict, base_state_dict, merge_adapters
 from trainer import checkpoint
 from trainer.job import StageJob
@@ -132,17 +133,24 @@ def load_init_weights(job: StageJob, plan, model) -> None:
 
 
 def _lora_meta(job: StageJob, plan) -> Dict[str, Any]:
-    return {"rank": plan.lora_rank, "alpha": plan.lora_alpha, "init_checkpoint": job.init_checkpoint}
+    """meta.json's "lora": the adapters' shape and the base they were trained on (``init_checkpoint``: its path, and
+    "base", the sha256 of its meta.json checksums, which stays the same when the folder is fetched to another path;
+    "" without one: the seeded init)."""
+    base = ""
+    if job.init_checkpoint:
+        base = sha256_json(checkpoint.read_meta(job.init_checkpoint).get("checksums", {}), n=16)
+    return {"rank": plan.lora_rank, "alpha": plan.lora_alpha, "init_checkpoint": job.init_checkpoint, "base": base}
 
 
 def _check_lora_resume(last: Path, meta: Dict[str, Any], job: StageJob, plan) -> None:
     """A LoRA checkpoint resumes only with the same adapters on the same base (the base is not in it)."""
     saved = meta.get("lora")
     wanted = _lora_meta(job, plan) if plan.lora_rank > 0 else None
-    if saved != wanted:
+    key = ("rank", "alpha", "base")
+    if (saved and [saved.get(k) for k in key]) != (wanted and [wanted[k] for k in key]):
         def show(d):
-            return "no LoRA" if not d else f"lora_rank={d['rank']}, lora_alpha={d['alpha']} on init_checkpoint=" \
-                                            f"'{d['init_checkpoint']}'"
+            return "no LoRA" if not d else f"lora_rank={d['rank']}, lora_alpha={d['alpha']} on init_checkpoint " \
+                                            f"'{d['init_checkpoint'] or 'none (seeded init)'}' (base {d.get('base')})"
         raise checkpoint.CheckpointError(
             f"cannot resume {last}: it was saved with {show(saved)}, this stage has {show(wanted)} (a LoRA "
             "checkpoint holds the adapters, not the frozen base they were trained on); rerun with the saved values, "
