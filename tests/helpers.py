@@ -85,20 +85,21 @@ def assert_equal_step_folders(a: Path, b: Path) -> None:
         assert all(torch.equal(x[k], y[k]) for k in x), name
 
 
-def killed_and_rerun(tmp: Path, name: str, stage, latents: Path, monkeypatch, init: str = "") -> Path:
+def killed_and_rerun(tmp: Path, name: str, stage, latents: Path, monkeypatch, init: str = "",
+                     dit: dict | None = None) -> Path:
     """Run ``stage`` (4 steps, checkpoints every 2) with rank 1 SIGKILLed after step 3, then rerun it (both from
-    ``init`` when given)."""
+    ``init`` when given, with the DiT ``dit``, default TINY_DIT)."""
     from trainer import checkpoint
     from trainer.train import KILL_ENV
 
     out = tmp / name
     monkeypatch.setenv(KILL_ENV, "1:3")
     with pytest.raises(RuntimeError, match="ended FAILED"):
-        run_stage_job(tmp, f"{name}-a", stage, latents, out=out, init=init)
+        run_stage_job(tmp, f"{name}-a", stage, latents, out=out, init=init, dit=dit)
     monkeypatch.delenv(KILL_ENV)
     saved = checkpoint.latest(out)
     assert saved is not None and saved.name == "step_00000002"
-    _, lines = run_stage_job(tmp, f"{name}-b", stage, latents, out=out, init=init)
+    _, lines = run_stage_job(tmp, f"{name}-b", stage, latents, out=out, init=init, dit=dit)
     assert any("start_step=2 steps=4" in line for line in lines)
     return out
 

@@ -205,7 +205,6 @@ def test_lora_step0_is_the_base_and_adapters_off_is_the_reference():
 
 @pytest.mark.parametrize("section, kw, match", [
     ("post_train", dict(lora_rank=4, tensor_parallel=2, sequence_parallel=True), "lora_rank > 0 with sequence_par"),
-    ("post_train", dict(lora_rank=4, pipeline_parallel=2), "lora_rank > 0 with pipeline_parallel"),
     ("preference", dict(pipeline_parallel=2), "flow_dpo with pipeline_parallel"),
     ("preference", dict(task_mix=[{"task": "i2v"}]), "flow_dpo trains text-to-video pairs"),
 ])
