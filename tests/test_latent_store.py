@@ -4,7 +4,10 @@ tasks fit_vae -> compress (cache, refit, MLflow child runs)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +18,7 @@ from test_compress import write_clip
 
 import tasks.compress.encode as encode_mod
 from common import tracking
-from common.config import CompressConfig, TextEncoderConfig, TrackingConfig
+from common.config import CompressConfig, TextEncoderConfig, TrackingConfig, to_dict
 from common.hashing import sha256_bytes
 from tasks.compress.encode import run_compress
 from tasks.compress.latent_store import LAST_IDENTITIES, LatentStore, identity_changes
@@ -101,6 +104,24 @@ def test_second_run_encodes_only_the_new_clip(data, runs):
     assert all(runs["after2"][k] == v for k, v in runs["after1"].items())
     assert json.loads((root / "store" / LAST_IDENTITIES).read_text()) == runs["m2"]["latent_store"]["identities"]
     assert not [p for p in (root / "store").rglob(".tmp-*")]
+
+
+def test_a_new_process_finds_the_entries(data, runs, tmp_path):
+    """The weekly run is a new process: the identities (weights, tokenizer, settings) and keys must not depend on
+    the process, or nothing would ever be reused."""
+    root, a, b, vae = data
+    script = ("import json, sys; from pathlib import Path; from common.config import CompressConfig, from_dict; "
+              "from tasks.compress.encode import run_compress; "
+              "m = run_compress(from_dict(CompressConfig, json.loads(sys.argv[1])), Path(sys.argv[2]), "
+              "Path(sys.argv[3]), lambda m: None, store_dir=Path(sys.argv[4]), vae_dir=Path(sys.argv[5])); "
+              "print(json.dumps(m['latent_store']))")
+    repo = Path(__file__).parent.parent
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(to_dict(cfg())), str(b), str(tmp_path / "o"),
+                          str(root / "store"), str(vae)], capture_output=True, text=True, check=True, cwd=repo,
+                         env={**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"})
+    store = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (store["reused"], store["encoded"]) == (4, 0)
+    assert files(tmp_path / "o")["shard-00000.safetensors"] == files(root / "out2")["shard-00000.safetensors"]
 
 
 def test_warm_store_dataset_equals_a_cold_run(data, runs, tmp_path):
@@ -222,6 +243,8 @@ def test_vae_folder_is_reused_refit_on_request_and_checked(data, tmp_path):
     meta, reused = ensure_vae(cfg(), vae, no_clips, progress=logs.append)
     assert reused and meta == read_vae_meta(vae) and any("reusing the VAE fitted earlier" in m for m in logs)
     assert not any("vae step" in m for m in logs)
+    with pytest.raises(ValueError, match="other settings"):
+        ensure_vae(cfg(vae_refit=1), vae, no_clips, progress=logs.append)
     key = vae_key(cfg())
     assert vae_key(cfg(holdout_fraction=0.5, shard_size=7, store_uri="/x", text=TextEncoderConfig())) == key
     assert vae_key(cfg(vae_refit=1)) != key and vae_key(cfg(seed=3)) != key and vae_key(cfg(vae_lr=1e-4)) != key

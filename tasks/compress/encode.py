@@ -127,13 +127,14 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
                 found = store.get(k)
                 if found is not None:
                     entries[c] = found
-            n, reused = len(ids), len(entries)
-            why = ("every clip is encoded again" if not reused else f"all {n} clips were stored for it by an "
-                   "earlier run" if reused == n else f"{reused} of {n} clips were stored for it by an earlier run, "
-                   f"the other {n - reused} are encoded")
+            total, reused = len(ids), len(entries)
+            why = ("every clip is encoded again" if not reused else f"all {total} clips were stored for it by an "
+                   "earlier run" if reused == total else f"{reused} of {total} clips were stored for it by an "
+                   f"earlier run, the other {total - reused} are encoded")
             for change in identity_changes(store.last_identities(), idents):
                 progress(f"compress: {change}: {why}")
-            progress(f"compress: latent store {store.root}: {reused} clips from the store, {n - reused} to encode")
+            progress(f"compress: latent store {store.root}: {reused} clips from the store, {total - reused} to "
+                     "encode")
         reused, t0 = len(entries), time.perf_counter()
         for c, h, cap, n, p, k in zip(ids, file_sha, captions, frames, paths, keys):
             if c in entries:

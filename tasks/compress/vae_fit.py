@@ -169,10 +169,15 @@ def ensure_vae(cfg: CompressConfig, folder: str | Path, manifest_dir: Union[Path
                manifest_label: str = "") -> Tuple[Dict[str, Any], bool]:
     """The VAE folder for ``cfg`` at ``folder``: reused when it already holds a complete one (nothing is read), else
     built and fitted on the kept clips of ``manifest_dir`` (a path, or a function returning one: called only when
-    the clips are read) and written to a temporary sibling that is renamed into place. ``manifest_label`` names the
+    the clips are read) and written to a temporary sibling that is renamed into place. A folder holding the VAE
+    of other settings (another ``vae_key``) is refused. ``manifest_label`` names the
     manifest in meta.json (default: the hash of what was read). Returns (meta.json's dict, reused)."""
     folder = Path(folder)
     meta = read_vae_meta(folder)
+    if meta is not None and meta.get("key") != vae_key(cfg):
+        raise ValueError(f"{folder} holds the VAE of other settings (key {meta.get('key')}, this config's "
+                         f"{vae_key(cfg)}: {', '.join(VAE_FIELDS)}); use a folder per key, e.g. "
+                         "tasks.common.artifact_dir(tracking, 'vae', vae_key(cfg))")
     if meta is not None:
         progress(f"compress: reusing the VAE fitted earlier in {folder} (identity {meta['weights_sha256'][:16]}, "
                  f"{meta['trained_steps']} steps, on manifest {meta.get('fit_manifest', '')[:16] or '-'}); "
