@@ -333,5 +333,8 @@ def test_tasks_fit_once_reuse_on_a_new_manifest_refit_on_request(data, tmp_path,
     first = vae_runs[0]
     assert first.data.tags["vae.identity"] == vae1.identity and first.data.metrics["vae_trained_steps"] == 1
     assert len(client.get_metric_history(first.info.run_id, "vae_loss")) == 1
+    assert [(d.dataset.name, d.dataset.digest) for d in first.inputs.dataset_inputs] == [("clip-manifest",
+                                                                                         "manifest-3")]
+    assert not vae_runs[1].inputs.dataset_inputs                     # reused: no clip was read
     assert {f.path for f in client.list_artifacts(first.info.run_id, "vae")} == {
         "vae/meta.json", "vae/config.json", "vae/vae.safetensors"}

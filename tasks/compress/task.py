@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from flytekit import Resources, task
 
@@ -44,9 +44,19 @@ def fit_vae(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: TrackingC
     out = artifact_dir(tracking_cfg, "vae", vae_key(cfg))
     with tracking.child_run(tracking_cfg.root, parent_run, "vae"):
         tracking.log_config("compress", {k: v for k, v in to_dict(cfg).items() if k in VAE_FIELDS})
-        meta, reused = ensure_vae(cfg, out, lambda: local_path(manifest.folder),
-                                  progress=lambda m: print(f"[fit_vae] {m}", flush=True),
+        read: List[Path] = []   # the manifest folder, when the fit read its clips
+
+        def manifest_dir() -> Path:
+            read.append(local_path(manifest.folder))
+            return read[-1]
+
+        meta, reused = ensure_vae(cfg, out, manifest_dir, progress=lambda m: print(f"[fit_vae] {m}", flush=True),
                                   manifest_label=manifest.content_hash)
+        if read:
+            import pandas as pd
+
+            tracking.log_dataset(pd.read_parquet(read[0] / "manifest.parquet"), source=str(read[0]),
+                                 name="clip-manifest", digest=manifest.content_hash, context="vae-fit")
         for i, loss in enumerate(meta["loss_history"]):
             mlflow.log_metric("vae_loss", float(loss), step=i)
         mlflow.log_metrics({"vae_trained_steps": meta["trained_steps"], "fit_clips": meta["fit_clips"]})
