@@ -47,7 +47,8 @@ def train_video_model(config: FlyteFile, kickoff_time: Optional[datetime] = None
     trained = curriculum(pretraining=pretrained.stages, post_training=[tuned, aligned])
     report = evaluate(cfg=cfg.evaluate, dit=cfg.train.dit, flow=cfg.train.flow, data=latents, checkpoint=trained.final,
                       stages=trained.stages, register=cfg.register, tracking_cfg=cfg.tracking, parent_run=run,
-                      champion=current_champion(register=cfg.register, tracking_cfg=cfg.tracking))
+                      champion=current_champion(register=cfg.register, tracking_cfg=cfg.tracking,
+                                                candidate=trained.final))
     model = register(config=cfg, manifest=manifest, data=latents, checkpoint=trained.final, report=report,
                      parent_run=run, stages=trained.stages)
     return finish_tracking(config=cfg, parent_run=run, manifest=manifest, report=report, model=model)

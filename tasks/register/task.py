@@ -72,13 +72,20 @@ def register(config: PipelineConfig, manifest: ClipManifest, data: LatentDataset
 
 
 @task(container_image=cpu_image)
-def current_champion(register: RegisterConfig, tracking_cfg: TrackingConfig) -> str:
-    """The version holding ``register.champion_alias`` now ("" before the first): an input of the cached evaluate
-    task, so a moved champion is a new cache key. Never cached."""
+def current_champion(register: RegisterConfig, tracking_cfg: TrackingConfig, candidate: Checkpoint) -> str:
+    """The version holding ``register.champion_alias`` now, an input of the cached evaluate task so that a moved
+    champion is a new cache key; "" before the first champion, and "" when the champion IS ``candidate`` (the same
+    checkpoint, e.g. an identical rerun right after it was promoted: nothing to compare, the earlier report stands).
+    Never cached."""
     from tasks.register.promote import current_champion as lookup
     from tasks.register.promote import registry_client
 
-    return lookup(registry_client(tracking_cfg.root), register.model_name, register.champion_alias) or ""
+    client = registry_client(tracking_cfg.root)
+    version = lookup(client, register.model_name, register.champion_alias) or ""
+    if version and client.get_model_version(register.model_name, version).tags.get(
+            "checkpoint_hash") == candidate.content_hash:
+        return ""
+    return version
 
 
 def _gate(config: PipelineConfig, report: EvalReport, version: str):
