@@ -6,9 +6,10 @@ blocks, so adapters would get no gradient).
 
 Checked: the first loss is log 2 (policy = reference; 1e-6), with LoRA and with full fine-tuning; over 12 steps the
 implicit accuracy rises above 0.5 and the reward margin grows; the checkpoint's model/ema.safetensors have MUGDiT's
-plain keys and are the init's weights plus the merged adapters; LoRA at step 0 is the base model exactly; TP=2 gives
-the losses of TP=1 (1e-5) with LoRA; a DP=2 LoRA stage with dist checkpoints SIGKILLed after step 3 resumes and ends
-bitwise equal to an uninterrupted run; the combinations the trainer does not implement are refused at config load.
+plain keys and are the init's weights plus the merged adapters; LoRA at step 0 is the base model exactly; TP=2, with
+and without sequence parallelism, gives the losses of TP=1 (1e-5) with LoRA; a DP=2 LoRA stage with dist checkpoints
+SIGKILLed after step 3 resumes and ends bitwise equal to an uninterrupted run; a LoRA checkpoint resumes only with its
+rank, alpha and base; the combinations the trainer does not implement are refused at config load.
 """
 from __future__ import annotations
 
@@ -126,12 +127,13 @@ def test_full_finetune_dpo_starts_at_log2(setup):
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[1]["loss"] < math.log(2)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(200)
 def test_lora_dpo_tp2_matches_tp1(setup):
     """Same weights, pairs and flow inputs: TP=2 (column-parallel B / row-parallel A sharded, megatron's mappings on
-    the rank-r projection) gives TP=1's losses, grad norms and margins (measured: losses equal to the printed digits
-    over 3 steps, grad norms 1e-7 relative). Flow-DPO amplifies weight differences by beta/2 = 250 in the loss, so
-    longer runs drift more than a flow stage does (4th step: 2.5e-5, from weights 3e-7 apart; CP=2 the same).
+    the rank-r projection) and TP=2 with sequence parallelism (megatron's SP gather / reduce-scatter on it) give
+    TP=1's losses, grad norms and margins (measured: losses equal to the printed digits over 3 steps, grad norms
+    <= 1e-7 relative, weights 1.5e-8). Flow-DPO amplifies weight differences by beta/2 = 250 in the loss, so longer
+    runs drift more than a flow stage does (4th step: 2.5e-5, from weights 3e-7 apart; CP=2 the same).
     The TP=1 run also logs to MLflow."""
     from mlflow.tracking import MlflowClient
 
@@ -139,19 +141,23 @@ def test_lora_dpo_tp2_matches_tp1(setup):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("dpo-test")).info.run_id
-    runs = {tp: run_stage_job(tmp, f"tp{tp}", _dpo(name=f"tp{tp}", steps=3, checkpoint_interval=3, tensor_parallel=tp,
-                                                   data_parallel=1, **LORA), pairs, init=init,
-                              **(dict(mlflow_tracking_uri=uri, mlflow_run_id=run_id) if tp == 1 else {}))[0]
-            for tp in (1, 2)}
-    one, two = stage_metrics(runs[1]), stage_metrics(runs[2])
+    layouts = {"tp1": dict(tensor_parallel=1), "tp2": dict(tensor_parallel=2),
+               "tp2sp": dict(tensor_parallel=2, sequence_parallel=True)}
+    runs = {name: run_stage_job(tmp, name, _dpo(name=name, steps=3, checkpoint_interval=3, data_parallel=1, **kw,
+                                                **LORA), pairs, init=init,
+                                **(dict(mlflow_tracking_uri=uri, mlflow_run_id=run_id) if name == "tp1" else {}))[0]
+            for name, kw in layouts.items()}
+    one = stage_metrics(runs["tp1"])
     assert abs(one[0]["loss"] - math.log(2)) < 1e-6
     for key in ("loss", "dpo_implicit_acc", "dpo_reward_margin", "dpo_kl_proxy"):
         assert [m.value for m in client.get_metric_history(run_id, key)] == [r[key] for r in one], key
-    for r1, r2 in zip(one, two):
-        for key in ("loss", "grad_norm", "dpo_reward_margin"):
-            assert abs(r2[key] - r1[key]) <= 1e-5 * max(1.0, abs(r1[key])), (key, r1, r2)
-    w1, w2 = _weights(checkpoint.latest(runs[1])), _weights(checkpoint.latest(runs[2]))
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    w1 = _weights(checkpoint.latest(runs["tp1"]))
+    for name in ("tp2", "tp2sp"):
+        for r1, r2 in zip(one, stage_metrics(runs[name])):
+            for key in ("loss", "grad_norm", "dpo_reward_margin"):
+                assert abs(r2[key] - r1[key]) <= 1e-5 * max(1.0, abs(r1[key])), (name, key, r1, r2)
+        w2 = _weights(checkpoint.latest(runs[name]))
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5, name
 
 
 @pytest.mark.timeout(180)
@@ -204,7 +210,6 @@ def test_lora_step0_is_the_base_and_adapters_off_is_the_reference():
 
 
 @pytest.mark.parametrize("section, kw, match", [
-    ("post_train", dict(lora_rank=4, tensor_parallel=2, sequence_parallel=True), "lora_rank > 0 with sequence_par"),
     ("preference", dict(pipeline_parallel=2), "flow_dpo with pipeline_parallel"),
     ("preference", dict(task_mix=[{"task": "i2v"}]), "flow_dpo trains text-to-video pairs"),
 ])

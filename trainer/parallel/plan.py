@@ -132,17 +132,21 @@ def _tensor_parallel_roles(model: nn.Module, tp_linears: Dict[str, TPLinear], sp
     """Roles from TP and SP, keyed by parameter name: the sharded linears' weights (and column biases) and the
     sharded halves of their LoRA adapters (column B, row A; tensor_parallel.key_tp_rule); the other parameters of
     the modules that hold them (per-head QK norms) are partial over TP ("heads"); with sequence
-    parallelism, every other parameter of the blocks and the final layer is used on a token chunk ("sequence")."""
+    parallelism, every other parameter of the blocks and the final layer is used on a token chunk ("sequence"),
+    the replicated adapter halves of the sequence-parallel linears included (column A, row B)."""
     roles: Dict[str, ParamRole] = {}
     for name, lin in tp_linears.items():
         roles[f"{name}.weight"] = ParamRole(lin.kind, lin.parts)
         if lin.kind == "column" and getattr(model.get_submodule(name), "bias", None) is not None:
             roles[f"{name}.bias"] = ParamRole(lin.kind, lin.parts)
-        for leaf in ("A", "B"):   # LoRA: column B / row A are sharded like the base; the other one is replicated
+        adapted = hasattr(model.get_submodule(name), ADAPTER)
+        for leaf in ("A", "B") if adapted else ():   # LoRA: column B / row A sharded like the base
             key = f"{name}.{ADAPTER}.{leaf}"
             rule, parts = key_tp_rule(key)
-            if rule and hasattr(model.get_submodule(name), ADAPTER):
+            if rule:
                 roles[key] = ParamRole(rule, parts)
+            elif not lin.sequence_parallel:   # replicated, full gradient (off the sequence, e.g. the cross-attention
+                roles[key] = REPLICATED       # K/V on the text: kept out of the "sequence" partials below)
     for parent in sorted({n.rpartition(".")[0] for n in tp_linears}):
         inside = tuple(f"{n}." for n in tp_linears)
         for pname, _ in model.get_submodule(parent).named_parameters():

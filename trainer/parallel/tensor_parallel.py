@@ -175,9 +175,7 @@ def apply_tensor_parallel(model: nn.Module, layout: Layout, *, sequence_parallel
             new.bias.requires_grad_(lin.bias.requires_grad)
         adapter = getattr(lin, lora.ADAPTER, None)
         if adapter is not None:
-            if sp:
-                raise ValueError(f"{name}: LoRA with sequence parallelism is not implemented")
-            _shard_adapter(adapter, kind, parts, rank, tp, tp_group)
+            _shard_adapter(adapter, kind, parts, rank, tp, tp_group, sp)
             lora.attach(new, adapter)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
@@ -185,30 +183,45 @@ def apply_tensor_parallel(model: nn.Module, layout: Layout, *, sequence_parallel
     return sharded
 
 
-def _shard_adapter(adapter: "lora.LoRA", kind: str, parts: int, rank: int, tp: int, tp_group) -> None:
-    """Keep this TP rank's part of a LoRA adapter of a sharded linear, exact for any TP size:
+def _shard_adapter(adapter: "lora.LoRA", kind: str, parts: int, rank: int, tp: int, tp_group, sp: bool) -> None:
+    """Keep this TP rank's part of a LoRA adapter of a sharded linear, exact for any TP size; the collective on
+    the rank-r projection u = A x (``adapter.mid``) is megatron's autograd-aware mapping that matches its base:
 
     - column-parallel base (output rows sharded): A [r, in] replicated, B keeps the base's output rows (per fused
-      part); the rank-r projection u = A x goes through megatron's ``copy_to_tensor_model_parallel_region``
-      (identity forward; backward all-reduces du over TP), so A and the input get their full gradients on every TP
-      rank, as they do through the base's own input all-reduce;
-    - row-parallel base (input columns sharded): A keeps the base's input columns, B [out, r] replicated; the partial
-      projections are summed with megatron's ``reduce_from_tensor_model_parallel_region`` (all-reduce forward,
-      identity backward), so B sees the full u and gets the full gradient on every rank.
-    The gradients that are TP-sharded (column B, row A) carry the base's role in the plan; the others are complete
-    and identical on every TP rank."""
+      part). Without SP, ``copy_to_tensor_model_parallel_region`` (identity forward; backward all-reduces du over
+      TP), so A and the input get their full gradients on every TP rank, as they do through the base's own input
+      all-reduce. With SP (the input is this rank's token chunk, which the base all-gathers),
+      ``gather_from_sequence_parallel_region`` on u (backward: reduce-scatter of du), so A's gradient is its chunk's
+      share (role "sequence", summed over TP);
+    - row-parallel base (input columns sharded): A keeps the base's input columns, B [out, r] replicated. The partial
+      projections are summed with ``reduce_from_tensor_model_parallel_region`` (all-reduce forward, identity
+      backward), so B sees the full u and gets the full gradient on every rank; with SP (the base reduce-scatters
+      its output to token chunks) with ``reduce_scatter_to_sequence_parallel_region`` (backward: all-gather), so B
+      works on the chunk and its gradient is the chunk's share (role "sequence").
+    The gradients that are TP-sharded (column B, row A) carry the base's role in the plan. Megatron's SP mappings
+    act on dim 0: u goes in and out sequence-first, as ``_TensorOnly`` feeds the base."""
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
         reduce_from_tensor_model_parallel_region,
+        reduce_scatter_to_sequence_parallel_region,
     )
 
     with torch.no_grad():
         if kind == "column":
             adapter.B = nn.Parameter(shard_tensor(adapter.B.detach(), "column", parts, rank, tp))
-            adapter.mid = functools.partial(copy_to_tensor_model_parallel_region, group=tp_group)
+            mapping = functools.partial(gather_from_sequence_parallel_region, group=tp_group) if sp else \
+                functools.partial(copy_to_tensor_model_parallel_region, group=tp_group)
         else:
             adapter.A = nn.Parameter(shard_tensor(adapter.A.detach(), "row", 1, rank, tp))
-            adapter.mid = functools.partial(reduce_from_tensor_model_parallel_region, group=tp_group)
+            mapping = functools.partial(reduce_scatter_to_sequence_parallel_region, group=tp_group) if sp else \
+                functools.partial(reduce_from_tensor_model_parallel_region, group=tp_group)
+    adapter.mid = functools.partial(_sequence_first, mapping) if sp else mapping
+
+
+def _sequence_first(mapping, u_BLR: torch.Tensor) -> torch.Tensor:
+    """Apply a megatron sequence-parallel mapping (dim 0) to [B, L, r] tokens."""
+    return mapping(u_BLR.transpose(0, 1).contiguous()).transpose(0, 1)
 
 
 def key_tp_rule(key: str) -> Tuple[str | None, int]:
