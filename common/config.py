@@ -378,7 +378,7 @@ class TrainConfig:
 def check_stage_layout(stage: StageConfig, dit: DiTConfig, where: str) -> None:
     """The parallel layout against the model, checked once where a stage meets its DiT (the pipeline config and the
     trainer's job file): TP divides the heads and the width (every TP rank holds whole heads), PP the depth; and the
-    post-training combinations the trainer does not implement (Flow-DPO with PP, a task mix or top_fraction)."""
+    post-training combinations the trainer does not implement (Flow-DPO with a task mix or top_fraction)."""
     if dit.hidden_size % stage.tensor_parallel or dit.num_heads % stage.tensor_parallel:
         raise ValueError(f"{where}.tensor_parallel ({stage.tensor_parallel}) must divide dit.num_heads "
                          f"({dit.num_heads}) and dit.hidden_size")
@@ -387,10 +387,6 @@ def check_stage_layout(stage: StageConfig, dit: DiTConfig, where: str) -> None:
                          f"({dit.depth}): every stage keeps depth / pipeline_parallel blocks")
     # post-training: what the trainer does not implement is refused here, with the stage named
     if stage.objective == "flow_dpo":
-        if stage.pipeline_parallel > 1:
-            raise ValueError(f"{where} ('{stage.name}'): objective flow_dpo with pipeline_parallel > 1 is not "
-                             "implemented (the reference forward is not scheduled); use tensor, context or data "
-                             "parallelism")
         if [t.task for t in stage.task_mix] != ["t2v"]:
             raise ValueError(f"{where} ('{stage.name}'): objective flow_dpo trains text-to-video pairs; task_mix must "
                              "be the default [t2v]")

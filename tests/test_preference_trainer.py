@@ -210,8 +210,8 @@ def test_lora_step0_is_the_base_and_adapters_off_is_the_reference():
 
 
 @pytest.mark.parametrize("section, kw, match", [
-    ("preference", dict(pipeline_parallel=2), "flow_dpo with pipeline_parallel"),
     ("preference", dict(task_mix=[{"task": "i2v"}]), "flow_dpo trains text-to-video pairs"),
+    ("preference", dict(top_fraction=0.5), "a flow_dpo stage trains on every pair"),
 ])
 def test_unimplemented_combinations_are_refused_at_config_load(section, kw, match):
     from common.config import PipelineConfig, from_dict

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from models import rectified_flow as rf
 
 METRICS = ("dpo_implicit_acc", "dpo_reward_margin", "dpo_kl_proxy")
+SUMS = ("pairs", "correct", "margin", "kl")   # the keys of dpo_sums
 
 
 def pair_flow_inputs(x0_2B: torch.Tensor, generator: Optional[torch.Generator], loc: float, scale: float,

@@ -53,7 +53,7 @@ from trainer import checkpoint, device, metrics, optim, preference, state
 from trainer.data import Batch, LatentSplit, PairBatch, PairSplit, StepSampler
 from trainer.job import StageJob
 from trainer.parallel import ParallelPlan, parallelize
-from trainer.parallel.grads import clip_grad_norm, sync_gradients, sync_main_grads
+from trainer.parallel.grads import clip_grad_norm, group_sum, sync_gradients, sync_main_grads
 from trainer.parallel.pipeline import PipelineStage, pipeline_config, pipeline_forward_backward
 from trainer.tasks import check_task_shapes, draw_task, task_batch
 
@@ -80,7 +80,7 @@ def train(job: StageJob) -> None:
                               tokens_per_micro_batch=max(1, budget // 2) if dpo and budget else budget)
         model, plan, opt, ddp, pipe = _build(job, layout, rt)
         start, ema = state.restore(job, plan, model, opt, ddp)
-        reference = _reference(job, layout, rt, model, plan) if dpo else None
+        reference = _reference(job, layout, rt, model, plan, pipe) if dpo else None
         log = metrics.MetricsLog(job, plan, start, metrics.param_count(plan, model),
                                  device.peak_flops_per_s(rt, stage.peak_tflops) * layout.world_size)
         kill_at = _test_kill_step(layout)
@@ -151,17 +151,19 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
 @dataclass
 class Reference:
     """Flow-DPO's frozen reference: ``model`` run inside ``mode()`` (the policy with its LoRA adapters off, or a
-    second frozen copy of the init weights with a no-op mode)."""
+    second frozen copy of the init weights with a no-op mode); ``pipe``: its pipeline stage (pipeline parallelism)."""
     model: Any
     mode: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+    pipe: Optional[PipelineStage] = None
 
 
-def _reference(job: StageJob, layout: device.Layout, rt: device.Runtime, model, plan: ParallelPlan) -> Reference:
+def _reference(job: StageJob, layout: device.Layout, rt: device.Runtime, model, plan: ParallelPlan,
+               pipe: Optional[PipelineStage]) -> Reference:
     """The init_checkpoint's weights, frozen: with LoRA the same model with its adapters switched off (no second
     copy); else a second MUGDiT built and parallelised like the policy and loaded from the init_checkpoint (the
     seeded init without one: the policy's step-0 weights). Rebuilt on every start, never saved."""
     if plan.lora_rank > 0:
-        return Reference(model, lambda: lora.adapters_off(model))
+        return Reference(model, lambda: lora.adapters_off(model), pipe)
     from models.dit import MUGDiT
 
     with torch.random.fork_rng(devices=[]):   # the policy's RNG stream is untouched (exact resume)
@@ -173,7 +175,8 @@ def _reference(job: StageJob, layout: device.Layout, rt: device.Runtime, model, 
     state.load_init_weights(job, ref_plan, ref)
     ref.requires_grad_(False)
     ref.eval()
-    return Reference(ref)
+    ref_pipe = PipelineStage(ref, ref_plan, pipe.config) if pipe is not None else None
+    return Reference(ref, pipe=ref_pipe)
 
 
 @dataclass
@@ -263,7 +266,9 @@ def train_step(job: StageJob, plan: ParallelPlan, model, opt, micro: List[MicroB
     else:
         opt.zero_grad(set_to_none=True)
     dpo: Dict[str, float] = {}
-    if pipe is not None:
+    if pipe is not None and reference is not None:
+        loss_value, dpo = _pipeline_dpo(pipe, reference, micro, plan, rt, st.dpo_beta)
+    elif pipe is not None:
         loss_value = pipeline_forward_backward(pipe, micro, plan, lambda s, m: _forward(s, m, rt), _loss)
     else:
         losses = []
@@ -288,6 +293,35 @@ def train_step(job: StageJob, plan: ParallelPlan, model, opt, micro: List[MicroB
     grad_norm = clip_grad_norm(plan, model, job.stage.grad_clip)
     opt.step()
     return StepResult(loss_value, grad_norm, lr, dpo)
+
+
+def _pipeline_dpo(pipe: PipelineStage, reference: Reference, micro: List[MicroBatch], plan: ParallelPlan,
+                  rt: device.Runtime, beta: float) -> Tuple[float, Dict[str, float]]:
+    """Flow-DPO through the pipeline: a forward-only pass of the reference keeps its per-sample errors on the last
+    stage, then the policy's 1F1B pass takes the DPO loss there. Returns (mean loss, the DPO sums), both sent from
+    the last stage to every stage."""
+    assert reference.pipe is not None
+    e_ref: Dict[int, torch.Tensor] = {}
+
+    def keep_reference_error(v: torch.Tensor, m: MicroBatch) -> torch.Tensor:
+        e_ref[id(m)] = rf.flow_loss(v.float(), m.batch.latents_BCTHW, m.noise)
+        return e_ref[id(m)].mean()
+
+    with torch.no_grad(), reference.mode():
+        pipeline_forward_backward(reference.pipe, micro, plan, lambda s, m: _forward(s, m, rt), keep_reference_error,
+                                  forward_only=True)
+    sums = {k: 0.0 for k in preference.SUMS}
+
+    def dpo_loss(v: torch.Tensor, m: MicroBatch) -> torch.Tensor:
+        assert isinstance(m.batch, PairBatch)
+        e_2B = rf.flow_loss(v.float(), m.batch.latents_BCTHW, m.noise)
+        delta_B = preference.dpo_delta(e_2B, e_ref[id(m)])
+        for k, value in preference.dpo_sums(delta_B, e_2B.detach(), e_ref[id(m)], beta).items():
+            sums[k] += value
+        return preference.flow_dpo_loss(delta_B, beta, m.batch.weight_B)
+
+    loss = pipeline_forward_backward(pipe, micro, plan, lambda s, m: _forward(s, m, rt), dpo_loss)
+    return loss, dict(zip(sums, group_sum(list(sums.values()), plan.layout.groups.pp)))
 
 
 def _step_sums(stage, micro: List[MicroBatch], res: StepResult) -> Dict[str, float]:

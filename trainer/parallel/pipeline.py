@@ -95,11 +95,12 @@ def pipeline_config(dit, pp: int, tp: int = 1):
 
 def pipeline_forward_backward(pipe: PipelineStage, micro: List[Any], plan,
                               forward: Callable[[PipelineStage, Any], torch.Tensor],
-                              loss: Callable[[torch.Tensor, Any], torch.Tensor]) -> float:
+                              loss: Callable[[torch.Tensor, Any], torch.Tensor], forward_only: bool = False) -> float:
     """Forward and backward of the micro-batches ``micro`` through the pipeline stages with megatron-core's schedule
     (shapes sent ahead of every activation). ``forward(stage, m)`` runs the stage on micro-batch ``m``; on the last
     stage ``loss(output, m)`` gives its scalar loss. The schedule scales each loss by 1/M (and by the CP size,
-    undone here). Returns the mean loss, sent from the last stage to every stage of the pipeline."""
+    undone here). Returns the mean loss, sent from the last stage to every stage of the pipeline. ``forward_only``:
+    no backward (Flow-DPO's reference pass, whose ``loss`` keeps what it needs of the last stage's output)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     losses: List[float] = []
@@ -116,6 +117,7 @@ def pipeline_forward_backward(pipe: PipelineStage, micro: List[Any], plan,
         return out, loss_func
 
     get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=pipe,
-                                num_microbatches=len(micro), seq_length=1, micro_batch_size=1, forward_only=False)
+                                num_microbatches=len(micro), seq_length=1, micro_batch_size=1,
+                                forward_only=forward_only)
     value = (losses[0] if len(losses) == 1 else sum(losses) / len(losses)) if plan.last_stage else 0.0
     return group_sum([value], plan.layout.groups.pp)[0]
