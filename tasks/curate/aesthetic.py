@@ -68,18 +68,8 @@ class AestheticScorer:
         self.identity = f"clip={clip_id} head={head_id}"
 
     def preprocess(self, frames_THWC: np.ndarray):
-        """uint8 [T,H,W,3] -> CLIP input float [T,3,S,S]: resize the short side to S, center crop, normalise."""
-        import torch
-
-        s, out = self.image_size, []
-        for f in frames_THWC:
-            h, w = f.shape[:2]
-            k = s / min(h, w)
-            r = cv2.resize(np.ascontiguousarray(f), (max(s, round(w * k)), max(s, round(h * k))),
-                           interpolation=cv2.INTER_LINEAR)
-            y0, x0 = (r.shape[0] - s) // 2, (r.shape[1] - s) // 2
-            out.append((r[y0:y0 + s, x0:x0 + s].astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD)
-        return torch.from_numpy(np.stack(out).transpose(0, 3, 1, 2).copy())
+        """uint8 [T,H,W,3] -> CLIP input float [T,3,S,S] (``clip_preprocess``, bilinear)."""
+        return clip_preprocess(frames_THWC, self.image_size, cv2.INTER_LINEAR)
 
     def score(self, frames_THWC: np.ndarray) -> float:
         import torch
@@ -114,3 +104,19 @@ def _load_state(path: str):
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state)
+
+
+def clip_preprocess(frames_THWC: np.ndarray, size: int, interpolation: int):
+    """uint8 [T,H,W,3] -> CLIP input float [T,3,S,S]: resize the short side to ``size`` (``interpolation``, an OpenCV
+    flag), centre crop, CLIP's normalisation. Curation's aesthetic scorer and evaluation's CLIP alignment use it."""
+    import torch
+
+    s, out = size, []
+    for f in frames_THWC:
+        h, w = f.shape[:2]
+        k = s / min(h, w)
+        r = cv2.resize(np.ascontiguousarray(f), (max(s, round(w * k)), max(s, round(h * k))),
+                       interpolation=interpolation)
+        y0, x0 = (r.shape[0] - s) // 2, (r.shape[1] - s) // 2
+        out.append((r[y0:y0 + s, x0:x0 + s].astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD)
+    return torch.from_numpy(np.stack(out).transpose(0, 3, 1, 2).copy())

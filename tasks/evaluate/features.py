@@ -85,8 +85,6 @@ def video_features(cfg: EvalConfig, vae: Any, vae_identity: str) -> Callable[[np
     return VAEFeatures(vae, vae_identity)
 
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)   # CLIP's image normalisation
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 class ClipScorer:
@@ -131,18 +129,10 @@ class ClipScorer:
         self.comparable = not self.random
 
     def preprocess(self, frames_THWC: np.ndarray):
-        """uint8 [T, H, W, 3] -> [T, 3, S, S]: short side resized to S, centre crop, CLIP normalisation."""
-        import torch
+        """uint8 [T, H, W, 3] -> [T, 3, S, S] (``clip_preprocess``, bicubic as CLIP's own preprocessing)."""
+        from tasks.curate.aesthetic import clip_preprocess
 
-        s, out = self.image_size, []
-        for f in frames_THWC:
-            h, w = f.shape[:2]
-            k = s / min(h, w)
-            r = cv2.resize(np.ascontiguousarray(f), (max(s, round(w * k)), max(s, round(h * k))),
-                           interpolation=cv2.INTER_CUBIC)
-            y0, x0 = (r.shape[0] - s) // 2, (r.shape[1] - s) // 2
-            out.append((r[y0:y0 + s, x0:x0 + s].astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD)
-        return torch.from_numpy(np.stack(out).transpose(0, 3, 1, 2).copy())
+        return clip_preprocess(frames_THWC, self.image_size, cv2.INTER_CUBIC)
 
     @staticmethod
     def _pooled(out: Any):
