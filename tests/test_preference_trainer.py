@@ -120,11 +120,14 @@ def test_lora_dpo_starts_at_log2_learns_and_saves_plain_keys(setup, lora_run):
 
 
 @pytest.mark.timeout(120)
-def test_full_finetune_dpo_starts_at_log2(setup):
+def test_full_finetune_dpo_starts_at_log2(setup, lora_run):
+    """Without LoRA the reference is a second frozen copy of the init weights: the same step-1 loss as with the
+    adapters (off: the base; on: the base too, B = 0), log 2."""
     tmp, pairs, init = setup
     out, _ = run_stage_job(tmp, "full", _dpo(name="full", steps=2, data_parallel=1), pairs, init=init)
     rows = stage_metrics(out)
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-6 and rows[1]["loss"] < math.log(2)
+    assert rows[0]["loss"] == stage_metrics(lora_run[0])[0]["loss"]
 
 
 @pytest.mark.timeout(200)
