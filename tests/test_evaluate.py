@@ -381,7 +381,7 @@ def test_tasks_first_version_becomes_champion_then_candidates_are_compared_with_
     from safetensors.torch import load_file
 
     from common import tracking
-    from common.config import PipelineConfig, RegisterConfig, TrackingConfig, TrainConfig
+    from common.config import GateConfig, GateMetric, PipelineConfig, RegisterConfig, TrackingConfig, TrainConfig
     from tasks.evaluate.task import evaluate
     from tasks.register.registry import CHECKPOINT_FILES
     from tasks.register.task import register
@@ -389,7 +389,8 @@ def test_tasks_first_version_becomes_champion_then_candidates_are_compared_with_
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tc = TrackingConfig(experiment="t", root=str(tmp_path / "runs"))
-    config = PipelineConfig(train=TrainConfig(dit=TINY_DIT), register=RegisterConfig(model_name="m"), tracking=tc,
+    config = PipelineConfig(train=TrainConfig(dit=TINY_DIT), register=RegisterConfig(model_name="m", gate=GateConfig(
+        metrics=[GateMetric("heldout_flow_loss", must_improve=True)])), tracking=tc,
                             evaluate=_cfg())
     parent = tracking.start_parent_run(tc.root, tc.experiment, "p", {}, {})
     data = LatentDataset(folder=FlyteDirectory(str(world["latents"])), content_hash="d", manifest_hash="m",

@@ -29,7 +29,8 @@ def test_first_model_is_champion_by_default():
      ["temporal_flickering"]),                                 # regresses 5.6 % > 2 %
     ({"heldout_flow_loss": 0.90, "temporal_flickering": 0.90, "frechet_distance": 12.0}, False,
      ["frechet_distance"]),                                    # lower is better: 20 % worse > 10 %
-    ({"heldout_flow_loss": 0.90, "temporal_flickering": 0.90}, False, ["frechet_distance"]),   # missing evidence
+    ({"heldout_flow_loss": 0.90, "temporal_flickering": 0.90}, True, []),   # a tolerance-only metric missing: skip
+    ({"temporal_flickering": 0.90, "frechet_distance": 9.0}, False, ["heldout_flow_loss"]),   # must-improve missing
 ])
 def test_gate_rules(cand, promote, failing):
     d = decide(cand, CHAMP, DIRS, CFG)

@@ -211,7 +211,7 @@ def test_weekly_run_is_incremental_warm_started_gated_and_traceable(pipeline_run
     assert "stage1_dp2: skipped" in out and "stage2_tp2: warm start from models:/video-dit-tiny/1" in out
     client = _client(root)
     versions = sorted(client.search_model_versions("name='video-dit-tiny'"), key=lambda v: int(v.version))
-    assert [v.version for v in versions] == ["1", "2"]
+    assert [str(v.version) for v in versions] == ["1", "2"]
     v2 = client.get_model_version("video-dit-tiny", "2")
     assert v2.tags["eval.champion_version"] == "1" and v2.tags["gate.promoted"] in ("True", "False")
     assert v2.tags["gate.decision"].startswith(("promoted", "not promoted"))

@@ -8,8 +8,10 @@ Rules (``GateConfig``, docs/evaluation.md "The gate"): every metric listed with 
 the champion's by at least its ``margin``; no listed metric may be worse than the champion's by more than its
 ``tolerance``. Better and worse follow the metric's declared direction (higher or lower is better). Margins and
 tolerances are absolute, or fractions of the champion's value when ``relative``. The first model (no champion) is
-promoted by default. A listed metric that either side lacks is a failed rule (nothing is promoted on missing
-evidence). No Flyte or MLflow here: ``tasks/register/task.py`` applies the decision.
+promoted by default. A must-improve metric that either side lacks fails (nothing is promoted on missing evidence);
+a tolerance-only metric that is not measured on both sides is skipped and says so (the held-out flow loss of a
+champion whose latent space differs, e.g. after new clips changed the dataset's normalisation, is not comparable).
+No Flyte or MLflow here: ``tasks/register/task.py`` applies the decision.
 """
 from __future__ import annotations
 
@@ -42,8 +44,11 @@ def decide(candidate: Dict[str, float], champion: Dict[str, float], directions: 
     for rule in cfg.metrics:
         name = rule.name
         if name not in candidate or name not in champion or name not in directions:
-            reasons.append(f"fail: {name} is missing from the candidate's or the champion's report")
-            promote = False
+            if rule.must_improve:   # nothing is promoted on missing evidence
+                reasons.append(f"fail: {name} is missing from the candidate's or the champion's report")
+                promote = False
+            else:                   # not comparable (e.g. a flow loss in another latent space): cannot regress
+                reasons.append(f"skip: {name} is not measured on both (not comparable here)")
             continue
         cand, champ = float(candidate[name]), float(champion[name])
         if not (math.isfinite(cand) and math.isfinite(champ)):
