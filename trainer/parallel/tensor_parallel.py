@@ -16,6 +16,11 @@ Sequence parallelism is Megatron's: the linears are built with ``TransformerConf
 column-parallel linear all-gathers the sequence chunks of its input and a row-parallel one reduce-scatters its
 output, both along dim 0 (``_TensorOnly`` feeds them sequence-first rows). The cross-attention ``kv_linear`` reads
 the replicated text and is built without SP (``_OFF_SEQUENCE``). How the gradients follow: docs/parallelism.md.
+
+LoRA adapters (``models.lora``, added before this step) move onto the new linear with the base's hook and keep this
+rank's part (``_shard_adapter``: column B / row A sharded like the base, megatron's mapping on the rank-r
+projection); ``key_tp_rule`` is the TP-independent rule of every key, adapters included. Frozen base weights stay
+frozen.
 """
 from __future__ import annotations
 
