@@ -7,7 +7,8 @@
 Run 1 curates ``--videos`` synthetic 320x240 videos into an empty per-input store and compresses their clips into an
 empty latent store (with the VAE fitted once, as the ``fit_vae`` task does); run 2 adds ``max(1, videos // 10)``
 new videos and does both again with the same stores: it decodes and encodes only the new inputs and clips. Prints
-``incremental_ratio X`` (run 2's curate + compress time / run 1's; target <= 0.3) and, with ``--rerun``, ``rerun_s X``
+``incremental_ratio X`` (run 2's curate + compress time / run 1's, the one-time VAE fit left out, as the workflow's
+``fit_vae`` task is; target <= 0.3) and, with ``--rerun``, ``rerun_s X``
 (`pyflyte run` of the tiny workflow a second time, every task a cache hit; target < 10 s). Writes
 bench/results/incremental_cpu.json. Check the machine's load first (it is printed): a busy machine lies.
 """
@@ -47,10 +48,11 @@ def one_run(folder: Path, work: Path, tag: str, stores: Path) -> dict:
     summary = run_curation(curate_cfg, work / f"manifest-{tag}", store_dir=stores / "curate", progress=lambda m: None)
     t1 = time.perf_counter()
     ensure_vae(compress_cfg, stores / "vae", work / f"manifest-{tag}", progress=lambda m: None)   # fitted once
+    tv = time.perf_counter()
     meta = run_compress(compress_cfg, work / f"manifest-{tag}", work / f"latents-{tag}", progress=lambda m: None,
                         store_dir=stores / "latents", vae_dir=stores / "vae")
     t2 = time.perf_counter()
-    return {"curate_s": t1 - t0, "compress_s": t2 - t1, "inputs": summary["inputs"],
+    return {"curate_s": t1 - t0, "vae_fit_s": tv - t1, "compress_s": t2 - tv, "inputs": summary["inputs"],
             "processed": summary["processed"], "reused": summary["reused"], "clips": summary["clips_kept"],
             "latent_store": meta.get("latent_store", {})}
 
@@ -95,7 +97,9 @@ def main() -> None:
         run2 = one_run(folder, tmp, "2", stores)
         result = {"videos": args.videos, "new_videos": new, "run1": run1, "run2": run2,
                   "incremental_ratio": (run2["curate_s"] + run2["compress_s"])
-                  / (run1["curate_s"] + run1["compress_s"]),
+                  / (run1["curate_s"] + run1["compress_s"]),   # the one-time VAE fit (fit_vae) left out
+                  "incremental_ratio_with_vae_fit": sum(run2[k] for k in ("curate_s", "vae_fit_s", "compress_s"))
+                  / sum(run1[k] for k in ("curate_s", "vae_fit_s", "compress_s")),
                   "load_avg_before": load, "load_avg_after": os.getloadavg()[0], "cpus": os.cpu_count()}
         if args.rerun:
             result["rerun_s"] = rerun_seconds(tmp)
