@@ -215,7 +215,7 @@ def test_weekly_run_is_incremental_warm_started_gated_and_traceable(pipeline_run
     v2 = client.get_model_version("video-dit-tiny", "2")
     assert v2.tags["eval.champion_version"] == "1" and v2.tags["gate.promoted"] in ("True", "False")
     assert v2.tags["gate.decision"].startswith(("promoted", "not promoted"))
-    champion = client.get_model_version_by_alias("video-dit-tiny", "champion").version
+    champion = str(client.get_model_version_by_alias("video-dit-tiny", "champion").version)
     assert champion == ("2" if v2.tags["gate.promoted"] == "True" else "1")
     # lineage: version 2 lists exactly the union of both runs' sources; the new video finds version 2 only
     from common import lineage
