@@ -106,7 +106,9 @@ def test_registered_version_has_alias_and_lineage(pipeline_run):
     assert files == {"checkpoint/model.safetensors", "checkpoint/ema.safetensors", "checkpoint/meta.json"}
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{pipeline_run['root'] / 'mlflow.db'}")
+    uri = f"sqlite:///{pipeline_run['root'] / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)   # earlier tests in this process may have pointed the registry elsewhere
     model = mlflow.pytorch.load_model("models:/video-dit-tiny@candidate")
     assert sum(p.numel() for p in model.parameters()) > 0
 
