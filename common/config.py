@@ -7,6 +7,7 @@ message (``"train.stages[1].tensor_parallel: expected int, got str"``). Cross-fi
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,13 @@ class CaptionConfig:
 
 
 @dataclass
+class Resolution:
+    """One resolution bucket of the curriculum: a name the stages select by and its [H, W] size per aspect bucket."""
+    name: str = "64px"
+    sizes: List[List[int]] = field(default_factory=lambda: [[64, 64]])   # [H, W], multiples of 16
+
+
+@dataclass
 class CurateConfig:
     input_uri: str = "data/demo"          # a folder, or s3://bucket/prefix (read with the minio client)
     clip_frames: int = 17                 # longest clip length; 8k+1 so the VAE's first frame is an image latent
@@ -95,6 +103,11 @@ class CurateConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     shard_size: int = 4                   # inputs per map_task shard (each shard cached and retried on its own)
     store_uri: str = ""                   # per-input result store; "" = <tracking.root>/artifacts/curate/store
+    resolutions: List[Resolution] = field(default_factory=list)   # the curriculum's resolution buckets, e.g. 360p
+                                          # and 720p; a clip is cut at the largest its source covers (never
+                                          # upscaled) and encoded at every one it covers; [] = one, "base", of the
+                                          # size buckets above
+    keyframes: int = 1                    # key frames taken from each kept clip as image samples (0 = none)
 
     def __post_init__(self) -> None:
         lengths = [("clip_frames", self.clip_frames)]
@@ -120,11 +133,41 @@ class CurateConfig:
         for k in ("shard_size", "gradual_window", "analysis_width", "motion_height", "max_pixels", "max_frames"):
             if getattr(self, k) < 1:
                 raise ValueError(f"curate.{k} must be >= 1, got {getattr(self, k)}")
+        if self.keyframes < 0:
+            raise ValueError(f"curate.keyframes must be >= 0 (key frames per kept clip), got {self.keyframes}")
+        names = [r.name for r in self.resolutions]
+        if len(set(names)) != len(names) or any(not n or not n.replace("_", "").replace("-", "").isalnum()
+                                                for n in names):
+            raise ValueError(f"curate.resolutions: names must be unique and made of letters, digits, '-' or '_' "
+                             f"(e.g. 360p, 720p), got {names}")
+        for r in self.resolutions:
+            for i, hw in enumerate(r.sizes):
+                if len(hw) != 2 or hw[0] % 16 or hw[1] % 16 or min(hw) < 16:
+                    raise ValueError(f"curate.resolutions['{r.name}'].sizes[{i}] must be [H, W], multiples of 16 "
+                                     f"(VAE x8, DiT patch 2), got {hw}")
+            if not r.sizes:
+                raise ValueError(f"curate.resolutions['{r.name}'].sizes must list at least one [H, W]")
+        if self.resolutions and self.bucket_sizes:
+            raise ValueError("curate: set either bucket_sizes (one resolution) or resolutions (several, each with "
+                             "its sizes), not both")
+
+    @property
+    def resolution_list(self) -> List[Resolution]:
+        """The resolution buckets, smallest first (by the pixels of their first size); without ``resolutions``
+        one, "base", of ``bucket_sizes`` (or ``[height, width]``)."""
+        res = self.resolutions or [Resolution(name="base", sizes=[list(hw) for hw in self.bucket_sizes]
+                                              or [[self.height, self.width]])]
+        return sorted(res, key=lambda r: r.sizes[0][0] * r.sizes[0][1])
 
     @property
     def sizes(self) -> List[List[int]]:
-        """The [H, W] buckets (``bucket_sizes`` or the single ``[height, width]``)."""
-        return [list(hw) for hw in self.bucket_sizes] or [[self.height, self.width]]
+        """The [H, W] buckets of the largest resolution (``bucket_sizes`` or the single ``[height, width]``)."""
+        return [list(hw) for hw in self.resolution_list[-1].sizes]
+
+    @property
+    def frame_buckets(self) -> List[int]:
+        """The clip lengths (8k+1 frames), longest first."""
+        return sorted({self.clip_frames, *self.bucket_frames}, reverse=True)
 
 
 @dataclass
@@ -208,6 +251,26 @@ class QualityRanking:
 
 
 @dataclass
+class DataSelection:
+    """Which samples of the LatentDataset a stage trains on (``common.selection``). Every list empty: each kept
+    clip once, at its largest resolution and full length (no images): what every stage trained on before."""
+    resolutions: List[str] = field(default_factory=list)   # names of curate.resolutions; [] = each clip's largest
+    frames: List[int] = field(default_factory=list)        # pixel frames: 8k+1 clip lengths (a longer clip gives its
+                                                           # first n frames), 1 = images and key frames; [] = each
+                                                           # clip's full length, no images
+    aspect_ratios: List[str] = field(default_factory=list)  # "W:H" (e.g. "16:9", "1:1"), within 3 %; [] = all
+
+    def __post_init__(self) -> None:
+        for f in self.frames:
+            if f % 8 != 1:
+                raise ValueError(f"data.frames: {f} is not 8k+1 (1 = images; clips: 9, 17, ..., 105)")
+        for a in self.aspect_ratios:
+            parts = a.split(":")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"data.aspect_ratios: '{a}' is not 'W:H' with positive integers (e.g. '16:9')")
+
+
+@dataclass
 class StageConfig:
     name: str = "stage1"
     steps: int = 10
@@ -253,8 +316,19 @@ class StageConfig:
     init: str = ""                # where the weights start: "" = the previous stage's (the first stage: scratch),
                                   # "scratch", "champion" (the registered champion: warm start), or a step folder
     skip: bool = False            # leave the stage out (a warm-started weekly run skips e.g. the low-res stages)
+    data: DataSelection = field(default_factory=DataSelection)   # which samples: resolutions, frames, aspects
+    tokens: int = 0               # > 0: train this many video tokens: steps = ceil(tokens / (tokens_per_micro_batch
+                                  # * micro_batches * data_parallel)), replacing `steps` (needs tokens_per_micro_batch)
 
     def __post_init__(self) -> None:
+        if self.tokens < 0:
+            raise ValueError(f"stage '{self.name}': tokens must be >= 0, got {self.tokens}")
+        if self.tokens:
+            if not self.tokens_per_micro_batch:
+                raise ValueError(f"stage '{self.name}': tokens ({self.tokens}) needs tokens_per_micro_batch > 0 (the "
+                                 "budget of one micro-batch), or set steps instead")
+            per_step = self.tokens_per_micro_batch * max(1, self.micro_batches) * max(1, self.data_parallel)
+            self.steps = -(-self.tokens // per_step)
         for k in ("steps", "micro_batch_size", "micro_batches", "tensor_parallel", "data_parallel", "context_parallel",
                   "pipeline_parallel", "nnodes", "checkpoint_interval", "keep_checkpoints"):
             if getattr(self, k) < 1:
@@ -294,6 +368,13 @@ class StageConfig:
         if self.full_weights == "final" and self.checkpoint_format != "dist":
             raise ValueError(f"stage '{self.name}': full_weights 'final' needs checkpoint_format 'dist' (the other "
                              "checkpoints then hold the weights only in dist/)")
+        tasks = [t.task for t in self.task_mix]
+        if self.data.frames and set(self.data.frames) == {1} and tasks != ["t2i"]:
+            raise ValueError(f"stage '{self.name}': data.frames [1] selects images only, which train text-to-image: "
+                             f"set task_mix to [{{task: t2i}}] (got {tasks})")
+        if 1 in self.data.frames and "t2i" not in tasks:
+            raise ValueError(f"stage '{self.name}': data.frames has 1 (images), which train as t2i: add t2i to "
+                             f"task_mix (its loss_weight applies to them; MUG-V: 0.3), got {tasks}")
 
     @property
     def world_size(self) -> int:
@@ -305,19 +386,109 @@ class StageConfig:
 
 
 @dataclass
+class SecretEnv:
+    """One environment variable of the training pods read from a Kubernetes secret (``secretKeyRef``), so that no
+    credential is written into the job file, the config or the Volcano job."""
+    env: str = "AWS_ACCESS_KEY_ID"   # the variable the workers see
+    secret: str = "video-gen-s3"     # the Secret's name (kubectl create secret generic <secret> --from-literal=...)
+    key: str = "access_key"          # the key inside the Secret
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.env):
+            raise ValueError(f"env must be an environment variable name, e.g. AWS_ACCESS_KEY_ID, got {self.env!r}")
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", self.secret):
+            raise ValueError(f"secret must be a Kubernetes Secret name (lowercase letters, digits, '-', '.'), e.g. "
+                             f"video-gen-s3, got {self.secret!r}")
+        if not re.fullmatch(r"[-._a-zA-Z0-9]+", self.key):
+            raise ValueError(f"key must be a key of the Secret (letters, digits, '-', '_', '.'), e.g. access_key, "
+                             f"got {self.key!r}")
+
+
+@dataclass
 class LaunchConfig:
     scheduler: str = "local_cwd"       # "local_cwd" (this machine) or "kubernetes" (Volcano)
-    image: str = "ghcr.io/video-gen/trainer:latest"   # used by kubernetes only
+    image: str = ""                    # kubernetes only; "" = the CUDA image of containers/images.py (content-
+                                       # derived tag, filled in by the pipeline), or a full name with a fixed tag
     queue: str = "default"             # Volcano queue
     namespace: str = "default"
     cpu: int = 2                       # per replica (node) on kubernetes
     gpu: int = 0
     memory_mb: int = 8192
     timeout_s: int = 1800              # a stage that runs longer is stopped and reported
+    volume_claim: str = ""             # kubernetes: a PersistentVolumeClaim (ReadWriteMany) mounted in every pod at
+    mount_path: str = "/mnt/shared"    # mount_path: job files, latents and checkpoints live there (tracking.root)
+    secret_env: List[SecretEnv] = field(default_factory=list)   # credentials of the pods, from Kubernetes secrets
+    s3_endpoint_url: str = ""          # kubernetes: AWS_ENDPOINT_URL and MLFLOW_S3_ENDPOINT_URL of the pods (MinIO)
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("local_cwd", "kubernetes"):
             raise ValueError(f"train.launch.scheduler must be 'local_cwd' or 'kubernetes', got '{self.scheduler}'")
+        if self.image and (":" not in self.image.rsplit("/", 1)[-1] or self.image.endswith(":latest")):
+            raise ValueError(f"train.launch.image must name a fixed tag (a moving ':latest' makes runs "
+                             f"unreproducible), e.g. ghcr.io/video-gen/video-gen-cuda:<tag>, or be '' for the CUDA "
+                             f"image of containers/images.py; got {self.image!r}")
+        if self.volume_claim and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", self.volume_claim):
+            raise ValueError(f"train.launch.volume_claim must be a PersistentVolumeClaim name (lowercase letters, "
+                             f"digits, '-', '.'), e.g. video-gen-shared, got {self.volume_claim!r}")
+        if not self.mount_path.startswith("/"):
+            raise ValueError(f"train.launch.mount_path must be an absolute path, e.g. /mnt/shared, "
+                             f"got {self.mount_path!r}")
+        envs = [s.env for s in self.secret_env]
+        if len(set(envs)) != len(envs):
+            raise ValueError(f"train.launch.secret_env sets a variable twice: {envs}")
+        if "@" in self.s3_endpoint_url:
+            raise ValueError("train.launch.s3_endpoint_url must not carry credentials (user:password@): put them in "
+                             "a Kubernetes secret and list it in train.launch.secret_env")
+
+
+_QUANTITY = re.compile(r"([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")   # Kubernetes resource quantity
+
+
+@dataclass
+class TaskResources:
+    """What one kind of Flyte task asks Kubernetes for (requests = limits), and which image it runs in. Applied to
+    the task nodes at run time with flytekit's ``with_overrides`` (tasks/resources.py); the defaults fit the tiny
+    config on a CPU-only machine."""
+    cpu: str = "1"                  # Kubernetes quantity: "2", "500m"
+    memory: str = "2Gi"             # Kubernetes quantity: "8Gi", "512Mi"
+    gpu: int = 0                    # nvidia.com/gpu
+    accelerator: str = ""           # GPU type (Flyte's accelerator node label), e.g. "nvidia-h100"; "" = any
+    ephemeral_storage: str = ""     # local scratch disk, e.g. "200Gi"; "" = the cluster default
+    image: str = "cpu"              # "cpu" | "cuda": the ImageSpec of containers/images.py
+
+    def __post_init__(self) -> None:
+        for k in ("cpu", "memory") + (("ephemeral_storage",) if self.ephemeral_storage else ()):
+            v = getattr(self, k)
+            if not _QUANTITY.fullmatch(v) or float(_QUANTITY.fullmatch(v).group(1)) <= 0:   # type: ignore[union-attr]
+                raise ValueError(f"{k} must be a positive Kubernetes quantity, e.g. cpu: \"4\", memory: \"16Gi\", "
+                                 f"ephemeral_storage: \"100Gi\"; got {v!r}")
+        if self.image not in ("cpu", "cuda"):
+            raise ValueError(f"image must be 'cpu' or 'cuda' (containers/images.py), got {self.image!r}")
+        if self.gpu < 0:
+            raise ValueError(f"gpu must be >= 0, got {self.gpu}")
+        if self.gpu and self.image != "cuda":
+            raise ValueError(f"gpu: {self.gpu} needs image: cuda (the CPU image has a CPU-only torch)")
+        if self.accelerator and not self.gpu:
+            raise ValueError(f"accelerator {self.accelerator!r} is set but gpu is 0: set gpu: 1 or remove "
+                             "accelerator")
+        if self.accelerator and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", self.accelerator):
+            raise ValueError(f"accelerator must be a GPU type label value, e.g. nvidia-h100, got "
+                             f"{self.accelerator!r}")
+
+
+@dataclass
+class ResourcesConfig:
+    """Requests and image per kind of Flyte task (README "Running on a cluster"). Training itself runs in the
+    Volcano job that ``train.launch`` describes; ``train_launcher`` is the Flyte pod that submits and watches it."""
+    curate_shard: TaskResources = field(default_factory=lambda: TaskResources(cpu="2", memory="4Gi"))
+    curate_merge: TaskResources = field(default_factory=lambda: TaskResources(cpu="1", memory="2Gi"))
+    fit_vae: TaskResources = field(default_factory=lambda: TaskResources(cpu="2", memory="8Gi"))
+    compress: TaskResources = field(default_factory=lambda: TaskResources(cpu="2", memory="8Gi"))
+    train_launcher: TaskResources = field(default_factory=lambda: TaskResources(cpu="2", memory="4Gi"))
+    preference_pairs: TaskResources = field(default_factory=lambda: TaskResources(cpu="2", memory="8Gi"))
+    evaluate: TaskResources = field(default_factory=lambda: TaskResources(cpu="2", memory="4Gi"))
+    register: TaskResources = field(default_factory=lambda: TaskResources(cpu="1", memory="2Gi"))
+    orchestration: TaskResources = field(default_factory=lambda: TaskResources(cpu="1", memory="1Gi"))
 
 
 @dataclass
@@ -393,6 +564,9 @@ def check_stage_layout(stage: StageConfig, dit: DiTConfig, where: str) -> None:
         if stage.top_fraction < 1.0:
             raise ValueError(f"{where} ('{stage.name}'): top_fraction selects clips of a flow stage; a flow_dpo "
                              "stage trains on every pair of its PreferencePairs folder (set top_fraction: 1.0)")
+        if stage.data != DataSelection():
+            raise ValueError(f"{where} ('{stage.name}'): data selects samples of a flow stage; a flow_dpo stage "
+                             "trains on every pair of its PreferencePairs folder (remove data)")
 
 
 @dataclass
@@ -490,6 +664,14 @@ class RegisterConfig:
 class TrackingConfig:
     experiment: str = "video-gen"
     root: str = "runs"   # SQLite store + artifacts go here when MLFLOW_TRACKING_URI is not set
+    artifact_uri: str = ""   # s3://bucket/prefix: stages also upload their outputs there (common.objectstore:
+                             # manifest last, checksummed; checkpoints: the exported weights only); "" = local only
+
+    def __post_init__(self) -> None:
+        if self.artifact_uri and not (self.artifact_uri.startswith("s3://") and
+                                      self.artifact_uri[len("s3://"):].strip("/")):
+            raise ValueError(f"tracking.artifact_uri must be s3://bucket/prefix (or \"\" for local only), got "
+                             f"'{self.artifact_uri}'")
 
 
 @dataclass
@@ -501,6 +683,7 @@ class PipelineConfig:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)   # per kind of Flyte task (cluster)
 
     def __post_init__(self) -> None:
         if self.compress.vae.latent_channels != self.train.dit.in_channels:
@@ -511,6 +694,33 @@ class PipelineConfig:
                              f"compress.text.d_model ({self.compress.text.d_model})")
         if self.evaluate.num_frames % 8 != 1:
             raise ValueError(f"evaluate.num_frames must be 8k+1, got {self.evaluate.num_frames}")
+        named = [(f"train.stages[{i}]", s) for i, s in enumerate(self.train.stages)]
+        for where, stage in named + [("train.post_train", self.train.post_train)]:
+            check_selection(stage, self.curate, where)
+
+
+def check_selection(stage: StageConfig, curate: CurateConfig, where: str) -> None:
+    """A stage's data selection against what curation and compression will produce (the config-time half; the
+    pretrain task checks the LatentDataset itself before any stage runs): known resolution names, clip lengths
+    curation cuts (or 1: images and key frames), aspect ratios some selected size has."""
+    from common.selection import aspect_matches
+
+    sel, resolutions = stage.data, curate.resolution_list
+    known = [r.name for r in resolutions]
+    missing = [r for r in sel.resolutions if r not in known]
+    if missing:
+        raise ValueError(f"{where}.data.resolutions ('{stage.name}'): {missing} not among curate.resolutions "
+                         f"{known}")
+    lengths = curate.frame_buckets
+    bad = [f for f in sel.frames if f != 1 and f not in lengths]
+    if bad:
+        raise ValueError(f"{where}.data.frames ('{stage.name}'): {bad} not among the clip lengths curation cuts "
+                         f"{lengths} (curate.clip_frames, curate.bucket_frames) or 1 (images)")
+    sizes = [hw for r in resolutions if not sel.resolutions or r.name in sel.resolutions for hw in r.sizes]
+    for a in sel.aspect_ratios:
+        if not any(aspect_matches(h, w, a) for h, w in sizes):
+            raise ValueError(f"{where}.data.aspect_ratios ('{stage.name}'): no selected size has aspect {a} "
+                             f"(sizes {sizes})")
 
 
 # ---------------------------------------------------------------- strict loading

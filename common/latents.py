@@ -33,7 +33,12 @@ INDEX, META, NULL_TEXT = "index.parquet", "meta.json", "null_text.safetensors"
 VAE_DIR, VAE_WEIGHTS, VAE_CONFIG, TEXT_DIR = "vae", "vae.safetensors", "config.json", "text_encoder"
 LATENT, TEXT, TEXT_MASK = "latent", "text", "text_mask"      # tensor "<clip_id>/<name>" in a shard
 INDEX_COLUMNS = ("clip_id", "shard", "split", "latent_shape", "text_len", "caption", "score", "bucket", "source_hash",
-                 "aesthetic", "motion", "sharpness")   # curation's filter scores (NaN when unknown): quality ranking
+                 "aesthetic", "motion", "sharpness",   # curation's filter scores (NaN when unknown): quality ranking
+                 # what a sample is (common.selection): the curation row it comes from, its resolution bucket, pixel
+                 # frames (1: an image) and size, "clip" | "image" | "keyframe", and whether it is the row at its
+                 # largest resolution and full length (a clip's "primary" sample has clip_id == source_clip)
+                 "source_clip", "resolution", "num_frames", "height", "width", "kind", "top_resolution",
+                 "full_length")
 CURATION = "curation"   # meta.json: {"motion_min", "motion_max"}: curation's motion band, for the quality ranking
 READ_COLUMNS = ("clip_id", "shard", "split", "latent_shape", "score")   # what the reader needs of the index
 
@@ -68,9 +73,12 @@ class LatentWriter:
     def add(self, clip_id: str, latent_CTHW: torch.Tensor, text_LD: torch.Tensor, text_mask_L: torch.Tensor,
             split: str = "train", caption: str = "", score: float = math.nan, bucket: str = "",
             source_hash: str = "", aesthetic: float = math.nan, motion: float = math.nan,
-            sharpness: float = math.nan) -> None:
-        """One clip: normalised latent float32 [C,T,H,W], text features float32 [L,D], mask bool/uint8 [L];
-        curation's ranking score and filter scores (aesthetic, mean optical-flow motion, Laplacian sharpness)."""
+            sharpness: float = math.nan, source_clip: str = "", resolution: str = "", num_frames: int = 0,
+            height: int = 0, width: int = 0, kind: str = "clip", top_resolution: bool = True,
+            full_length: bool = True) -> None:
+        """One sample: normalised latent float32 [C,T,H,W], text features float32 [L,D], mask bool/uint8 [L];
+        curation's ranking score and filter scores (aesthetic, mean optical-flow motion, Laplacian sharpness); what
+        the sample is (``common.selection``; the defaults: a clip at its largest resolution and full length)."""
         if split not in ("train", "val"):
             raise ValueError(f"{clip_id}: split must be 'train' or 'val', got {split!r}")
         if latent_CTHW.dim() != 4 or text_LD.dim() != 2 or text_mask_L.shape != text_LD.shape[:1]:
@@ -90,7 +98,9 @@ class LatentWriter:
         self._rows.append(dict(clip_id=clip_id, shard=shard, split=split, latent_shape=list(latent_CTHW.shape),
                                text_len=int(mask_L.sum()), caption=caption, score=float(score), bucket=bucket,
                                source_hash=source_hash, aesthetic=float(aesthetic), motion=float(motion),
-                               sharpness=float(sharpness)))
+                               sharpness=float(sharpness), source_clip=source_clip or clip_id, resolution=resolution,
+                               num_frames=int(num_frames), height=int(height), width=int(width), kind=kind,
+                               top_resolution=bool(top_resolution), full_length=bool(full_length)))
         if len(self._pending) == 3 * self.shard_size:   # three tensors per clip
             self._flush()
 
@@ -177,8 +187,16 @@ class LatentReader:
         return len(self.index)
 
     def clip_ids(self, split: Optional[str] = None) -> List[str]:
-        """Clip ids in index order, optionally only those of ``split`` ("train" | "val")."""
+        """Sample ids in index order, optionally only those of ``split`` ("train" | "val")."""
         rows = self.index if split is None else self.index[self.index["split"] == split]
+        return list(rows["clip_id"])
+
+    def primary_clip_ids(self, split: Optional[str] = None) -> List[str]:
+        """The clips' primary samples (each kept clip once, at its largest resolution and full length; no images)
+        in index order, optionally of one split: what evaluation and preference pairs use."""
+        rows = self.index if split is None else self.index[self.index["split"] == split]
+        if "kind" in rows.columns:
+            rows = rows[(rows["kind"] == "clip") & rows["top_resolution"].astype(bool) & rows["full_length"].astype(bool)]
         return list(rows["clip_id"])
 
     def latent_shape(self, clip_id: str) -> Tuple[int, ...]:

@@ -3,9 +3,10 @@
 Listing rules (``list_inputs``), applied to every file under the root, recursively, sorted by relative name:
 - documentation is skipped: dotfiles and anything under a dot-folder, and files whose name starts with README,
   ATTRIBUTION or LICENSE (case-insensitive);
-- ``<stem>.txt`` next to a video ``<stem>.<ext>`` (ext in VIDEO_EXTENSIONS, case-insensitive) is that video's
-  caption sidecar, not an input (``InputFile.caption_uri``);
-- every other file is an input, including other ``.txt`` files: deciding whether it is a video is the decoder's job.
+- ``<stem>.txt`` next to a video or an image ``<stem>.<ext>`` (ext in VIDEO_EXTENSIONS or IMAGE_EXTENSIONS,
+  case-insensitive) is its caption sidecar, not an input (``InputFile.caption_uri``);
+- every other file is an input, including other ``.txt`` files: an image extension makes it an image input, anything
+  else is a video input (deciding whether it is one is the decoder's job).
 
 S3 settings come from the environment: AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000; an https URL means TLS;
 default https://s3.amazonaws.com), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (both required), AWS_SESSION_TOKEN
@@ -23,6 +24,7 @@ from urllib.parse import urlparse
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv",
                               ".wmv", ".3gp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})   # image inputs (curated as one-frame samples)
 DOC_PREFIXES = ("README", "ATTRIBUTION", "LICENSE")
 
 
@@ -106,7 +108,7 @@ def classify(names: List[str]) -> Tuple[List[str], Dict[str, str]]:
     videos_by_stem: Dict[str, List[str]] = {}
     for n in names:
         p = PurePosixPath(n)
-        if p.suffix.lower() in VIDEO_EXTENSIONS:
+        if p.suffix.lower() in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS:
             videos_by_stem.setdefault(str(p.with_suffix("")), []).append(n)
     captions: Dict[str, str] = {}
     for n in names:

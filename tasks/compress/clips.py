@@ -46,6 +46,36 @@ def read_kept(manifest_dir: Path) -> pd.DataFrame:
     return kept
 
 
+def clip_rows(kept: pd.DataFrame) -> pd.DataFrame:
+    """The video clips among kept rows (a manifest written before images had no ``kind``: every row)."""
+    if "kind" not in kept.columns:
+        return kept
+    return kept[kept["kind"].fillna("").isin(("", "clip"))]
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file (a curated image or key frame, PNG) -> x_31HW float32 in [-1, 1] (one frame)."""
+    import cv2
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"{path}: cannot decode the image")
+    x_HW3 = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1]))
+    return x_HW3.permute(2, 0, 1)[:, None].float().div(127.5).sub(1.0).contiguous()
+
+
+def resize_pixels(x_3THW: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Center-crop to the aspect width/height and resize (area) pixels [3,T,H,W] in [-1, 1]: a clip at a lower
+    resolution bucket, as curation cuts it (``tasks.curate.curate.center_crop_resize``). Same size: unchanged."""
+    if tuple(x_3THW.shape[-2:]) == (height, width):
+        return x_3THW
+    from tasks.curate.curate import center_crop_resize
+
+    frames_THW3 = x_3THW.permute(1, 2, 3, 0).numpy().astype(np.float32)
+    out_THW3 = center_crop_resize(frames_THW3, height, width)
+    return torch.from_numpy(np.ascontiguousarray(out_THW3)).permute(3, 0, 1, 2).contiguous()
+
+
 def clip_file_hashes(manifest_dir: str | Path, kept: pd.DataFrame) -> Dict[str, str]:
     """{relative path: sha256 of the bytes} of the kept clip files."""
     return {str(p): sha256_file(Path(manifest_dir) / str(p)) for p in kept["path"]}

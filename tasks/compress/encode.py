@@ -29,7 +29,15 @@ from common.config import CompressConfig
 from common.hashing import sha256_bytes
 from common.latents import CURATION, META, LatentWriter
 from models.text_encoder import TextEncoder
-from tasks.compress.clips import clip_file_hashes, deterministic, manifest_hash, read_clip, read_kept
+from tasks.compress.clips import (
+    clip_file_hashes,
+    deterministic,
+    manifest_hash,
+    read_clip,
+    read_image,
+    read_kept,
+    resize_pixels,
+)
 from tasks.compress.latent_store import Entry, LatentStore, entry_key, identities, identity_changes
 from tasks.compress.vae_fit import cpu_state, dataset_vae_meta, fit_vae_module, load_vae_dir, needs_clips
 
@@ -79,35 +87,81 @@ def _encode_clip(vae: Any, text_enc: TextEncoder, x_3THW: torch.Tensor, caption:
     return z_CTHW, text_BLD[0], mask_BL[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One sample of the LatentDataset: a variant (resolution x frames) of a kept manifest row."""
+    sample_id: str        # the row's clip_id for its primary variant, else "<clip_id>_<resolution>_<frames>f"
+    row: int              # index into the kept rows
+    resolution: str
+    height: int
+    width: int
+    frames: int
+    top_resolution: bool
+    full_length: bool
+    kind: str             # "clip" | "image" | "keyframe"
+    split_key: str        # the clip whose split the sample shares (a key frame: its clip's)
+
+
+def plan_samples(kept: Any) -> List[Sample]:
+    """Every variant of every kept row (``variants`` JSON from curation; a manifest without it: the row itself at
+    resolution "")."""
+    out: List[Sample] = []
+    cols = set(kept.columns)
+    for i, r in enumerate(kept.itertuples()):
+        kind = str(getattr(r, "kind", "") or "clip") if "kind" in cols else "clip"
+        raw = str(getattr(r, "variants", "") or "") if "variants" in cols else ""
+        variants = json.loads(raw) if raw else [["", int(r.height), int(r.width), int(r.num_frames)]]
+        top_res, full = variants[0][0], int(variants[0][3])
+        parent = str(getattr(r, "parent_clip", "") or "") if "parent_clip" in cols else ""
+        for res, h, w, f in variants:
+            primary = res == top_res and int(f) == full
+            sid = str(r.clip_id) if primary else f"{r.clip_id}_{res}_{int(f)}f"
+            out.append(Sample(sid, i, str(res), int(h), int(w), int(f), res == top_res, int(f) == full, kind,
+                              parent if kind == "keyframe" and parent else str(r.clip_id)))
+    return out
+
+
 def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progress: Callable[[str], None] = print,
                  *, store_dir: Optional[Path] = None, vae_dir: Optional[Path] = None) -> dict:
-    """Write the LatentDataset for the kept clips of ``manifest_dir`` into ``out_dir``; returns meta.json's dict.
+    """Write the LatentDataset for the kept rows of ``manifest_dir`` into ``out_dir``; returns meta.json's dict.
 
-    ``vae_dir``: a VAE folder (``vae_fit.ensure_vae``) to encode with; None fits the VAE here on every kept clip.
-    ``store_dir``: the latent store folder; every kept clip is looked up there and only the misses are decoded and
-    encoded (and added to it); meta.json then has "latent_store" {"reused", "encoded", ...}, which the content hash
-    leaves out: a dataset built from a warm store is the same, file for file, as one built from a cold one.
+    Every kept clip, image and key frame is encoded at each of its variants (curation's ``variants``: resolution x
+    frames; docs/artifacts.md): one sample each, its pixels the row's file cut to the variant's first frames and
+    resized (``clips.resize_pixels``). ``vae_dir``: a VAE folder (``vae_fit.ensure_vae``) to encode with; None fits
+    the VAE here on every kept clip. ``store_dir``: the latent store folder; every sample is looked up there and only
+    the misses are decoded and encoded (and added to it); meta.json then has "latent_store" {"reused", "encoded",
+    ...}, which the content hash leaves out: a dataset built from a warm store is the same, file for file, as one
+    built from a cold one.
     """
     manifest_dir, out_dir = Path(manifest_dir), Path(out_dir)
     if cfg.shard_size < 1:
         raise ValueError(f"compress.shard_size must be >= 1, got {cfg.shard_size}")
     kept = read_kept(manifest_dir)
     writer = LatentWriter(out_dir, cfg.shard_size)   # refuses a folder that is not empty
-    ids = [str(c) for c in kept["clip_id"]]
+    rows = list(kept.itertuples())
     captions = [c if isinstance(c, str) else "" for c in kept["caption"]]
-    frames = [int(n) for n in kept["num_frames"]]
     paths = [manifest_dir / str(p) for p in kept["path"]]
     clip_hashes = clip_file_hashes(manifest_dir, kept)
     file_sha = [clip_hashes[str(p)] for p in kept["path"]]
-    progress(f"compress: {len(kept)} kept clips from {manifest_dir}")
+    samples = plan_samples(kept)
+    progress(f"compress: {len(kept)} kept rows from {manifest_dir} -> {len(samples)} samples "
+             f"({', '.join(f'{k} {v}' for k, v in _bucket_counts(samples).items())})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    pixels: Dict[str, torch.Tensor] = {}
+    pixels: Dict[int, torch.Tensor] = {}   # row -> its file's pixels [3,T,H,W], while its variants are encoded
+
+    def row_pixels(i: int) -> torch.Tensor:
+        if i not in pixels:
+            r = rows[i]
+            pixels[i] = read_image(paths[i]) if samples_kind[i] != "clip" else read_clip(paths[i], int(r.num_frames))
+        return pixels[i]
+
+    samples_kind = {s.row: s.kind for s in samples}
     with deterministic():
         # 1. the VAE: from its folder, or fitted here on every kept clip
         if vae_dir is None:
-            if needs_clips(cfg):
-                pixels = {c: read_clip(p, n) for c, p, n in zip(ids, paths, frames)}
-            vae, vae_meta = fit_vae_module(cfg, list(pixels.values()), device, progress)
+            clip_idx = [i for i in range(len(rows)) if samples_kind.get(i) == "clip"]
+            fit = [row_pixels(i) for i in clip_idx] if needs_clips(cfg) else []
+            vae, vae_meta = fit_vae_module(cfg, fit, device, progress)
         else:
             vae, folder_meta = load_vae_dir(vae_dir, cfg)
             vae = vae.to(device)
@@ -116,60 +170,71 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
                      f"{vae_meta['trained_steps']} fit steps)")
         text_enc = _build_text_encoder(cfg).to(device)
 
-        # 2. look every clip up in the latent store; encode the misses (reading only their videos)
+        # 2. look every sample up in the latent store; encode the misses (reading only their files)
         ident = text_enc.identity()
         idents = identities(vae_meta["weights_sha256"], vae_meta["config"], text_enc, device, text_identity=ident)
-        keys = [entry_key(c, h, cap, n, idents) for c, h, cap, n in zip(ids, file_sha, captions, frames)]
+        keys = [entry_key(str(rows[s.row].clip_id), file_sha[s.row], captions[s.row], s.frames, idents,
+                          size=None if s.top_resolution else (s.height, s.width)) for s in samples]
         store = LatentStore(store_dir) if store_dir is not None else None
         entries: Dict[str, Entry] = {}
         if store is not None:
-            for c, k in zip(ids, keys):
+            for smp, k in zip(samples, keys):
                 found = store.get(k)
                 if found is not None:
-                    entries[c] = found
-            total, reused = len(ids), len(entries)
-            why = ("every clip is encoded again" if not reused else f"all {total} clips were stored for it by an "
-                   "earlier run" if reused == total else f"{reused} of {total} clips were stored for it by an "
+                    entries[smp.sample_id] = found
+            total, reused = len(samples), len(entries)
+            why = ("every sample is encoded again" if not reused else f"all {total} samples were stored for it by an "
+                   "earlier run" if reused == total else f"{reused} of {total} samples were stored for it by an "
                    f"earlier run, the other {total - reused} are encoded")
             for change in identity_changes(store.last_identities(), idents):
                 progress(f"compress: {change}: {why}")
-            progress(f"compress: latent store {store.root}: {reused} clips from the store, {total - reused} to "
+            progress(f"compress: latent store {store.root}: {reused} samples from the store, {total - reused} to "
                      "encode")
-        reused, t0 = len(entries), time.perf_counter()
-        for c, h, cap, n, p, k in zip(ids, file_sha, captions, frames, paths, keys):
-            if c in entries:
-                continue
-            x = pixels.pop(c, None)
-            entries[c] = _encode_clip(vae, text_enc, read_clip(p, n) if x is None else x, cap, device)
+        reused, t0, last = len(entries), time.perf_counter(), -1
+        todo = [(smp, k) for smp, k in zip(samples, keys) if smp.sample_id not in entries]
+        for n_done, (smp, k) in enumerate(todo, 1):
+            if smp.row != last:
+                pixels.pop(last, None)   # a row's variants are consecutive: its pixels are read once
+                last = smp.row
+            x = resize_pixels(row_pixels(smp.row)[:, :smp.frames], smp.height, smp.width)
+            entries[smp.sample_id] = _encode_clip(vae, text_enc, x, captions[smp.row], device)
             if store is not None:
-                store.put(k, *entries[c], metadata={"clip_id": c, "file_sha256": h, "caption": cap,
-                                                    "num_frames": str(n)})
-        encoded = len(ids) - reused
+                store.put(k, *entries[smp.sample_id], metadata={
+                    "clip_id": str(rows[smp.row].clip_id), "file_sha256": file_sha[smp.row],
+                    "caption": captions[smp.row], "num_frames": str(smp.frames), "size": f"{smp.height}x{smp.width}"})
+            if n_done % 50 == 0:
+                progress(f"compress: encoded {n_done}/{len(todo)} samples ({time.perf_counter() - t0:.0f} s)")
+        pixels.clear()
+        encoded = len(todo)
         if store is not None:
             store.remember(idents)
-        progress(f"compress: encoded {encoded} clips in {time.perf_counter() - t0:.1f} s"
-                 + (f", {reused} from the latent store" if store is not None else "")
-                 + f", latent {list(entries[ids[0]][0].shape)}")
+        progress(f"compress: encoded {encoded} samples in {time.perf_counter() - t0:.1f} s"
+                 + (f", {reused} from the latent store" if store is not None else ""))
 
         # 3. normalise with train-split statistics (or the MUG-V constants) and encode the null caption
-        raw = [entries[c][0] for c in ids]
-        split = split_clips(ids, cfg.holdout_fraction)
+        split = split_clips(sorted({s.split_key for s in samples}), cfg.holdout_fraction)
         if cfg.vae.latent_stats == "mugv":   # the published constants, as the VAE's shift/scale buffers hold them
             shift, scale = cast(torch.Tensor, vae.shift), cast(torch.Tensor, vae.scale)   # registered buffers
             mean, std = shift.flatten().double().cpu(), scale.flatten().double().cpu()
-        else:
-            train_z = torch.cat([z.flatten(1) for z, c in zip(raw, ids) if split[c] == "train"], dim=1)
+        else:   # over the train clips at their largest resolution and full length (images too when no clip is)
+            basis = [s for s in samples if s.top_resolution and s.full_length and split[s.split_key] == "train"]
+            basis = [s for s in basis if s.kind == "clip"] or basis
+            train_z = torch.cat([entries[s.sample_id][0].flatten(1) for s in basis], dim=1)
             mean = train_z.double().mean(dim=1)
             std = train_z.double().std(dim=1, unbiased=False).clamp_min(1e-6)
         progress(f"compress: latent normalisation from {cfg.vae.latent_stats} statistics (applied once, here)")
-        norm = [((z.double() - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)).float() for z in raw]
         null_LD, null_mask_L = text_enc.encode([""])
 
-    # 4. the LatentDataset folder
-    for i, r in enumerate(kept.itertuples()):
-        _, text_LD, mask_L = entries[ids[i]]
-        writer.add(ids[i], norm[i], text_LD, mask_L, split=split[ids[i]], caption=captions[i],
-                   score=float(r.score), bucket=str(r.bucket), source_hash=str(r.source_hash),
+    # 4. the LatentDataset folder (samples in manifest order, each row's variants together)
+    for smp in samples:
+        r = rows[smp.row]
+        z, text_LD, mask_L = entries[smp.sample_id]
+        norm = ((z.double() - mean.view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)).float()
+        writer.add(smp.sample_id, norm, text_LD, mask_L, split=split[smp.split_key], caption=captions[smp.row],
+                   score=float(r.score), bucket=f"{smp.height}x{smp.width}x{smp.frames}",
+                   source_hash=str(r.source_hash), source_clip=str(r.clip_id), resolution=smp.resolution,
+                   num_frames=smp.frames, height=smp.height, width=smp.width, kind=smp.kind,
+                   top_resolution=smp.top_resolution, full_length=smp.full_length,
                    **{k: float(getattr(r, k, math.nan)) for k in FILTER_SCORES})
     writer.write_null_text(null_LD[0], null_mask_L[0])
     writer.write_vae(cpu_state(vae), vae_meta["config"])
@@ -181,6 +246,7 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
                          "weights_sha256": ident["weights_sha256"]},
         "latent_mean": [float(v) for v in mean], "latent_std": [float(v) for v in std],
         "clip_manifest_hash": manifest_hash(manifest_dir, kept, clip_hashes),
+        "buckets": _bucket_counts(samples),
     }
     band = motion_band(manifest_dir)
     if band is not None:
@@ -189,6 +255,16 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
     if store is not None:   # how the latents were obtained, not what they are: written after the content hash
         meta["latent_store"] = {"folder": str(store.root), "reused": reused, "encoded": encoded, "identities": idents}
         (out_dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    progress(f"compress: wrote {len(kept)} clips in {len(range(0, len(kept), cfg.shard_size))} shard(s) to "
-             f"{out_dir} (content_hash {meta['content_hash'][:16]})")
+    progress(f"compress: wrote {len(samples)} samples of {len(kept)} kept rows in "
+             f"{len(range(0, len(samples), cfg.shard_size))} shard(s) to {out_dir} (content_hash "
+             f"{meta['content_hash'][:16]})")
     return meta
+
+
+def _bucket_counts(samples: List[Sample]) -> Dict[str, int]:
+    """{"<resolution>x<frames>": samples} ("" resolution: a manifest without variants)."""
+    out: Dict[str, int] = {}
+    for s in samples:
+        k = f"{s.resolution or 'clip'}x{s.frames}"
+        out[k] = out.get(k, 0) + 1
+    return dict(sorted(out.items()))

@@ -4,7 +4,7 @@ clips it has not encoded before (docs/artifacts.md, "Latent store").
 One entry per clip, keyed by everything that changes its bytes:
 
     key = sha256(clip_id, clip file sha256, caption, frames encoded, VAE identity, text-encoder identity,
-                 encoding settings)[:32]
+                 encoding settings[, size H x W when resized to a lower resolution])[:32]
 
 clip_id is already a content hash of the clip's pixels (curation) and the file's hash pins the exact bytes decoded
 (compression hashes every clip file anyway, for the manifest hash); the VAE identity is its weights' sha256 and a
@@ -66,10 +66,14 @@ def identities(vae_sha256: str, vae_config: Dict[str, Any], text_encoder: Any, d
             "settings": {"posterior": POSTERIOR, "dtype": str(dtype).removeprefix("torch."), "device": device.type}}
 
 
-def entry_key(clip_id: str, file_sha256: str, caption: str, num_frames: int, idents: Dict[str, Any]) -> str:
-    """The store key of one clip (32 hex digits); ``file_sha256``: the clip file's bytes (the clip id hashes the
-    source pixels; the file is their H.264 encoding, which another cut of the same clip may not repeat bitwise)."""
-    return sha256_json([clip_id, file_sha256, caption, int(num_frames), idents], n=32)
+def entry_key(clip_id: str, file_sha256: str, caption: str, num_frames: int, idents: Dict[str, Any],
+              size: Optional[Tuple[int, int]] = None) -> str:
+    """The store key of one sample (32 hex digits); ``file_sha256``: the clip file's bytes (the clip id hashes the
+    source pixels; the file is their H.264 encoding, which another cut of the same clip may not repeat bitwise);
+    ``num_frames``: the frames encoded; ``size``: (H, W) when the sample is the file resized to a lower resolution
+    (None: the file's own size, so a clip's key is the same as before samples had several resolutions)."""
+    parts: List[Any] = [clip_id, file_sha256, caption, int(num_frames), idents]
+    return sha256_json(parts + [list(size)] if size is not None else parts, n=32)
 
 
 def _short(v: Any) -> str:

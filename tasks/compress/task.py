@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-from flytekit import Resources, task
+from flytekit import task
 
 from common import tracking
 from common.config import CompressConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import module_code_version, sha256_json
-from containers.images import cpu_image
-from tasks.common import artifact_dir, fresh_dir, local_path, publish
+from tasks.common import artifact_dir, fresh_dir, local_path, mirror, publish
+from tasks.resources import defaults
 from tasks.types import ClipManifest, FlyteDirectory, LatentDataset, VAEModel
 
 
@@ -31,8 +31,8 @@ def store_dir(cfg: CompressConfig, tracking_cfg: TrackingConfig) -> Path:
 
 
 @task(cache=True, cache_version=module_code_version("tasks.compress.task"),
-      cache_ignore_input_vars=("manifest", "parent_run"), container_image=cpu_image,
-      requests=Resources(cpu="2", mem="8Gi"))
+      cache_ignore_input_vars=("manifest", "parent_run"),
+      **defaults("fit_vae"))
 def fit_vae(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: TrackingConfig, parent_run: str) -> VAEModel:
     """The video VAE as an artifact: fitted on the manifest's kept clips (or imported from ``vae_pretrained``) once,
     then reused: a new manifest does not refit it, a raised ``vae_refit`` does."""
@@ -73,7 +73,7 @@ def fit_vae(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: TrackingC
 
 
 @task(cache=True, cache_version=module_code_version("tasks.compress.task"),
-      cache_ignore_input_vars=("parent_run",), container_image=cpu_image, requests=Resources(cpu="2", mem="8Gi"))
+      cache_ignore_input_vars=("parent_run",), **defaults("compress"))
 def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: TrackingConfig, parent_run: str,
              vae: Optional[VAEModel] = None) -> LatentDataset:
     """Encode kept clips with the VAE (``fit_vae``'s) and captions with the T5 encoder into latent shards, through
@@ -101,6 +101,7 @@ def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: Tracking
         meta = run_compress(cfg, manifest_dir, tmp, progress=progress, store_dir=store_dir(cfg, tracking_cfg),
                             vae_dir=local_path(vae.folder) if vae else None)
         publish(tmp, out)
+        mirror(tracking_cfg, out)   # the latents to tracking.artifact_uri, when set
         reader = LatentReader(out)
         n_train, n_val = len(reader.clip_ids("train")), len(reader.clip_ids("val"))
         vae_id = meta["vae"]["weights_sha256"][:16]

@@ -34,7 +34,7 @@ from common.latents import VAE_CONFIG, VAE_WEIGHTS
 from models.config import VAEConfig
 from models.text_encoder import state_dict_sha256
 from models.vae import CHUNK, VideoVAE, load_mugv_vae, load_vae_state
-from tasks.compress.clips import deterministic, manifest_hash, read_clip, read_kept, replicate_first
+from tasks.compress.clips import clip_rows, deterministic, manifest_hash, read_clip, read_kept, replicate_first
 
 VAE_META = "meta.json"
 VAE_FIELDS = ("vae", "vae_pretrained", "vae_train_steps", "vae_lr", "vae_kl_weight", "seed", "vae_refit")
@@ -188,9 +188,10 @@ def ensure_vae(cfg: CompressConfig, folder: str | Path, manifest_dir: Union[Path
     if needs_clips(cfg):
         mdir = manifest_dir() if callable(manifest_dir) else Path(manifest_dir)
         kept = read_kept(mdir)
-        progress(f"compress: fitting the VAE on the {len(kept)} kept clips of {mdir}")
-        clips = [read_clip(mdir / r.path, int(r.num_frames)) for r in kept.itertuples()]
-        fit_manifest, fit_clips = manifest_label or manifest_hash(mdir, kept), len(kept)
+        videos = clip_rows(kept)   # the clips, not the images and key frames
+        progress(f"compress: fitting the VAE on the {len(videos)} kept clips of {mdir}")
+        clips = [read_clip(mdir / r.path, int(r.num_frames)) for r in videos.itertuples()]
+        fit_manifest, fit_clips = manifest_label or manifest_hash(mdir, kept), len(videos)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with deterministic():
         vae, info = fit_vae_module(cfg, clips, device, progress)

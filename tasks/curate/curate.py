@@ -23,6 +23,7 @@ presentation timestamps. clip_id = sha256(output pixels, source hash, window)[:1
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -126,7 +127,7 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
     times = meta["timestamps"]
     _, src_h, src_w, _ = frames_THWC.shape
     fps = src_fps / cfg.frame_stride
-    out_h, out_w = buckets.size_bucket(src_h, src_w, cfg)
+    _, out_h, out_w = _top_resolution(src_h, src_w, cfg)
     allowed = buckets.lengths(cfg, fps)
     if not allowed:
         raise DecodeError(DecodeError.NO_LENGTH, f"no clip length in {[cfg.clip_frames, *cfg.bucket_frames]} fits "
@@ -165,8 +166,14 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
                 captioner = models.captioner(sidecar)
                 caption, caption_source = captioner.caption(src_THWC, report.aesthetic), captioner.source
             rel = "" if reason else f"clips/{cid}.mp4"
+            images = []
             if rel:
                 pending.append((out_dir / rel, clip_THWC))
+                for k in _keyframe_indices(len(src_THWC), cfg.keyframes):
+                    images.append(_image_row(src_THWC[k:k + 1], out_h, out_w, source_hash, cid, (start + k * cfg.frame_stride,
+                                          cfg.frame_stride), sidecar, fallback, cfg, models, out_dir, "keyframe",
+                                          scene_index=scene_index, start_s=float(times[start + k * cfg.frame_stride]),
+                                          src_height=src_h, src_width=src_w))
             row = manifest_row(source_hash, caption, "rejected" if reason else "kept", reason, clip_id=cid,
                                start_frame=start, end_frame=start + span, height=out_h, width=out_w,
                                num_frames=len(clip_THWC), duration_s=len(clip_THWC) / fps, scene_index=scene_index,
@@ -174,11 +181,87 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
                                bucket=buckets.bucket_name(out_h, out_w, n), path=rel, start_s=float(times[start]),
                                end_s=float(times[start + span - 1]) + 1 / src_fps, motion=report.motion,
                                text_area=report.text_area, aesthetic=report.aesthetic, phash=clip_phash(clip_THWC),
-                               caption_source=caption_source, scored_by=f"aesthetic {scorer.identity}", **common)
-            out.append((row, key))
+                               caption_source=caption_source, scored_by=f"aesthetic {scorer.identity}", kind="clip",
+                               variants="" if reason else json.dumps(buckets.variants(out_h, out_w, n, cfg, fps)),
+                               **common)
+            out += [(row, key), *images]
     for clip_path, clip_THWC in pending:
         write_clip(clip_path, clip_THWC, fps)
     return out
+
+
+def _top_resolution(src_h: int, src_w: int, cfg: CurateConfig) -> Tuple[str, int, int]:
+    """(name, H, W) of the largest resolution the source covers; DecodeError TOO_SMALL when it covers none."""
+    from tasks.curate import buckets
+
+    found = buckets.covered(src_h, src_w, cfg)
+    if not found:
+        h, w = buckets.smallest_size(cfg)
+        raise DecodeError(DecodeError.TOO_SMALL, f"{src_w}x{src_h} does not cover the smallest resolution bucket "
+                          f"{w}x{h} (never upscaled): add a smaller curate.resolutions entry to keep it")
+    return found[0]
+
+
+def _keyframe_indices(num_frames: int, count: int) -> List[int]:
+    """``count`` frame indices spread evenly inside a clip (1: the middle frame)."""
+    return [int((i + 1) * num_frames / (count + 1)) for i in range(count)] if count else []
+
+
+def _image_row(src_1HWC: np.ndarray, out_h: int, out_w: int, source_hash: str, parent: str, at: Tuple[int, int],
+               sidecar: str | None, fallback: str, cfg: CurateConfig, models: Models, out_dir: Path, kind: str,
+               **fields: Any) -> Tuple[Dict[str, Any], str]:
+    """(row, reason key) of one image sample: an image file (``kind`` "image") or a key frame of the kept clip
+    ``parent`` ("keyframe"), scored by the image filters (all but motion), cropped and resized to out_h x out_w
+    (written as PNG under images/ when kept) and captioned."""
+    from tasks.curate import buckets
+    from tasks.curate.dedup import clip_phash
+
+    report = assess(src_1HWC, cfg, models.scorer, image=True)
+    failure = report.first_failure
+    image_1HWC = center_crop_resize(src_1HWC, out_h, out_w)
+    iid = clip_id(image_1HWC, source_hash, at[0], at[0] + 1, at[1])
+    (out_dir / "thumbs").mkdir(parents=True, exist_ok=True)
+    (out_dir / "thumbs" / f"{iid}.png").write_bytes(thumbnail(image_1HWC[0]))
+    caption, caption_source, rel = fallback, "", ""
+    if failure is None:
+        captioner = models.captioner(sidecar)
+        caption, caption_source = captioner.caption(src_1HWC, report.aesthetic), captioner.source
+        rel = f"images/{iid}.png"
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out_dir / rel), np.ascontiguousarray(image_1HWC[0][..., ::-1]))
+    row = manifest_row(source_hash, caption, "rejected" if failure else "kept", failure.reason if failure else "",
+                       clip_id=iid, height=out_h, width=out_w, num_frames=1, sharpness=report.sharpness,
+                       brightness=report.brightness, score=report.score, bucket=buckets.bucket_name(out_h, out_w, 1),
+                       path=rel, text_area=report.text_area, aesthetic=report.aesthetic,
+                       phash=clip_phash(image_1HWC), caption_source=caption_source,
+                       scored_by=f"aesthetic {models.scorer.identity}", kind=kind,
+                       parent_clip=parent if kind == "keyframe" else "",
+                       variants="" if failure else json.dumps(buckets.variants(out_h, out_w, 1, cfg, 1.0)), **fields)
+    return row, failure.key if failure else ""
+
+
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """An image file -> uint8 RGB [1,H,W,3]; DecodeError for an empty, undecodable or too large file."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        raise DecodeError(DecodeError.EMPTY, f"{path.name} has 0 bytes")
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DecodeError(DecodeError.NOT_IMAGE, f"{path.name}: OpenCV cannot decode it as an image")
+    if bgr.shape[0] * bgr.shape[1] > max_pixels:
+        raise DecodeError(DecodeError.TOO_LARGE, f"{bgr.shape[1]}x{bgr.shape[0]} > {max_pixels} pixels")
+    return np.ascontiguousarray(bgr[None, ..., ::-1])
+
+
+def curate_image(path: Path, source_hash: str, sidecar: str | None, cfg: CurateConfig, models: Models,
+                 out_dir: Path) -> List[Tuple[Dict[str, Any], str]]:
+    """The row of one image file (jpg, png, webp): cut at the largest resolution it covers, image filters,
+    captioned (sidecar <stem>.txt or the model). Raises DecodeError."""
+    image_1HWC = read_image(path, cfg.max_pixels)
+    _, src_h, src_w, _ = image_1HWC.shape
+    _, out_h, out_w = _top_resolution(src_h, src_w, cfg)
+    return [_image_row(image_1HWC, out_h, out_w, source_hash, "", (0, 1), sidecar, sidecar or cfg.default_caption,
+                       cfg, models, out_dir, "image", src_height=src_h, src_width=src_w)]
 
 
 def curate_input(item: InputFile, cfg: CurateConfig, models: Models, out_dir: Path, path: Path, source_hash: str,
@@ -188,8 +271,12 @@ def curate_input(item: InputFile, cfg: CurateConfig, models: Models, out_dir: Pa
     Anything else (storage unreachable, a model that fails to load, out of memory, a bug) is transient or ours, not
     the input's: it propagates, so the shard fails (Flyte retries it), nothing is stored, and a later run processes
     the input again."""
+    from common.storage import IMAGE_EXTENSIONS
+
     fallback = sidecar or cfg.default_caption
     try:
+        if Path(item.name).suffix.lower() in IMAGE_EXTENSIONS:
+            return curate_image(path, source_hash, sidecar, cfg, models, out_dir)
         return curate_video(path, source_hash, sidecar, cfg, models, out_dir)
     except DecodeError as e:
         return [(manifest_row(source_hash, fallback, "failed", str(e)), e.kind)]

@@ -37,6 +37,8 @@ class DecodeError(Exception):
     NO_FRAMES = "no decodable frames"
     TOO_LARGE = "resolution too large"
     NO_LENGTH = "no clip length fits"
+    NOT_IMAGE = "not an image"
+    TOO_SMALL = "resolution too small"
 
     def __init__(self, kind: str, detail: str = "") -> None:
         self.kind = kind

@@ -106,19 +106,23 @@ def quality_score(sharpness_value: float, cfg: CurateConfig) -> float:
     return float(min(1.0, max(0.0, (math.log(max(sharpness_value, 1e-6)) - lo) / (hi - lo))))
 
 
-def assess(frames_THWC: np.ndarray, cfg: CurateConfig, scorer: Optional[Any] = None) -> QualityReport:
+def assess(frames_THWC: np.ndarray, cfg: CurateConfig, scorer: Optional[Any] = None,
+           image: bool = False) -> QualityReport:
     """Run every filter on source-resolution frames uint8 [T,H,W,3] of one clip window (``scorer``: an
-    ``aesthetic.AestheticScorer``, or None to skip the aesthetic filter)."""
+    ``aesthetic.AestheticScorer``, or None to skip the aesthetic filter). ``image``: one frame (an image file or a
+    key frame): every filter but motion, which is NaN."""
     from tasks.curate.motion import motion_score
     from tasks.curate.text_overlay import text_area
 
     if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3 or len(frames_THWC) == 0:
         raise ValueError(f"assess: need uint8 [T,H,W,3] with T >= 1, got {frames_THWC.shape}")
     sharp, bright = sharpness(frames_THWC), brightness(frames_THWC)
-    motion, text = motion_score(frames_THWC, cfg.motion_height), text_area(frames_THWC)
-    results = [brightness_filter(bright, cfg), sharpness_filter(sharp, cfg),
-               _band("motion", motion, cfg.motion_min, cfg.motion_max, ".2f"),
-               _band("text_area", text, 0.0, cfg.text_area_max, ".3f")]
+    motion = float("nan") if image else motion_score(frames_THWC, cfg.motion_height)
+    text = text_area(frames_THWC)
+    results = [brightness_filter(bright, cfg), sharpness_filter(sharp, cfg)]
+    if not image:
+        results.append(_band("motion", motion, cfg.motion_min, cfg.motion_max, ".2f"))
+    results.append(_band("text_area", text, 0.0, cfg.text_area_max, ".3f"))
     aes = float("nan")
     if scorer is not None:
         aes = scorer.score(frames_THWC)

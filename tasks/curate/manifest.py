@@ -26,6 +26,9 @@ SCHEMA = pa.schema([
     # added by the production curation (issue 4); older readers ignore them
     ("start_s", pa.float64()), ("end_s", pa.float64()), ("motion", pa.float64()), ("text_area", pa.float64()),
     ("aesthetic", pa.float64()), ("phash", pa.string()), ("caption_source", pa.string()), ("scored_by", pa.string()),
+    # the curriculum (issue 12): "clip" | "image" (an image file) | "keyframe" (a frame of the kept clip
+    # parent_clip); variants: JSON [[resolution, H, W, frames], ...], what compress encodes of a kept row
+    ("kind", pa.string()), ("parent_clip", pa.string()), ("variants", pa.string()),
 ])
 NAN = float("nan")
 
@@ -36,7 +39,8 @@ def manifest_row(source_hash: str, caption: str, status: str, reason: str, **cli
     row: Dict[str, Any] = {f.name: None for f in SCHEMA if f.name != "source_uri"}
     row.update(clip_id="", source_hash=source_hash, status=status, reason=reason, fps=NAN, duration_s=NAN,
                sharpness=NAN, brightness=NAN, score=NAN, caption=caption, bucket="", path="", start_s=NAN, end_s=NAN,
-               motion=NAN, text_area=NAN, aesthetic=NAN, phash="", caption_source="", scored_by="")
+               motion=NAN, text_area=NAN, aesthetic=NAN, phash="", caption_source="", scored_by="", kind="",
+               parent_clip="", variants="")
     row.update(clip)
     return row
 

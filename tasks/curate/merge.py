@@ -2,16 +2,19 @@
 
 In listing order (shards keep it): an input whose bytes equal an earlier input's is "rejected" ("duplicate source
 (same bytes as <name>)"); the others' stored rows get their ``source_uri``. Then kept clips are compared by
-perceptual hash across the whole run (``dedup.find_duplicates``, first kept wins) and later near-duplicates become
-"rejected" ("near-duplicate of <clip_id> (distance d)"). Kept clips are copied from the store to ``clips/``, the
-thumbnail of every candidate clip to ``thumbs/`` (for the report's contact sheet).
+perceptual hash across the whole run (``dedup.find_duplicates``, first kept wins; clips among clips, images and key
+frames among images) and later near-duplicates become "rejected" ("near-duplicate of <clip_id> (distance d)"); a key
+frame whose clip is rejected there goes with it ("parent clip <id> rejected"). Kept clips are copied from the store
+to ``clips/``, kept images and key frames to ``images/``, the thumbnail of every candidate to ``thumbs/`` (for the
+report's contact sheet).
 
 Accounting (summary.json), input level: every input gets exactly one outcome,
   "kept"     = inputs with >= 1 kept clip,
   "rejected" = inputs that decoded but gave no kept clip,
   "failed"   = inputs that could not be fetched, decoded or processed,
 so inputs == kept + rejected + failed == number of distinct manifest source_uri values. Row level:
-  rows == clips_kept + clips_rejected + failed, and sum(reasons.values()) == clips_rejected + failed.
+  rows == clips_kept + clips_rejected + failed, and sum(reasons.values()) == clips_rejected + failed (a "clip" row
+  here is any sample row: clips, images and key frames; images_kept and keyframes_kept count the latter two).
 summary.json also has processed / reused (inputs decoded in this run / taken from the store), shards,
 aesthetic_model and aesthetic_random (whether the aesthetic scores come from a randomly initialised model),
 caption_sources ({source: clips}), input_status, source_hashes, config and content_hash.
@@ -31,6 +34,8 @@ from tasks.curate.dedup import find_duplicates
 from tasks.curate.manifest import MANIFEST, SCHEMA, SUMMARY, content_hash, manifest_row
 from tasks.curate.store import load_entry
 
+IMAGE_KINDS = ("image", "keyframe")
+
 
 def merge_shards(results: List[Dict[str, Any]], cfg: CurateConfig, store: Path, out_dir: Path,
                  progress: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -41,6 +46,7 @@ def merge_shards(results: List[Dict[str, Any]], cfg: CurateConfig, store: Path, 
         raise ValueError(f"merge: out_dir must be empty, {out_dir} is not")
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
     (out_dir / "thumbs").mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     entries: List[Dict[str, Any]] = [e for r in results for e in r["entries"]]
     keyed: List[List[Any]] = []          # [row, reason key, entry key]
     seen: Dict[str, str] = {}
@@ -56,14 +62,23 @@ def merge_shards(results: List[Dict[str, Any]], cfg: CurateConfig, store: Path, 
                 seen[e["source_hash"]] = e["name"]
         for row, key in entry_rows:
             keyed.append([{**row, "source_uri": e["uri"]}, key, e["key"]])
-    kept = [(r["clip_id"], r["phash"]) for r, _, _ in keyed if r["status"] == "kept"]
-    dups = find_duplicates(kept, cfg.dedup_max_distance)
+    dups: Dict[str, Any] = {}
+    for images in (False, True):   # clips among clips, images (files and key frames) among images
+        dups.update(find_duplicates([(r["clip_id"], r["phash"]) for r, _, _ in keyed if r["status"] == "kept"
+                                     and (r.get("kind") in IMAGE_KINDS) == images], cfg.dedup_max_distance))
     for item in keyed:
         row, _, key = item
         if row["clip_id"] in dups and row["status"] == "kept":
             first, dist = dups[row["clip_id"]]
-            row.update(status="rejected", reason=f"near-duplicate of {first} (distance {dist:.1f})", path="")
+            row.update(status="rejected", reason=f"near-duplicate of {first} (distance {dist:.1f})", path="",
+                       variants="")
             item[1] = "near-duplicate"
+    kept_clips = {r["clip_id"] for r, _, _ in keyed if r["status"] == "kept" and r.get("kind") == "clip"}
+    for item in keyed:   # a key frame follows its clip: a clip rejected here takes its key frames with it
+        row, key = item[0], item[2]
+        if row.get("kind") == "keyframe" and row["status"] == "kept" and row["parent_clip"] not in kept_clips:
+            row.update(status="rejected", reason=f"parent clip {row['parent_clip']} rejected", path="", variants="")
+            item[1] = "parent clip rejected"
         if row["clip_id"] and key:
             thumb = store / key / "thumbs" / f"{row['clip_id']}.png"
             if thumb.is_file():
@@ -90,6 +105,8 @@ def merge_shards(results: List[Dict[str, Any]], cfg: CurateConfig, store: Path, 
     summary = {
         "inputs": len(entries), **counts,
         "clips_kept": sum(r["status"] == "kept" for r in rows),
+        "images_kept": sum(r["status"] == "kept" and r.get("kind") == "image" for r in rows),
+        "keyframes_kept": sum(r["status"] == "kept" and r.get("kind") == "keyframe" for r in rows),
         "clips_rejected": sum(r["status"] == "rejected" for r in rows),
         "rows": len(rows),
         "reasons": dict(sorted(reasons.items())),

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
-from flytekit import Deck, Resources, map_task, task
+from flytekit import Deck, map_task, task
 
 from common import tracking
 from common.config import CurateConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import module_code_version, sha256_json
-from containers.images import cpu_image
-from tasks.common import artifact_dir, fresh_dir, publish
+from tasks.common import artifact_dir, fresh_dir, mirror, publish
+from tasks.resources import defaults
 from tasks.types import ClipManifest, FlyteDirectory
 
 
@@ -56,7 +56,7 @@ def _caption_hash(caption_uri: str) -> str:
     return sha256_json(read_text(caption_uri), n=16) if caption_uri else ""
 
 
-@task(container_image=cpu_image)
+@task(**defaults("orchestration"))
 def snapshot_inputs(cfg: CurateConfig) -> str:
     """Fingerprint of the raw inputs (names, sizes and the sidecar captions' contents): curation's cache key changes
     when videos are added or a caption is edited."""
@@ -66,7 +66,7 @@ def snapshot_inputs(cfg: CurateConfig) -> str:
     return sha256_json([sorted(repr(i) for i in items), sorted(_caption_hash(i.caption_uri) for i in items)], n=16)
 
 
-@task(container_image=cpu_image)
+@task(**defaults("orchestration"))
 def plan_curation(cfg: CurateConfig, inputs_fingerprint: str, tracking_cfg: TrackingConfig) -> List[CurateShard]:
     """List the inputs and cut them into shards of ``cfg.shard_size`` (``inputs_fingerprint`` orders it after the
     snapshot)."""
@@ -80,8 +80,8 @@ def plan_curation(cfg: CurateConfig, inputs_fingerprint: str, tracking_cfg: Trac
             for i, s in enumerate(plan_shards(list_inputs(cfg.input_uri), cfg.shard_size))]
 
 
-@task(cache=True, cache_version=module_code_version("tasks.curate.task"), retries=2, container_image=cpu_image,
-      requests=Resources(cpu="2", mem="4Gi"))
+@task(cache=True, cache_version=module_code_version("tasks.curate.task"), retries=2,
+      **defaults("curate_shard"))
 def curate_shard(shard: CurateShard) -> ShardResult:
     """Decode, split, filter, caption one shard's inputs into the per-input store (reusing stored results)."""
     from common.storage import InputFile
@@ -97,7 +97,7 @@ curate_shards = map_task(curate_shard)
 
 
 @task(cache=True, cache_version=module_code_version("tasks.curate.task"), cache_ignore_input_vars=("parent_run",),
-      container_image=cpu_image, requests=Resources(cpu="1", mem="2Gi"), enable_deck=True)
+      enable_deck=True, **defaults("curate_merge"))
 def curate(cfg: CurateConfig, shards: List[ShardResult], tracking_cfg: TrackingConfig, parent_run: str) -> ClipManifest:
     """Merge the shards (source and near-duplicate checks, accounting), report (Deck + MLflow) -> ClipManifest."""
     from tasks.curate.merge import merge_shards
@@ -114,6 +114,7 @@ def curate(cfg: CurateConfig, shards: List[ShardResult], tracking_cfg: TrackingC
         tmp = fresh_dir(out)
         summary = merge_shards(results, cfg, store, tmp, progress=lambda m: print(f"[curate] {m}", flush=True))
         publish(tmp, out)
+        mirror(tracking_cfg, out)   # clips + manifest to tracking.artifact_uri, when set
         report_dir = out.with_name(out.name + "-report")
         page = write_report(out, report_dir)
         Deck("curation", page)

@@ -56,7 +56,7 @@ def heldout_order(clip_id: str) -> str:
 
 def select_heldout(reader: Any, n: int) -> List[str]:
     """``n`` clip ids of the dataset's "val" split by hash; raises if there is none, asserts none is a train clip."""
-    val, train = reader.clip_ids("val"), set(reader.clip_ids("train"))
+    val, train = reader.primary_clip_ids("val"), set(reader.clip_ids("train"))
     if not val:
         raise ValueError(f"{reader.root}: the LatentDataset has no held-out ('val') clips; set compress."
                          "holdout_fraction > 0 (and at least 2 clips) so evaluation never measures train clips")

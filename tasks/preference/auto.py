@@ -73,7 +73,7 @@ def run_auto_pairs(cfg: PairsConfig, latents_dir: Path, out_dir: Path,
                    progress: Callable[[str], None] = print) -> Dict[str, Any]:
     """Write the auto PreferencePairs folder for the train clips of ``latents_dir``; returns meta.json's dict."""
     reader = LatentReader(latents_dir)
-    train = reader.clip_ids("train")
+    train = reader.primary_clip_ids("train")   # each clip once, at its largest resolution and full length
     if not train:
         raise ValueError(f"{latents_dir}: no train clips to build automatic preference pairs from")
     progress(NOTE.format(kinds=", ".join(dict.fromkeys(cfg.corruptions))))

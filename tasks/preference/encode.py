@@ -50,7 +50,7 @@ CHUNK = 8   # pixel frames per latent frame after the first (the VAE's temporal 
 
 def dataset_bucket(reader: LatentReader) -> Tuple[int, ...]:
     """The most common latent shape [C, T, h, w] among the train clips (index order breaks ties)."""
-    shapes = [reader.latent_shape(c) for c in reader.clip_ids("train")]
+    shapes = [reader.latent_shape(c) for c in reader.primary_clip_ids("train")]
     if not shapes:
         raise ValueError(f"{reader.root}: no train clips, so no bucket to encode the pair videos at")
     counts = Counter(shapes)
