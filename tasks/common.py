@@ -1,8 +1,10 @@
-"""Helpers shared by the task adapters: where outputs go, and resolving Flyte folders to local paths."""
+"""Helpers shared by the task adapters: where outputs go, their copy in object storage, and resolving Flyte folders
+to local paths."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import List, Optional, Sequence
 
 from flytekit.types.directory import FlyteDirectory
 
@@ -42,3 +44,38 @@ def local_path(folder: FlyteDirectory) -> Path:
             f"artifact folder {path} no longer exists (a cached result points at deleted files); "
             "clear the cache with `pyflyte local-cache clear` and rerun")
     return path
+
+
+def mirror(tracking: TrackingConfig, folder: Path, files: Optional[Sequence[str]] = None,
+           exclude: Sequence[str] = ()) -> str:
+    """Upload a published stage output ``<root>/artifacts/<stage>/<key>`` to ``<tracking.artifact_uri>/<stage>/<key>``
+    (``common.objectstore.upload_folder``: complete or absent, checksummed; ``files``/``exclude`` select what goes)
+    and tag the active MLflow run with the URI (``artifact_uri``); returns it. Nothing happens, and "" is returned,
+    when ``tracking.artifact_uri`` is "" (local only, the default)."""
+    if not tracking.artifact_uri:
+        return ""
+    from common.objectstore import upload_folder
+
+    base = Path(tracking.root).resolve() / "artifacts"
+    try:
+        rel = Path(folder).resolve().relative_to(base).as_posix()
+    except ValueError:
+        raise ValueError(f"mirror: {folder} is not under {base} (outputs are published with artifact_dir)") from None
+    uri = f"{tracking.artifact_uri.rstrip('/')}/{rel}"
+    manifest = upload_folder(folder, uri, files=files, exclude=exclude)
+    print(f"[objectstore] {folder.name}: {len(manifest['files'])} files, {manifest['total_bytes']} bytes -> {uri}",
+          flush=True)
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tag("artifact_uri", uri)
+    return uri
+
+
+def exported_checkpoint_files(checkpoint_dir: Path) -> List[str]:
+    """What a Checkpoint folder keeps in object storage: ``latest``, ``metrics.jsonl`` and the latest step's exported
+    weights (model.safetensors, ema.safetensors, meta.json), never optim/, dist/, job.json or older steps."""
+    step = (checkpoint_dir / "latest").read_text().strip()
+    names = ["latest", "metrics.jsonl"] + [f"{step}/{f}" for f in ("model.safetensors", "ema.safetensors",
+                                                                      "meta.json")]
+    return [n for n in names if (checkpoint_dir / n).is_file()]

@@ -433,7 +433,13 @@ def test_tasks_first_version_becomes_champion_then_candidates_are_compared_with_
     import mlflow
 
     mlflow.set_tracking_uri(tracking.tracking_uri(tc.root))
-    loaded = mlflow.pytorch.load_model("models:/m@champion")
+    mlflow.set_registry_uri(tracking.tracking_uri(tc.root))
+    from tasks.register.registry import load_registered_dit
+
+    loaded = load_registered_dit("models:/m@champion", tmp_path / "registered")
+    assert {a.path for a in client.list_artifacts(v1.run_id)} >= {"checkpoint", "codecs", "evaluation"}
+    assert not {a.path for a in client.list_artifacts(v1.run_id)} & {"model", "optim", "dist"}   # no pickled model
+    assert v1.source == f"runs:/{v1.run_id}/checkpoint"
     ema = load_file(str(world["good"] / "ema.safetensors"))
     assert all(torch.equal(loaded.state_dict()[k], ema[k]) for k in ema)   # the registered model is the EMA
 

@@ -198,3 +198,31 @@ def test_cli_and_retry_budget_env(s3, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(ob.MAX_WAIT_ENV, "soon")
     with pytest.raises(ValueError, match="VGEN_S3_MAX_WAIT_S must be a number"):
         ob.max_wait_default()
+
+
+def test_mirror_uploads_stage_outputs_and_only_the_exported_checkpoint_weights(s3, tmp_path):
+    """tasks.common.mirror: a stage output under <root>/artifacts goes to <tracking.artifact_uri>/<stage>/<key>; a
+    Checkpoint folder keeps latest, metrics.jsonl and the latest step's weights + meta.json, never optim/, dist/,
+    job.json or older steps; artifact_uri "" uploads nothing."""
+    from common.config import TrackingConfig
+    from tasks.common import artifact_dir, exported_checkpoint_files, mirror
+
+    local = TrackingConfig(root=str(tmp_path / "runs"))
+    remote = TrackingConfig(root=str(tmp_path / "runs"), artifact_uri="s3://mirror-bucket/team/run")
+    out = artifact_dir(remote, "train", "stage1-abc")
+    for step in ("step_00000002", "step_00000004"):
+        for f in ("model.safetensors", "ema.safetensors", "meta.json", "optim/rank00000.pt", "dist/__0_0.distcp"):
+            (out / step / f).parent.mkdir(parents=True, exist_ok=True)
+            (out / step / f).write_bytes(f"{step}/{f}".encode())
+    (out / "latest").write_text("step_00000004\n")
+    (out / "metrics.jsonl").write_text('{"step": 4}\n')
+    (out / "job.json").write_text("{}")
+    assert mirror(local, out, files=exported_checkpoint_files(out)) == ""
+    assert mirror(remote, out, files=exported_checkpoint_files(out)) == "s3://mirror-bucket/team/run/train/stage1-abc"
+    assert _keys("mirror-bucket", "") == [f"team/run/train/stage1-abc/{k}" for k in (
+        "_MANIFEST.json", "latest", "metrics.jsonl", "step_00000004/ema.safetensors", "step_00000004/meta.json",
+        "step_00000004/model.safetensors")]
+    with pytest.raises(ValueError, match="is not under"):
+        mirror(remote, tmp_path)
+    with pytest.raises(ValueError, match=r"tracking.artifact_uri must be s3://bucket/prefix"):
+        TrackingConfig(artifact_uri="/mnt/share")

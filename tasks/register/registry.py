@@ -1,13 +1,17 @@
 """The MLflow model registry (no Flyte here): register an evaluated checkpoint, find and download the champion.
 
-A model version holds the DiT's EMA weights as an ``mlflow.pytorch`` model (pickle format with the ``models``
-package as code, so ``mlflow.pytorch.load_model("models:/<name>@candidate")`` works without this repo on the
-path), ``checkpoint/`` = model.safetensors, ema.safetensors and meta.json of the step folder (no optimizer state,
-no dist/), ``codecs/`` = the VAE + text encoder + latent statistics that turn its latents into videos, and
-``evaluation/metrics.json``. Its tags carry the lineage, the metrics and the suite hash (``eval.suite_hash``).
+A model version holds the exported weights only, as run artifacts: ``checkpoint/`` = model.safetensors,
+ema.safetensors and meta.json of the final step folder (meta.json's ``dit`` is the model config; no optimizer
+state, no dist/, no pickled model), ``codecs/`` = the VAE + text encoder + latent statistics that turn its latents
+into videos, and ``evaluation/metrics.json``. The version's source is ``runs:/<run>/checkpoint``, so
+``mlflow.artifacts.download_artifacts("models:/<name>@candidate")`` fetches the weights; ``load_registered_dit``
+builds the DiT from them (its EMA, what evaluation ranked). With a tracking server whose artifacts live on S3/MinIO
+(``make services``, README "Object storage and services") this is the upload of the weights. Its tags carry the
+lineage, the metrics and the suite hash (``eval.suite_hash``).
 
     version, uri = register_checkpoint(name, "candidate", dit_cfg, step_dir, latents_dir, tags, eval_dir=report_dir)
     champ = champion_files(name, "champion", dst)   # ChampionFiles (downloaded) or None before the first version
+    model = load_registered_dit("models:/video-dit-tiny@champion", dst)
 
 Registration sets the candidate alias only; the champion alias moves through the gate (``tasks/register/gate.py``,
 applied by the register task with ``tasks/register/promote.py``).
@@ -21,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from common.config import DiTConfig
+from common.config import DiTConfig, to_dict
 from common.latents import META, NULL_TEXT, TEXT_DIR, VAE_DIR
 from tasks.evaluate.results import ChampionFiles
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "meta.json")   # what a version keeps of a step folder
 SUITE_TAG, METRICS_TAG = "eval.suite_hash", "eval.metrics_json"
 TAG_LIMIT = 5000   # MLflow's model-version tag value limit (characters)
@@ -91,17 +94,23 @@ def champion_files(name: str, alias: str, dst: Path) -> Optional[ChampionFiles]:
 def register_checkpoint(name: str, alias: str, dit_cfg: DiTConfig, step_dir: Path, latents_dir: Path,
                         tags: Dict[str, str], champion_alias: str = "champion",
                         eval_dir: Optional[Path] = None) -> Tuple[str, str]:
-    """Log and register the checkpoint's EMA weights in the active MLflow run and set ``alias``; returns (version,
-    model_uri). (``champion_alias`` is accepted for callers of the former signature; the gate moves it.)"""
+    """Log the checkpoint's exported weights (``CHECKPOINT_FILES``), its codecs and evaluation in the active MLflow
+    run, register them as a new version of ``name`` and set ``alias``; returns (version, model_uri).
+    (``champion_alias`` is accepted for callers of the former signature; the gate moves it.)"""
     import mlflow
-    import torch
+    from mlflow.exceptions import MlflowException
 
-    from tasks.evaluate.evaluate import load_dit
-
-    model = load_dit(dit_cfg, step_dir, ema=True)      # what evaluation ranked
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "einops"]
-    info = mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", pip_requirements=requirements,
-                                    code_paths=[str(REPO_ROOT / "models")], registered_model_name=name)
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_checkpoint logs into the active MLflow run: call it inside "
+                           "common.tracking.child_run(...) (or mlflow.start_run())")
+    trained = json.loads((step_dir / "meta.json").read_text()).get("dit") or {} \
+        if (step_dir / "meta.json").is_file() else {}
+    wanted = json.loads(json.dumps(to_dict(dit_cfg)))
+    differ = sorted(k for k in set(trained) & set(wanted) if trained[k] != wanted[k])
+    if differ:
+        raise ValueError(f"{step_dir}/meta.json was trained with another DiT config than train.dit ({differ[:5]} "
+                         "differ): register the checkpoint with the config it was trained with")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "checkpoint"
         ckpt.mkdir()
@@ -122,9 +131,34 @@ def register_checkpoint(name: str, alias: str, dit_cfg: DiTConfig, step_dir: Pat
         mlflow.log_artifacts(str(codecs), "codecs")
     if eval_dir is not None and (eval_dir / "metrics.json").is_file():
         mlflow.log_artifact(str(eval_dir / "metrics.json"), "evaluation")
-    version = str(info.registered_model_version)
     client = _client()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    version = str(client.create_model_version(name, source=f"runs:/{run.info.run_id}/checkpoint",
+                                              run_id=run.info.run_id).version)
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v)[:TAG_LIMIT])
     client.set_registered_model_alias(name, alias, version)
     return version, f"models:/{name}@{alias}"
+
+
+def load_registered_dit(model_uri: str, dst: Path, ema: bool = True):
+    """The DiT of a registered version (``models:/<name>@<alias>`` or ``models:/<name>/<version>``), built from
+    its meta.json's ``dit`` config with its EMA weights (``ema=False``: the raw weights), checksums verified;
+    the files are downloaded into ``dst``."""
+    from common.lineage import parse_model_uri
+    from tasks.evaluate.evaluate import dit_config_of, load_dit
+
+    name, kind, ref = parse_model_uri(model_uri)
+    if kind == "alias":
+        mv = find_alias(name, ref)
+        if mv is None:
+            raise LookupError(f"{model_uri}: no such model or alias (list the versions and aliases: python -m "
+                              f"tasks.register.promote --show {name})")
+    else:
+        found = _client().get_model_version(name, ref)
+        mv = RegisteredVersion(name, str(found.version), str(found.run_id or ""), dict(found.tags or {}))
+    step, _ = download_version(mv, Path(dst))
+    return load_dit(dit_config_of(step), step, ema=ema)
