@@ -17,17 +17,17 @@ from flytekit.types.file import FlyteFile
 
 from common import tracking
 from common.config import PipelineConfig, config_hash, load_config, to_dict
-from containers.images import cpu_image
+from tasks.resources import defaults
 from tasks.types import ClipManifest, EvalReport, ModelVersion
 
 
-@task(container_image=cpu_image)
+@task(**defaults("orchestration"))
 def load_pipeline_config(config: FlyteFile) -> PipelineConfig:
     """Parse the YAML strictly (an unknown key or a wrong type is an error naming it)."""
     return load_config(config.download())
 
 
-@task(container_image=cpu_image)
+@task(**defaults("orchestration"))
 def start_tracking(config: PipelineConfig, kickoff_time: Optional[datetime] = None) -> str:
     """Create this execution's MLflow parent run; its id is passed to every task, which logs a child run under it.
     ``kickoff_time``: the schedule's (then the trigger is "scheduled" and the run is named after that time)."""
@@ -48,7 +48,7 @@ def execution_name() -> str:
     return ctx.execution_id.name if ctx.execution_id else "local"
 
 
-@task(container_image=cpu_image)
+@task(**defaults("orchestration"))
 def fail_tracking(config: FlyteFile, kickoff_time: Optional[datetime] = None, err: Optional[FlyteError] = None) -> None:
     """The workflow's failure handler: mark this execution's MLflow parent run FAILED, with the error. Nothing to do
     when the config itself could not be read (no parent run was started)."""
@@ -62,7 +62,7 @@ def fail_tracking(config: FlyteFile, kickoff_time: Optional[datetime] = None, er
     print(f"[tracking] marked {len(closed)} parent run(s) FAILED: {', '.join(closed) or '-'}", flush=True)
 
 
-@task(container_image=cpu_image)
+@task(**defaults("orchestration"))
 def finish_tracking(config: PipelineConfig, parent_run: str, manifest: ClipManifest, report: EvalReport,
                     model: ModelVersion) -> str:
     """Close the parent run and say what was produced and how to browse it."""

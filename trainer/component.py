@@ -12,12 +12,17 @@ Environment: ``OMP_NUM_THREADS = max(1, cpu // nproc_per_node)`` unless ``env`` 
 node share its CPUs instead of each starting ``cpu`` threads (torchrun would otherwise force 1);
 ``PYTHONUNBUFFERED=1`` so every loss line reaches the log as it is printed; ``LOGLEVEL=WARNING`` keeps torchrun quiet;
 ``CUDA_DEVICE_MAX_CONNECTIONS=1`` with GPUs (megatron's TP layers expect it, docs/mugv.md §6.3).
+
+Shared volume: ``volume_claim`` names a PersistentVolumeClaim that every replica mounts at ``mount_path``
+(``specs.VolumeMount``; TorchX's kubernetes scheduler turns it into the pod's volume), where the job file, the latents
+and the checkpoints live. Credentials never go through here: ``trainer.launch`` adds them to the generated pods as
+``secretKeyRef`` variables.
 """
 from __future__ import annotations
 
 import re
 import shlex
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from torchx import specs
 
@@ -25,9 +30,10 @@ ROLE = "train"
 
 
 def stage_app(job_path: str, nnodes: int = 1, nproc_per_node: int = 2,
-              image: str = "ghcr.io/video-gen/trainer:latest", python: str = "python", rdzv_port: int = 29500,
+              image: str = "", python: str = "python", rdzv_port: int = 29500,
               cpu: int = 2, gpu: int = 0, memMB: int = 8192, env: Optional[Dict[str, str]] = None,
-              max_restarts: int = 0, name: str = "train-stage") -> specs.AppDef:
+              max_restarts: int = 0, name: str = "train-stage", volume_claim: str = "",
+              mount_path: str = "/mnt/shared") -> specs.AppDef:
     """One role, ``nnodes`` replicas: ``python -m torch.distributed.run ... -m trainer.train --job <job_path>``.
 
     Args:
@@ -35,15 +41,26 @@ def stage_app(job_path: str, nnodes: int = 1, nproc_per_node: int = 2,
         nnodes: replicas (nodes); the stage's world size (tensor_parallel*context_parallel*pipeline_parallel*
                 data_parallel, ``StageConfig.world_size``) must equal nnodes*nproc_per_node
         nproc_per_node: worker processes per node (at most ``gpu`` when gpu > 0)
-        image: container image (kubernetes); local_cwd ignores it and runs in the current directory
+        image: container image (kubernetes: a full name with a fixed tag, e.g. containers.images.image_for("cuda"));
+               local_cwd ignores it and runs in the current directory
         python: interpreter inside the image (local: ``sys.executable``, so the venv is used)
         rdzv_port: port of the c10d rendezvous store on the rank-0 host
         cpu, gpu, memMB: resources per replica
         env: extra environment variables for every replica
         max_restarts: torchrun restarts of the worker group after a failure (each resumes from ``latest``)
         name: application name (lowercase letters, digits and '-')
+        volume_claim: a PersistentVolumeClaim mounted read-write at ``mount_path`` in every replica ("" = none)
+        mount_path: where the claim is mounted; job_path must lie under it when a claim is given
     """
     _validate(job_path, nnodes, nproc_per_node, python, rdzv_port, cpu, gpu, memMB, env, max_restarts, name)
+    mounts: List[specs.Mount] = []
+    if volume_claim:
+        if not mount_path.startswith("/") or not str(job_path).startswith(mount_path.rstrip("/") + "/"):
+            raise ValueError(f"job_path must lie on the shared volume so every replica reads it: with "
+                             f"volume_claim={volume_claim!r} mounted at mount_path={mount_path!r}, write the job "
+                             f"under it (e.g. {mount_path.rstrip('/')}/runs/stage1/job.json: set tracking.root "
+                             f"under train.launch.mount_path). Given: {job_path!r}")
+        mounts.append(specs.VolumeMount(src=volume_claim, dst_path=mount_path, read_only=False))
     if nnodes == 1:
         endpoint = shlex.quote(f"localhost:{rdzv_port}")
     else:   # `$$` survives TorchX's macro substitution as a literal `$` for bash to expand at run time
@@ -61,7 +78,7 @@ def stage_app(job_path: str, nnodes: int = 1, nproc_per_node: int = 2,
     role_env.update(env or {})
     return specs.AppDef(name=name, roles=[specs.Role(
         name=ROLE, image=image, entrypoint="bash", args=["-c", cmd], num_replicas=nnodes, env=role_env,
-        resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB), port_map={"c10d": rdzv_port},
+        resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB), port_map={"c10d": rdzv_port}, mounts=mounts,
     )])
 
 

@@ -2,7 +2,8 @@
 
 ``StageJob`` imports no torch, so the Flyte task and the TorchX launcher can write it cheaply; every process that
 torchrun starts reads the same file (``python -m trainer.train --job job.json``). Parsing is strict
-(``common.config.from_dict``): an unknown key or a wrong type is an error naming the key.
+(``common.config.from_dict``): an unknown key or a wrong type is an error naming the key. A job carries no
+credentials: an MLflow URI with a user:password in it is refused (``check_no_credentials``).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class StageJob:
             raise ValueError("job.latents_dir must name a LatentDataset (or, for flow_dpo, PreferencePairs) folder")
         if not self.output_dir:
             raise ValueError("job.output_dir must name the folder the stage writes checkpoints to")
+        check_no_credentials(self.mlflow_tracking_uri, "job.mlflow_tracking_uri")   # job files carry no secrets
         if bool(self.mlflow_tracking_uri) != bool(self.mlflow_run_id):
             raise ValueError("job.mlflow_tracking_uri and job.mlflow_run_id must be set together (or both empty)")
         check_stage_layout(self.stage, self.dit, f"stage '{self.stage.name}'")
@@ -58,3 +60,17 @@ class StageJob:
         if not p.is_file():
             raise FileNotFoundError(f"job file not found: {p}")
         return cls.from_json(p.read_text())
+
+
+def check_no_credentials(uri: str, what: str) -> None:
+    """Refuse a URI that carries a user or password (``https://user:pw@host``): it would be written into job files
+    and Kubernetes objects in clear text."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{what} carries credentials (user:password@{parts.hostname}); they would be written into "
+                         f"the job file and the pod spec. Give the URI without them (e.g. "
+                         f"{parts.scheme}://{parts.hostname}{':' + str(parts.port) if parts.port else ''}) and put "
+                         "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in a Kubernetes "
+                         "secret listed in train.launch.secret_env")

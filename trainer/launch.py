@@ -10,7 +10,14 @@ For local_cwd, logs are at ``log_dir/torchx/<app_id>/train/<replica>/{stdout,std
 to be this process: ``torchx status`` from another one cannot see a local app). On kubernetes the runner reads pod
 logs through the API instead, and job_path / output_dir must be on a volume every pod mounts.
 
-``dryrun_kubernetes`` renders the Volcano Job offline (no cluster, no image build) for review and tests.
+On kubernetes the request is built as TorchX documents for scheduler features its AppDef does not express:
+``runner.dryrun`` renders the Volcano Job (``app_to_resource``: one pod per replica, the shared volume of
+``train.launch.volume_claim`` from the role's ``specs.VolumeMount``), ``kubernetes_request`` then adds to every pod's
+container the credentials of ``train.launch.secret_env`` as ``secretKeyRef`` variables (TorchX's env takes plain
+values only) and the MLflow endpoint (``MLFLOW_TRACKING_URI``, never with a user:password in it), and
+``runner.schedule`` submits it. No secret value is in the job file, the config or the Volcano job.
+
+``dryrun_kubernetes`` renders that same Volcano Job offline (no cluster, no image build) for review and tests.
 """
 from __future__ import annotations
 
@@ -20,11 +27,11 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 from common.config import LaunchConfig
 from trainer.component import ROLE, stage_app
-from trainer.job import StageJob
+from trainer.job import StageJob, check_no_credentials
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _TAIL = 40
@@ -60,8 +67,41 @@ def _app(job: StageJob, job_path: Path, launch: LaunchConfig, nnodes: int, nproc
         return stage_app(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, python=sys.executable,
                          image=str(_REPO_ROOT), rdzv_port=free_port(), cpu=launch.cpu, gpu=launch.gpu,
                          memMB=launch.memory_mb, env={"PYTHONPATH": pythonpath}, name=app_name(job.stage.name))
-    return stage_app(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image,
-                     cpu=launch.cpu, gpu=launch.gpu, memMB=launch.memory_mb, name=app_name(job.stage.name))
+    return _k8s_app(str(job_path), launch, nnodes, nproc_per_node, app_name(job.stage.name), job.mlflow_tracking_uri)
+
+
+def _k8s_app(job_path: str, launch: LaunchConfig, nnodes: int, nproc_per_node: int, name: str, mlflow_uri: str):
+    if not launch.image:
+        raise ValueError("train.launch.image is empty: the Flyte pipeline fills in the CUDA image of "
+                         "containers/images.py (python -c 'from containers.images import image_for; "
+                         "print(image_for(\"cuda\"))'); outside it, give that name in train.launch.image")
+    check_no_credentials(mlflow_uri, "the MLflow tracking URI")
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri} if mlflow_uri else {}
+    if launch.s3_endpoint_url:   # MinIO: boto3 (AWS_ENDPOINT_URL) and MLflow's artifact client read these
+        env.update(AWS_ENDPOINT_URL=launch.s3_endpoint_url, MLFLOW_S3_ENDPOINT_URL=launch.s3_endpoint_url)
+    return stage_app(job_path, nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image, cpu=launch.cpu,
+                     gpu=launch.gpu, memMB=launch.memory_mb, name=name, env=env, volume_claim=launch.volume_claim,
+                     mount_path=launch.mount_path)
+
+
+def kubernetes_request(runner, app, launch: LaunchConfig):
+    """TorchX's dry run of ``app`` on the kubernetes scheduler, with every pod's container given the
+    ``train.launch.secret_env`` variables as ``secretKeyRef``s; ``runner.schedule`` submits the result."""
+    from kubernetes.client.models import V1EnvVar, V1EnvVarSource, V1SecretKeySelector
+
+    info = runner.dryrun(app, "kubernetes", cfg=_cfg(launch, Path(".")), workspace=None)
+    for task in info.request.resource["spec"]["tasks"]:
+        for container in task["template"].spec.containers:
+            taken = {e.name for e in container.env or []}
+            clash = taken & {s.env for s in launch.secret_env}
+            if clash:
+                raise ValueError(f"train.launch.secret_env sets {sorted(clash)}, which the launcher already sets "
+                                 "as plain values: remove them from secret_env")
+            container.env = list(container.env or []) + [
+                V1EnvVar(name=s.env, value_from=V1EnvVarSource(
+                    secret_key_ref=V1SecretKeySelector(name=s.secret, key=s.key, optional=False)))
+                for s in launch.secret_env]
+    return info
 
 
 def _cfg(launch: LaunchConfig, log_dir: Path) -> Dict[str, str]:
@@ -119,7 +159,10 @@ def run_stage(job: StageJob, job_path: Path, launch: LaunchConfig, log_dir: Path
     app = _app(job, job_path, launch, stage.nnodes, stage.nproc_per_node)
     log_dir.mkdir(parents=True, exist_ok=True)
     with get_runner() as runner:
-        handle = runner.run(app, scheduler=launch.scheduler, cfg=_cfg(launch, log_dir))
+        if launch.scheduler == "kubernetes":
+            handle = runner.schedule(kubernetes_request(runner, app, launch))
+        else:
+            handle = runner.run(app, scheduler=launch.scheduler, cfg=_cfg(launch, log_dir))
         progress(f"launched {handle} ({stage.nnodes}x{stage.nproc_per_node} processes, {layout_summary(stage)})")
         app_id = parse_app_handle(handle).app_id
         tail = _LogTail(log_dir / "torchx" / app_id) if launch.scheduler == "local_cwd" else None
@@ -155,14 +198,15 @@ def _last_lines(runner, handle: str, tail: _LogTail | None) -> str:
         return f"(could not read the logs: {e})"
 
 
-def dryrun_kubernetes(job_path: str | Path, launch: LaunchConfig, nnodes: int, nproc_per_node: int) -> dict:
+def dryrun_kubernetes(job_path: str | Path, launch: LaunchConfig, nnodes: int, nproc_per_node: int,
+                      mlflow_tracking_uri: str = "") -> Dict[str, Any]:
     """The Volcano ``batch.volcano.sh/v1alpha1`` Job that ``run_stage`` would submit, as a plain dict (no cluster)."""
     from torchx.runner import get_runner
     from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
 
-    app = stage_app(str(job_path), nnodes=nnodes, nproc_per_node=nproc_per_node, image=launch.image,
-                    cpu=launch.cpu, gpu=launch.gpu, memMB=launch.memory_mb, name="train-stage")
+    app = _k8s_app(str(job_path), launch, nnodes, nproc_per_node, "train-stage", mlflow_tracking_uri)
     with get_runner() as runner:
-        info = runner.dryrun(app, "kubernetes", cfg={"queue": launch.queue, "namespace": launch.namespace},
-                             workspace=None)
-    return sanitize_for_serialization(info.request.resource)
+        info = kubernetes_request(runner, app, launch)
+    out = sanitize_for_serialization(info.request.resource)
+    assert isinstance(out, dict)
+    return out

@@ -8,13 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-from flytekit import Deck, Resources, task
+from flytekit import Deck, task
 
 from common import tracking
 from common.config import DiTConfig, EvalConfig, FlowConfig, RegisterConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import module_code_version, sha256_json
-from containers.images import cpu_image
 from tasks.common import artifact_dir, fresh_dir, local_path, publish
+from tasks.resources import defaults
 from tasks.types import Checkpoint, EvalReport, FlyteDirectory, LatentDataset
 
 STEP_FILES = ("model.safetensors", "ema.safetensors", "meta.json")   # what evaluation reads of a step folder
@@ -60,8 +60,7 @@ def find_clip_manifest(tracking_cfg: TrackingConfig, manifest_hash: str) -> Opti
 
 
 @task(cache=True, cache_version=module_code_version("tasks.evaluate.task"),
-      enable_deck=True, cache_ignore_input_vars=("parent_run",), container_image=cpu_image,
-      requests=Resources(cpu="2", mem="4Gi"))
+      enable_deck=True, cache_ignore_input_vars=("parent_run",), **defaults("evaluate"))
 def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentDataset, checkpoint: Checkpoint,
              stages: List[Checkpoint], register: RegisterConfig, tracking_cfg: TrackingConfig,
              parent_run: str, champion: str = "") -> EvalReport:

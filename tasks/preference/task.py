@@ -16,17 +16,17 @@ import re
 import tempfile
 from pathlib import Path
 
-from flytekit import Resources, task
+from flytekit import task
 
 from common import tracking
 from common.config import PairsConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import code_version, sha256_json
-from containers.images import cpu_image
 from tasks.common import artifact_dir, fresh_dir, local_path, publish
+from tasks.resources import defaults
 from tasks.types import FlyteDirectory, LatentDataset, PreferencePairs
 
 
-@task(container_image=cpu_image)
+@task(**defaults("orchestration"))
 def pairs_source_hash(cfg: PairsConfig) -> str:
     """Fingerprint of the pair table (its bytes + the size of every video it names); "" for ``source: auto``."""
     from tasks.preference.labels import source_fingerprint
@@ -36,7 +36,7 @@ def pairs_source_hash(cfg: PairsConfig) -> str:
 
 
 @task(cache=True, cache_version=code_version("tasks/preference", "tasks/curate", "models", "common"),
-      cache_ignore_input_vars=("parent_run",), container_image=cpu_image, requests=Resources(cpu="2", mem="8Gi"))
+      cache_ignore_input_vars=("parent_run",), **defaults("preference_pairs"))
 def build_preference_pairs(cfg: PairsConfig, data: LatentDataset, tracking_cfg: TrackingConfig, parent_run: str,
                            source_hash: str) -> PreferencePairs:
     """Preference pairs in the dataset's latent space: from a human pair table, or automatic (corrupted held-in

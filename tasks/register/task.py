@@ -18,13 +18,13 @@ from flytekit import Deck, task
 from common import tracking
 from common.config import PipelineConfig, RegisterConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import module_code_version, sha256_json
-from containers.images import cpu_image
 from tasks.common import local_path
+from tasks.resources import defaults
 from tasks.types import Checkpoint, ClipManifest, EvalReport, LatentDataset, ModelVersion
 
 
 @task(cache=True, cache_version=module_code_version("tasks.register.task"),
-      cache_ignore_input_vars=("parent_run",), container_image=cpu_image, enable_deck=True)
+      cache_ignore_input_vars=("parent_run",), enable_deck=True, **defaults("register"))
 def register(config: PipelineConfig, manifest: ClipManifest, data: LatentDataset, checkpoint: Checkpoint,
              report: EvalReport, parent_run: str, stages: Optional[List[Checkpoint]] = None) -> ModelVersion:
     """Register the checkpoint's EMA weights under config.register.model_name with alias config.register.alias, gate
@@ -71,7 +71,7 @@ def register(config: PipelineConfig, manifest: ClipManifest, data: LatentDataset
                         checkpoint_hash=checkpoint.content_hash, mlflow_run_id=run_id)
 
 
-@task(container_image=cpu_image)
+@task(**defaults("orchestration"))
 def current_champion(register: RegisterConfig, tracking_cfg: TrackingConfig, candidate: Checkpoint) -> str:
     """The version holding ``register.champion_alias`` now, an input of the cached evaluate task so that a moved
     champion is a new cache key; "" before the first champion, and "" when the champion IS ``candidate`` (the same

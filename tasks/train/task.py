@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, cast
 
-from flytekit import Resources, dynamic, task
+from flytekit import dynamic, task
 
 from common import tracking
 from common.config import (
@@ -19,18 +19,18 @@ from common.config import (
     LaunchConfig,
     RegisterConfig,
     StageConfig,
+    TaskResources,
     TrackingConfig,
     TrainConfig,
     to_dict,
 )
 from common.hashing import module_code_version, sha256_dir, sha256_json
-from containers.images import cpu_image
 from tasks.common import artifact_dir, exported_checkpoint_files, local_path, mirror
+from tasks.resources import defaults, overrides
 from tasks.types import Checkpoint, Curriculum, FlyteDirectory, LatentDataset, PreferencePairs
 
 _CACHE = dict(cache=True, cache_version=module_code_version("tasks.train.task", "trainer.train"),
-              cache_ignore_input_vars=("parent_run", "launch"), container_image=cpu_image,
-              requests=Resources(cpu="2", mem="4Gi"))
+              cache_ignore_input_vars=("parent_run", "launch"), **defaults("train_launcher"))
 
 
 def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchConfig,
@@ -137,9 +137,9 @@ def preference(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: Lau
     return _train(stage, dit, flow, launch, pairs, init, tracking_cfg, parent_run)
 
 
-@dynamic(container_image=cpu_image)
+@dynamic(**defaults("orchestration"))
 def pretrain(train: TrainConfig, data: LatentDataset, register: RegisterConfig, tracking_cfg: TrackingConfig,
-             parent_run: str) -> Curriculum:
+             parent_run: str, launcher: Optional[TaskResources] = None) -> Curriculum:
     """The curriculum: one train_stage node per configured stage (``skip: true`` ones left out), each starting from
     the previous checkpoint, unless its ``init`` says scratch, the registered champion (a warm start: its version is
     resolved here, so a new champion is a new cache key) or a step folder."""
@@ -159,6 +159,8 @@ def pretrain(train: TrainConfig, data: LatentDataset, register: RegisterConfig, 
                   f"{init_uri or 'scratch (no champion of ' + register.model_name + ' yet)'}", flush=True)
         prev = train_stage(stage=stage, dit=train.dit, flow=train.flow, launch=train.launch, data=data,
                            tracking_cfg=tracking_cfg, parent_run=parent_run, init=prev, init_uri=init_uri)
+        if launcher is not None:   # resources.train_launcher of the config (tasks/resources.py)
+            cast(Any, prev).with_overrides(**overrides(launcher))
         ckpts.append(prev)
     return curriculum(pretraining=ckpts, post_training=[])
 
@@ -176,7 +178,7 @@ def _champion_uri(register: RegisterConfig, tracking_cfg: TrackingConfig) -> str
     return f"models:/{register.model_name}/{champ.version}" if champ is not None else ""
 
 
-@task(container_image=cpu_image)
+@task(**defaults("orchestration"))
 def curriculum(pretraining: List[Checkpoint], post_training: List[Checkpoint]) -> Curriculum:
     """The stages in the order they trained; ``final`` is the last one."""
     stages = list(pretraining) + list(post_training)
