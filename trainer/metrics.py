@@ -3,6 +3,7 @@ MLflow).
 
     log = MetricsLog(job, plan, start_step, param_count(plan, model), peak_flops_per_s)
     log.write(step, loss, grad_norm, lr, dp_sum(plan, [samples, tokens, flops]), seconds)
+    log.close()   # end of the stage: the MLflow metrics still queued are sent (or counted as lost)
 
 Per step: loss (mean over micro-batches and DP ranks), grad_norm, lr, step_time_s, samples_per_s, tokens_per_s
 (video tokens of all micro-batches and DP ranks) and mfu = the report's model FLOPs (``models.flops``, E = 12,
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -54,13 +54,15 @@ def param_count(plan, model) -> int:
 
 
 class MetricsLog:
-    """Rank 0 only: a stdout line, a metrics.jsonl line and (when configured) MLflow metrics per step."""
+    """Rank 0 only: a stdout line, a metrics.jsonl line and (when configured) MLflow metrics per step. MLflow gets
+    them through ``trainer.mlflow_buffer.MetricsSender``: an unreachable server never slows or stops training, the
+    metrics wait in a bounded buffer and are sent when it is back (``close`` says how many were lost, if any)."""
 
     def __init__(self, job: StageJob, plan, start: int, n_params: int, peak_flops_per_s: float):
         layout = plan.layout
         self.on, self.peak = layout.rank == 0, peak_flops_per_s   # peak of all processes together
         self.path = Path(job.output_dir) / "metrics.jsonl"
-        self.client, self.run_id = None, job.mlflow_run_id
+        self.sender, self.run_id = None, job.mlflow_run_id
         if not self.on:
             return
         Path(job.output_dir).mkdir(parents=True, exist_ok=True)
@@ -68,8 +70,8 @@ class MetricsLog:
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         if job.mlflow_tracking_uri:
-            from mlflow.tracking import MlflowClient
-            self.client = MlflowClient(job.mlflow_tracking_uri)
+            from trainer.mlflow_buffer import MetricsSender
+            self.sender = MetricsSender(job.mlflow_tracking_uri, job.mlflow_run_id)
         sp = "on" if plan.sequence_parallel else "off"
         st = job.stage
         extra = (f" objective={st.objective}" if st.objective != "flow" else "") + \
@@ -97,12 +99,14 @@ class MetricsLog:
               flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.client is not None:
+        if self.sender is not None:   # queued, sent by a background thread: never waits on the server
             from mlflow.entities import Metric
             now = int(time.time() * 1000)
-            try:
-                self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in rec.items()
-                                                            if k != "step" and math.isfinite(v)])
-            except Exception as e:   # tracking must not kill training; metrics.jsonl still has every step
-                print(f"warning: MLflow logging disabled after an error: {e}", file=sys.stderr, flush=True)
-                self.client = None
+            self.sender.put([Metric(k, float(v), now, step) for k, v in rec.items()
+                             if k != "step" and math.isfinite(v)])
+
+    def close(self) -> int:
+        """End of the stage: send the MLflow metrics still queued (at most ``$VGEN_MLFLOW_FLUSH_TIMEOUT_S``, 60 s);
+        returns how many never reached MLflow (one warning line says so). Safe to call twice."""
+        sender, self.sender = self.sender, None
+        return sender.close() if sender is not None else 0

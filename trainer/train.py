@@ -102,6 +102,7 @@ def train(job: StageJob) -> None:
                 state.save(job, plan, model, opt, ema, step + 1, totals[0] / layout.dp, ddp)
             if step + 1 == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+        log.close()   # MLflow metrics still queued (a server outage) are sent now, or counted as lost
     finally:
         device.destroy()
 

@@ -1,0 +1,250 @@
+"""The remote-run services for real: an ``mlflow server`` process (SQLite backend, artifacts on an S3 endpoint:
+moto's server, as ``make services`` runs them) that goes down while a training stage logs per-step metrics and
+comes back on the same port and backend; and a credentials audit of everything the storage and tracking paths
+wrote (files, logs, S3 objects, MLflow params, tags, artifacts, registry)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+KEY_ID = "AKIAVGENTESTKEY7Q3Z"                   # distinctive: grepped for in everything written
+SECRET = "vgenTestSecret/Do+Not+Leak+9f3e1c"
+BUCKET = "mlflow-artifacts"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` in its own process group (stop = the server and its uvicorn worker)."""
+
+    def __init__(self, folder: Path, s3_url: str) -> None:
+        self.port, self.folder = _free_port(), folder
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = folder / "mlflow-server.log"
+        self.env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_url, "AWS_ACCESS_KEY_ID": KEY_ID,
+                    "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> float:
+        t0 = time.monotonic()
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+               "--artifacts-destination", f"s3://{BUCKET}/artifacts"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        while time.monotonic() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return time.monotonic() - t0
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"mlflow server not up after {timeout_s} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    from moto.server import ThreadedMotoServer
+
+    folder = tmp_path_factory.mktemp("services")
+    s3_port = _free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    moto.start()
+    s3_url = f"http://127.0.0.1:{s3_port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ENDPOINT_URL=s3_url, AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
+    from common.storage import s3_client
+
+    s3_client().make_bucket(BUCKET)
+    server = MlflowServer(folder, s3_url)
+    server.start()
+    yield {"folder": folder, "server": server, "s3_url": s3_url}
+    server.stop()
+    moto.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def client_env(services, monkeypatch):
+    """This process talks to the server with a short per-request timeout and no retries of its own."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services["server"].url)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", services["s3_url"])
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    import mlflow
+
+    mlflow.set_tracking_uri(services["server"].url)
+    mlflow.set_registry_uri(services["server"].url)
+    return services
+
+
+def _job(tmp_path: Path, uri: str, run_id: str):
+    from trainer.job import StageJob
+
+    return StageJob(latents_dir=str(tmp_path / "latents"), output_dir=str(tmp_path / "stage"),
+                    mlflow_tracking_uri=uri, mlflow_run_id=run_id)
+
+
+def test_training_metrics_survive_a_tracking_server_outage(client_env, tmp_path, capfd):
+    """Steps 1-3 reach MLflow; the server stops; steps 4-8 are written without waiting on it; the server restarts on
+    the same port and backend; closing the log sends the buffered steps: the run has all 8. A bounded buffer that
+    overflows during the outage says how many metrics were lost."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.metrics import MetricsLog
+    from trainer.mlflow_buffer import MetricsSender
+    from trainer.parallel.plan import ParallelPlan
+
+    server = client_env["server"]
+    client = MlflowClient(server.url)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    log = MetricsLog(_job(tmp_path, server.url, run_id), ParallelPlan.single(), 0, 1000, 1e12)
+
+    def step(n: int) -> float:
+        t0 = time.monotonic()
+        log.write(n, 1.0 / n, 0.5, 1e-3, (4, 400, 1e9), 0.1)
+        return time.monotonic() - t0
+
+    for n in (1, 2, 3):
+        step(n)
+    assert log.sender is not None and log.sender.flush(20)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+
+    server.stop()
+    assert max(step(n) for n in range(4, 9)) < 0.5          # training never waits on the dead server
+    small = MetricsSender(server.url, run_id, max_buffered=5, first_retry_s=0.2)
+    from mlflow.entities import Metric
+
+    small.put([Metric("other", float(i), 0, i) for i in range(12)])
+    assert small.close(timeout_s=0.5) == 12                  # 7 dropped from the full buffer, 5 still queued
+    deadline = time.monotonic() + 10
+    while log.sender.down_since is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    restart_s = server.start()
+    assert log.close() == 0
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+    assert {m.step: m.value for m in history}[6] == pytest.approx(1 / 6)
+    assert len((tmp_path / "stage" / "metrics.jsonl").read_text().splitlines()) == 8
+    err = capfd.readouterr().err
+    assert "unreachable" in err and "training continues" in err
+    assert "reachable again" in err and "buffered metrics sent" in err, err
+    assert "12 metrics of run" in err and "7 dropped from the full buffer of 5" in err
+    print(f"mlflow server restart took {restart_s:.1f} s")
+
+
+def test_no_credential_is_written_anywhere(client_env, tmp_path, capfd):
+    """Object storage (upload, download, a stage mirror) and tracking (parent and child runs, config params, a
+    registered version whose artifacts go through the server to S3, per-step metrics) with distinctive credentials
+    in the environment of both processes: neither string appears in any file, log, object, param, tag or
+    captured output."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from common import objectstore, tracking
+    from common.config import DiTConfig, PipelineConfig, TrackingConfig, to_dict
+    from common.storage import s3_client
+    from tasks.common import artifact_dir, mirror
+    from tasks.register.registry import register_checkpoint
+    from trainer.metrics import MetricsLog
+    from trainer.parallel.plan import ParallelPlan
+
+    server = client_env["server"]
+    tc = TrackingConfig(experiment="creds", root=str(tmp_path / "runs"), artifact_uri="s3://run-outputs/team/run1")
+    config = PipelineConfig(tracking=tc)
+    out = artifact_dir(tc, "curate", "abc")
+    (out / "clips").mkdir(parents=True)
+    (out / "clips" / "c.mp4").write_bytes(b"clip")
+    (out / "manifest.parquet").write_bytes(b"rows")
+    parent = tracking.start_parent_run(tc.root, tc.experiment, "creds", {"config": "tiny"}, {"flyte.execution": "x"})
+    with tracking.child_run(tc.root, parent, "curate") as run_id:
+        tracking.log_config("pipeline", to_dict(config))
+        uri = mirror(tc, out)
+        objectstore.download_folder(uri, tmp_path / "downloaded")
+        log = MetricsLog(_job(tmp_path, server.url, run_id), ParallelPlan.single(), 0, 1000, 1e12)
+        log.write(1, 0.9, 0.5, 1e-3, (4, 400, 1e9), 0.1)
+        assert log.close() == 0
+        step = tmp_path / "step_00000001"
+        step.mkdir()
+        for f in ("model.safetensors", "ema.safetensors"):
+            (step / f).write_bytes(b"weights " + f.encode())
+        (step / "meta.json").write_text(json.dumps({"dit": to_dict(DiTConfig())}))
+        (tmp_path / "latents").mkdir()
+        (tmp_path / "latents" / "meta.json").write_text("{}")
+        version, _ = register_checkpoint("creds-model", "candidate", DiTConfig(), step, tmp_path / "latents",
+                                         {"config_hash": "c"})
+    tracking.finish_run(tc.root, parent)
+    client = MlflowClient(server.url)
+    mv = client.get_model_version("creds-model", version)
+    assert {a.path for a in client.list_artifacts(mv.run_id, "checkpoint")} == {
+        "checkpoint/model.safetensors", "checkpoint/ema.safetensors", "checkpoint/meta.json"}
+    mlflow.artifacts.download_artifacts(f"models:/creds-model/{version}", dst_path=str(tmp_path / "registered"))
+    assert (tmp_path / "registered" / "ema.safetensors").read_bytes() == b"weights ema.safetensors"
+
+    written = []   # (where, text)
+    for root in (tmp_path, client_env["folder"]):
+        for p in root.rglob("*"):
+            if p.is_file():
+                written.append((str(p), p.read_bytes().decode("latin-1")))
+    s3 = s3_client()
+    for bucket in s3.list_buckets():
+        for obj in s3.list_objects(bucket.name, recursive=True):
+            r = s3.get_object(bucket.name, obj.object_name)
+            stat = s3.stat_object(bucket.name, obj.object_name)
+            written.append((f"s3://{bucket.name}/{obj.object_name}", r.read().decode("latin-1") + str(stat.metadata)))
+            r.close()
+            r.release_conn()
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        written.append((f"run {run.info.run_id}", json.dumps([run.data.params, run.data.tags, run.info.artifact_uri])))
+    written.append(("model version", json.dumps([mv.source, mv.tags])))
+    cap = capfd.readouterr()
+    written.append(("captured output", cap.out + cap.err))
+    names = {w[0] for w in written}
+    assert any("mlflow.db" in n for n in names) and any(n.endswith("mlflow-server.log") for n in names)
+    assert any(n.startswith("s3://run-outputs/team/run1/curate/abc/") for n in names)
+    assert any(n.startswith(f"s3://{BUCKET}/artifacts/") and n.endswith("ema.safetensors") for n in names)
+    leaks = [where for where, text in written if KEY_ID in text or SECRET in text]
+    assert not leaks, leaks
+    assert any(run_id in text for _, text in written)   # the audit did read the runs it looks through
+
+
+def test_put_and_read_through_the_same_endpoint(client_env):
+    """The services fixture is the S3 endpoint the storage module reads (one client for both)."""
+    from common.storage import read_text, s3_client
+
+    s3_client().put_object(BUCKET, "probe.txt", io.BytesIO(b"ok"), 2)
+    assert read_text(f"s3://{BUCKET}/probe.txt") == "ok"
