@@ -107,7 +107,8 @@ class CurateConfig:
                                           # and 720p; a clip is cut at the largest its source covers (never
                                           # upscaled) and encoded at every one it covers; [] = one, "base", of the
                                           # size buckets above
-    keyframes: int = 1                    # key frames taken from each kept clip as image samples (0 = none)
+    keyframes: int = 0                    # key frames taken from each kept clip as image samples (0 = none; the
+                                          # tiny and 10B configs take 1, the middle frame)
 
     def __post_init__(self) -> None:
         lengths = [("clip_frames", self.clip_frames)]

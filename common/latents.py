@@ -196,7 +196,8 @@ class LatentReader:
         in index order, optionally of one split: what evaluation and preference pairs use."""
         rows = self.index if split is None else self.index[self.index["split"] == split]
         if "kind" in rows.columns:
-            rows = rows[(rows["kind"] == "clip") & rows["top_resolution"].astype(bool) & rows["full_length"].astype(bool)]
+            rows = rows[(rows["kind"] == "clip") & rows["top_resolution"].astype(bool)
+                        & rows["full_length"].astype(bool)]
         return list(rows["clip_id"])
 
     def latent_shape(self, clip_id: str) -> Tuple[int, ...]:

@@ -18,6 +18,7 @@ the default selection takes all of it, any other is an error that says to re-run
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, List
 
 from common.config import DataSelection
@@ -53,8 +54,8 @@ def select(index: Any, sel: DataSelection, where: str = "the LatentDataset") -> 
     else:
         mask &= index["full_length"].astype(bool) & ~index["kind"].isin(IMAGE_KINDS)
     if sel.aspect_ratios:
-        mask &= [any(aspect_matches(int(h), int(w), a) for a in sel.aspect_ratios)
-                 for h, w in zip(index["height"], index["width"])]
+        mask &= pd.Series([any(aspect_matches(int(h), int(w), a) for a in sel.aspect_ratios)
+                           for h, w in zip(index["height"], index["width"])], index=index.index, dtype=bool)
     return mask
 
 
@@ -62,15 +63,17 @@ def missing_buckets(index: Any, sel: DataSelection, where: str = "the LatentData
     """What ``sel`` names that no row of ``index`` (e.g. the train split) provides: each selected resolution,
     frame count and aspect ratio with no sample in the selection, as readable labels; ["everything"] for an empty
     selection with nothing named. [] = every named bucket has samples."""
-    rows = index[select(index, sel, where)]
-    if rows.empty and not (sel.resolutions or sel.frames or sel.aspect_ratios):
-        return ["everything"]
-    out: List[str] = []
-    if has_sample_columns(index):
-        out += [r for r in sel.resolutions if not (rows["resolution"] == r).any()]
-        out += [f"frames {f}" for f in sel.frames if not (rows["num_frames"].astype(int) == f).any()]
-        out += [f"aspect {a}" for a in sel.aspect_ratios
-                if not any(aspect_matches(int(h), int(w), a) for h, w in zip(rows["height"], rows["width"]))]
+    if not (sel.resolutions or sel.frames or sel.aspect_ratios):
+        return [] if select(index, sel, where).any() else ["everything"]
+    if not has_sample_columns(index):
+        select(index, sel, where)   # raises: the dataset cannot be selected from
+    # each named bucket against the others' choice (an aspect the data lacks is the aspect, not every resolution)
+    def taken(**kw: Any) -> bool:
+        return bool(select(index, dataclasses.replace(sel, **kw), where).any())
+
+    out = [r for r in sel.resolutions if not taken(resolutions=[r], aspect_ratios=[])]
+    out += [f"frames {f}" for f in sel.frames if not taken(frames=[f], aspect_ratios=[])]
+    out += [f"aspect {a}" for a in sel.aspect_ratios if not taken(aspect_ratios=[a])]
     return out
 
 

@@ -26,8 +26,9 @@ ODD_SHAPES = [(24, 3, 8, 8), (24, 3, 6, 10)] * 3   # 48 video tokens + 2 = 50 an
 
 
 def write_latent_dataset(root: Path, n_clips: int = 6, latent_shape=(24, 3, 8, 8), text_shape=(16, 64),
-                         n_val: int = 0, shapes=None, seed: int = 0) -> Path:
-    """A LatentDataset folder (``common.latents.LatentWriter``, one shard) with learnable, seeded latents."""
+                         n_val: int = 0, shapes=None, seed: int = 0, samples=None) -> Path:
+    """A LatentDataset folder (``common.latents.LatentWriter``, one shard) with learnable, seeded latents.
+    ``samples``: per sample, what it is (``LatentWriter.add``'s resolution, num_frames, kind, ... keywords)."""
     from common.latents import LatentWriter
 
     g = torch.Generator().manual_seed(seed)
@@ -40,7 +41,8 @@ def write_latent_dataset(root: Path, n_clips: int = 6, latent_shape=(24, 3, 8, 8
         mask = torch.zeros(text_shape[0], dtype=torch.uint8)
         mask[: 4 + i % 5] = 1
         writer.add(f"clip{i:04d}", latent, text, mask, split="val" if i < n_val else "train", caption=f"clip {i}",
-                   score=float(i), bucket="x".join(map(str, shape)), source_hash=f"src{i}")
+                   score=float(i), bucket="x".join(map(str, shape)), source_hash=f"src{i}",
+                   **(samples[i] if samples else {}))
     writer.finish({"vae": {"config": {"spatial_downsample": 8}}, "latent_mean": [0.0] * latent_shape[0],
                    "latent_std": [1.0] * latent_shape[0]})
     return root

@@ -16,7 +16,8 @@ from tasks.compress.encode import read_clip, run_compress, split_clips
 
 CAPTIONS = ["a red square moving right", "a blue ball bouncing", "slow pan over green hills"]
 INDEX_COLS = ["clip_id", "shard", "split", "latent_shape", "text_len", "caption", "score", "bucket", "source_hash",
-              "aesthetic", "motion", "sharpness"]
+              "aesthetic", "motion", "sharpness", "source_clip", "resolution", "num_frames", "height", "width", "kind",
+              "top_resolution", "full_length"]
 
 
 def write_clip(path, seed, frames=17, hw=64):
@@ -83,7 +84,8 @@ def test_layout_index_and_meta(first):
     assert set(idx["split"]) == {"train", "val"} and sorted(idx["caption"]) == sorted(CAPTIONS)
     assert list(idx["text_len"]) == [min(len(c.encode()) + 1, 16) for c in idx["caption"]]
     assert meta == json.loads((out / "meta.json").read_text())
-    assert set(meta) == {"vae", "text_encoder", "latent_mean", "latent_std", "clip_manifest_hash", "content_hash"}
+    assert set(meta) == {"vae", "text_encoder", "latent_mean", "latent_std", "clip_manifest_hash", "content_hash",
+                         "buckets"}
     assert meta["vae"]["trained_steps"] == 3 and meta["vae"]["random_init"] is False
     assert len(meta["vae"]["loss_history"]) == 3 and all(np.isfinite(meta["vae"]["loss_history"]))
     assert meta["vae"]["config"]["latent_channels"] == 24 and len(meta["latent_mean"]) == 24

@@ -10,8 +10,8 @@ from common.config import PipelineConfig, config_hash, from_dict, load_config
 def test_shipped_configs_load(repo_root):
     tiny = load_config(repo_root / "configs/tiny.yaml")
     big = load_config(repo_root / "configs/mugv_10b.yaml")
-    assert [s.world_size for s in tiny.train.stages] == [2, 2]
-    assert tiny.train.stages[0].data_parallel == 2 and tiny.train.stages[1].tensor_parallel == 2
+    assert [s.world_size for s in tiny.train.stages] == [2, 2, 2]
+    assert tiny.train.stages[0].data_parallel == 2 and tiny.train.stages[2].tensor_parallel == 2
     assert big.train.dit.hidden_size == 3456 and big.train.stages[0].nproc_per_node == 8
     assert config_hash(tiny) != config_hash(big)
 

@@ -242,9 +242,12 @@ def test_shipped_demo_set(repo_root, tmp_path):
     assert sum(files.values()) < 2 * 1024 * 1024 and files["empty.mp4"] == 0 and "ATTRIBUTION.md" in files
     assert "Apache" in (demo / "ATTRIBUTION.md").read_text() and files["mugv_i2v_sample.mp4"] < 1.5 * 1024 * 1024
     summary = run_curation(_cfg(demo), tmp_path / "out", progress=lambda m: None)
-    assert (summary["inputs"], summary["kept"], summary["rejected"], summary["failed"]) == (6, 3, 1, 2)
+    # 6 videos and 3 images (synthetic_d.jpg kept, synthetic_e.png too blurry, the MUG-V reference .webp kept)
+    assert (summary["inputs"], summary["kept"], summary["rejected"], summary["failed"]) == (9, 5, 2, 2)
     # synthetic_b's first shot is a near-copy of synthetic_a's first shot (same texture seed): rejected by pHash
-    assert summary["clips_kept"] == 6 and summary["reasons"]["near-duplicate"] == 1
+    assert summary["clips_kept"] == 8 and summary["images_kept"] == 2 and summary["reasons"]["near-duplicate"] == 1
+    status = {Path(u).name: s for u, s in summary["input_status"].items()}
+    assert status["synthetic_d.jpg"] == "kept" and status["synthetic_e.png"] == "rejected"
     df = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pandas()
     assert df[df.source_uri.str.endswith("mugv_i2v_sample.mp4")].caption.str.startswith("a woman").all()
 
@@ -255,7 +258,7 @@ def test_synthetic_cli(tmp_path):
     main(["--out", str(tmp_path / "demo")])
     names = sorted(p.name for p in (tmp_path / "demo").iterdir())
     assert names == ["corrupt.mp4", "empty.mp4", "synthetic_a.mp4", "synthetic_a.txt", "synthetic_b.mp4",
-                     "synthetic_b.txt", "synthetic_c.mp4"]
+                     "synthetic_b.txt", "synthetic_c.mp4", "synthetic_d.jpg", "synthetic_d.txt", "synthetic_e.png"]
     assert write_demo_set(tmp_path / "demo2")[0].name == "corrupt.mp4"
     assert (tmp_path / "demo" / "synthetic_a.mp4").read_bytes() == (tmp_path / "demo2" / "synthetic_a.mp4").read_bytes()
     assert not math.isnan(read_video(tmp_path / "demo" / "synthetic_c.mp4")[1])

@@ -95,8 +95,8 @@ def test_second_run_encodes_only_the_new_clip(data, runs):
     assert (runs["m2"]["latent_store"]["reused"], runs["m2"]["latent_store"]["encoded"]) == (3, 1)
     new_id = sha256_bytes(b"clip3", n=16)
     assert runs["read"] == [f"{new_id}.mp4"]                       # only the new clip's video was decoded
-    assert any("3 clips from the store, 1 to encode" in m for m in runs["logs2"])
-    assert any("0 clips from the store, 3 to encode" in m for m in runs["logs1"])
+    assert any("3 samples from the store, 1 to encode" in m for m in runs["logs2"])
+    assert any("0 samples from the store, 3 to encode" in m for m in runs["logs1"])
     assert not any("changed" in m for m in runs["logs1"] + runs["logs2"])
     assert not any("vae step" in m for m in runs["logs1"] + runs["logs2"])   # the VAE came from its folder
     # the old clips' entries are untouched (bitwise), one entry was added
@@ -173,12 +173,12 @@ def test_changed_vae_re_encodes_everything_and_says_why(data, runs, tmp_path):
     logs: list[str] = []
     m = run_compress(cfg(seed=1), a, tmp_path / "o1", logs.append, store_dir=store, vae_dir=other)
     assert (m["latent_store"]["reused"], m["latent_store"]["encoded"]) == (0, 3)
-    assert f"compress: VAE identity changed ({old_sha[:12]} -> {new_sha[:12]}): every clip is encoded again" in logs
+    assert f"compress: VAE identity changed ({old_sha[:12]} -> {new_sha[:12]}): every sample is encoded again" in logs
     # back to the first VAE: its entries are still in the store
     logs = []
     m = run_compress(cfg(), a, tmp_path / "o2", logs.append, store_dir=store, vae_dir=vae)
     assert (m["latent_store"]["reused"], m["latent_store"]["encoded"]) == (3, 0)
-    assert (f"compress: VAE identity changed ({new_sha[:12]} -> {old_sha[:12]}): all 3 clips were stored for it by "
+    assert (f"compress: VAE identity changed ({new_sha[:12]} -> {old_sha[:12]}): all 3 samples were stored for it by "
             "an earlier run") in logs
     assert m["content_hash"] == runs["m1"]["content_hash"]
 
@@ -193,7 +193,7 @@ def test_changed_text_encoder_re_encodes_and_says_why(data, runs, tmp_path):
     assert (m["latent_store"]["reused"], m["latent_store"]["encoded"]) == (0, 3)
     old = runs["m2"]["latent_store"]["identities"]["text_encoder"]["weights_sha256"]
     new = m["latent_store"]["identities"]["text_encoder"]["weights_sha256"]
-    assert f"compress: text encoder identity changed ({old[:12]} -> {new[:12]}): every clip is encoded again" in logs
+    assert f"compress: text encoder identity changed ({old[:12]} -> {new[:12]}): every sample is encoded again" in logs
     assert not any("VAE identity changed" in line for line in logs)
 
 

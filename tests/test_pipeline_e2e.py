@@ -45,9 +45,9 @@ def pipeline_run(repo_root, tmp_path_factory):
     config = tmp / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg))
     out, seconds = _run(repo_root, config, tmp / "home")
-    kept = re.search(r"curate: (\d+) clips kept from", out)
+    samples = re.search(r"kept rows from .* -> (\d+) samples", out)
     return {"tmp": tmp, "config": config, "out": out, "seconds": seconds, "root": tmp / "runs",
-            "clips_kept": int(kept.group(1)) if kept else -1}
+            "samples": int(samples.group(1)) if samples else -1}
 
 
 def _client(root: Path):
@@ -73,7 +73,8 @@ def test_mlflow_parent_with_one_child_per_task(pipeline_run):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     names = sorted(r.data.tags["pipeline.task"] for r in children)
-    assert set(names) >= {"curate", "compress", "stage1_dp2", "stage2_tp2", "post_train_sft", "preference_pairs",
+    assert set(names) >= {"curate", "compress", "stage1_images", "stage2_lowres", "stage3_64px", "post_train_sft",
+                          "preference_pairs",
                           "preference_dpo", "evaluate", "register"} and len(names) == len(set(names))
     assert all(r.info.status == "FINISHED" for r in children)
     by_name = {r.data.tags["pipeline.task"]: r for r in children}
@@ -113,13 +114,32 @@ def test_registered_version_has_alias_and_lineage(pipeline_run):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def test_stage2_resumed_from_stage1(pipeline_run):
+def test_curriculum_stages_chain_and_train_on_their_data(pipeline_run):
+    """Each stage starts from the previous one's weights and reads only its selection: images at 32px and 64px,
+    then 32px 9-frame clips with 32px images, then 64px 17-frame clips (tokens per sample and resolution counts in
+    MLflow; the selection and its buckets as tags)."""
     arts = pipeline_run["root"] / "artifacts" / "train"
     jobs = {p.name.split("-")[0]: json.loads((p / "job.json").read_text()) for p in arts.iterdir()
             if (p / "job.json").exists()}
-    assert jobs["stage1_dp2"]["init_checkpoint"] == ""
-    assert "stage1_dp2" in jobs["stage2_tp2"]["init_checkpoint"]
-    assert "stage2_tp2" in jobs["post_train_sft"]["init_checkpoint"]
+    assert jobs["stage1_images"]["init_checkpoint"] == ""
+    assert "stage1_images" in jobs["stage2_lowres"]["init_checkpoint"]
+    assert "stage2_lowres" in jobs["stage3_64px"]["init_checkpoint"]
+    assert "stage3_64px" in jobs["post_train_sft"]["init_checkpoint"]
+    client = _client(pipeline_run["root"])
+    exp = client.get_experiment_by_name("video-gen-tiny")
+    runs = {r.data.tags.get("pipeline.task"): r for r in client.search_runs([exp.experiment_id])}
+    buckets = {s: json.loads(runs[s].data.tags["stage.data_buckets"]) for s in ("stage1_images", "stage2_lowres",
+                                                                                 "stage3_64px", "post_train_sft")}
+    assert set(buckets["stage1_images"]) == {"32pxx1", "64pxx1"}
+    assert set(buckets["stage2_lowres"]) == {"32pxx1", "32pxx9"}
+    assert set(buckets["stage3_64px"]) == {"64pxx17"} and set(buckets["post_train_sft"]) <= {"64pxx17", "64pxx9"}
+    rows = {s: [json.loads(ln) for ln in (arts / jobs_dir).joinpath("metrics.jsonl").read_text().splitlines()]
+            for s, jobs_dir in ((p.name.split("-")[0], p.name) for p in arts.iterdir() if (p / "job.json").exists())}
+    # video tokens per sample: 64px image 16, 32px image 4, 32px 9-frame clip 2 x 4 = 8, 64px 17-frame clip 3 x 16
+    assert all(4.0 <= r["tokens_per_sample"] <= 16.0 for r in rows["stage1_images"])   # 2 DP ranks: 2 buckets
+    assert min(sum(r[f"res_{n}"] for r in rows["stage1_images"]) for n in ("32px", "64px")) > 0   # both trained
+    assert all(4.0 <= r["tokens_per_sample"] <= 8.0 for r in rows["stage2_lowres"])
+    assert {r["tokens_per_sample"] for r in rows["stage3_64px"]} <= {48.0, 16.0}   # t2i on a clip: frame 0 alone
 
 
 def test_identical_rerun_is_a_cache_hit(pipeline_run, repo_root):
@@ -149,11 +169,12 @@ def test_mlflow_experiment_and_parent_run_as_a_user_browses_them(pipeline_run):
               for name, r in children.items()}
     assert inputs["curate"] == [("raw-inputs", ["curation"])] and inputs["compress"] == [("clip-manifest",
                                                                                          ["compression"])]
-    assert inputs["stage1_dp2"] == [("latents", ["training"])]
+    assert inputs["stage1_images"] == [("latents", ["training"])]
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])
-    stage_run = children["stage1_dp2"]
+    stage_run = children["stage1_images"]
+    assert stage_run.data.tags["stage.data"] == "resolutions 32px, 64px; frames 1; every aspect"
     (stage_model,) = [m for m in models if m.source_run_id == stage_run.info.run_id]
-    assert stage_model.name == "stage1_dp2" and stage_model.tags["checkpoint"].endswith("step_00000030")
+    assert stage_model.name == "stage1_images" and stage_model.tags["checkpoint"].endswith("step_00000012")
     assert [o.model_id for o in stage_run.outputs.model_outputs] == [stage_model.model_id]
     assert {m.key for m in stage_model.metrics} == {"final_loss"}
 
@@ -182,7 +203,8 @@ def test_failed_execution_marks_its_parent_run_failed(pipeline_run, repo_root):
 @pytest.fixture(scope="module")
 def weekly_run(pipeline_run, repo_root):
     """The scheduled retraining, simulated: run 1 was ``pipeline_run``; one good and one corrupt video are added,
-    and run 2 uses the weekly config (the low-resolution stage skipped, stage 2 warm-started from the champion)."""
+    and run 2 uses the weekly config (the image and low-resolution stages skipped, the 64px stage warm-started from
+    the champion)."""
     from tasks.curate.synthetic import SceneSpec, make_scenes_video
 
     tmp = pipeline_run["tmp"]
@@ -191,7 +213,8 @@ def weekly_run(pipeline_run, repo_root):
     (tmp / "videos" / "weekly_broken.mp4").write_bytes(b"\x00not a video" * 50)
     cfg = yaml.safe_load(pipeline_run["config"].read_text())
     cfg["train"]["stages"][0]["skip"] = True
-    cfg["train"]["stages"][1]["init"] = "champion"
+    cfg["train"]["stages"][1]["skip"] = True
+    cfg["train"]["stages"][2]["init"] = "champion"
     config = tmp / "weekly.yaml"
     config.write_text(yaml.safe_dump(cfg))
     out, seconds = _run(repo_root, config, tmp / "home")
@@ -206,11 +229,12 @@ def test_weekly_run_is_incremental_warm_started_gated_and_traceable(pipeline_run
     assert "synthetic_a.mp4: reused stored result" in out
     # the VAE fitted by run 1 is reused; compress encodes only the new clips (the others come from the latent store)
     assert "[fit_vae]" not in out or "reusing the VAE" in out
-    store = re.search(r"latent store .*: (\d+) clips from the store, (\d+) to encode", out)
+    store = re.search(r"latent store .*: (\d+) samples from the store, (\d+) to encode", out)
     assert store, out[-3000:]
-    assert int(store.group(1)) == pipeline_run["clips_kept"] and int(store.group(2)) >= 1
-    # stage 1 skipped, stage 2 warm-started from version 1 (the champion by default after run 1)
-    assert "stage1_dp2: skipped" in out and "stage2_tp2: warm start from models:/video-dit-tiny/1" in out
+    assert int(store.group(1)) == pipeline_run["samples"] and int(store.group(2)) >= 1
+    # stages 1-2 skipped, stage 3 warm-started from version 1 (the champion by default after run 1)
+    assert "stage1_images: skipped" in out and "stage2_lowres: skipped" in out
+    assert "stage3_64px: warm start from models:/video-dit-tiny/1" in out
     client = _client(root)
     versions = sorted(client.search_model_versions("name='video-dit-tiny'"), key=lambda v: int(v.version))
     assert [str(v.version) for v in versions] == ["1", "2"]
@@ -228,4 +252,4 @@ def test_weekly_run_is_incremental_warm_started_gated_and_traceable(pipeline_run
     assert uris2 == uris1 | new and not uris1 & new
     hits = lineage.versions_using(client, str(pipeline_run["tmp"] / "videos" / "weekly_new.mp4"))
     assert [h["model"]["version"] for h in hits] == ["2"]
-    assert [c["stage"] for c in doc2["checkpoints"]] == ["stage2_tp2", "post_train_sft", "preference_dpo"]
+    assert [c["stage"] for c in doc2["checkpoints"]] == ["stage3_64px", "post_train_sft", "preference_dpo"]

@@ -4,11 +4,13 @@
 Checked in one process: i2v keeps latent frame 0 clean in x_t, passes cond_mask_BT to the model and leaves frame 0
 out of the loss (changing the model's output there changes nothing); t2i trains latent frame 0 alone and scales its
 loss by the task's weight; tasks are drawn per micro-batch from their own generator (a one-task mix draws nothing;
-the flow inputs are the plain stage's); an i2v mix on 1-frame clips fails at load naming the stage; the quality
+the flow inputs are the plain stage's); images without t2i in the mix fail at load naming the stage, and an image
+micro-batch is always t2i; the quality
 ranking keeps the expected clips of a hand-made index (z-scored weighted sum, motion band, log sharpness, caption
 words, NaN last), the default keeps the score ranking, and a missing column is an error naming it and the fix.
-Through the real launch path: a t2v/i2v/t2i mix under DP=2 logs per-task sample counts, equals PP=2 with 2
-micro-batches, and a run SIGKILLed after step 3 resumes and ends bitwise equal to an uninterrupted one.
+Through the real launch path, on a mixed image/video stage (data frames [17, 1]): a t2v/i2v/t2i mix under DP=2
+logs per-task sample counts (images always t2i), equals PP=2 with 2 micro-batches, and a run SIGKILLed after step 3
+resumes and ends bitwise equal to an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import QualityRanking, StageConfig, TaskShare
+from common.config import DataSelection, QualityRanking, StageConfig, TaskShare
 from helpers import (
     TINY_DIT,
     assert_equal_step_folders,
@@ -40,10 +42,16 @@ def _job(tmp: Path, latents: Path, mix) -> StageJob:
                     latents_dir=str(latents), output_dir=str(tmp / "out"))
 
 
+CLIP = dict(resolution="64px", num_frames=17, height=64, width=64, kind="clip")
+IMAGE = dict(resolution="64px", num_frames=1, height=64, width=64, kind="image")
+
+
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory):
+    """6 clips (3 latent frames) and 4 images (1): the default selection takes the clips, frames [17, 1] both."""
     tmp = tmp_path_factory.mktemp("mix")
-    return tmp, write_latent_dataset(tmp / "latents")
+    return tmp, write_latent_dataset(tmp / "latents", n_clips=10, shapes=[(24, 3, 8, 8)] * 6 + [(24, 1, 8, 8)] * 4,
+                                     samples=[CLIP] * 6 + [IMAGE] * 4)
 
 
 def test_i2v_keeps_frame0_clean_passes_the_condition_and_leaves_it_out_of_the_loss(latents):
@@ -102,13 +110,16 @@ def test_tasks_are_drawn_per_micro_batch_from_their_own_generator():
     assert draws != [draw_task(mix, 99, s, v).task for s in range(400) for v in range(2)]
 
 
-def test_i2v_on_one_frame_clips_fails_at_load_naming_the_stage(tmp_path):
+def test_images_without_t2i_in_the_mix_fail_at_load_naming_the_stage(tmp_path):
+    from trainer.tasks import draw_task
     from trainer.train import _check_inputs
 
     lat = write_latent_dataset(tmp_path / "images", latent_shape=(24, 1, 8, 8))
-    with pytest.raises(ValueError, match=r"stage 'mix': task_mix has i2v, which needs >= 2 latent frames"):
+    with pytest.raises(ValueError, match=r"stage 'mix': 6 sample\(s\) are images .* task_mix has no t2i"):
         _check_inputs(_job(tmp_path, lat, [TaskShare("t2v"), TaskShare("i2v")]))
-    _check_inputs(_job(tmp_path, lat, [TaskShare("t2v"), TaskShare("t2i")]))
+    _check_inputs(_job(tmp_path, lat, [TaskShare("t2v"), TaskShare("t2i", 0.1, 0.3)]))
+    # an image micro-batch is always t2i, with the mix's t2i weight, whatever the draw says
+    assert all(draw_task(MIX, 1234, s, v, image=True) is MIX[2] for s in range(20) for v in range(2))
 
 
 @pytest.mark.timeout(200)
@@ -118,13 +129,16 @@ def test_mixed_tasks_dp2_log_counts_match_pp2_and_resume_bitwise(latents, monkey
     equal to the printed digits; grad norms 8.6e-8 relative, weights 2.4e-7; CP=2 and TP=2 + SP the same by hand)."""
     from helpers import load_weights
     from trainer import checkpoint
+    from trainer.data import LatentSplit, StepSampler
 
     tmp, lat = latents
-    stage = stage_config(name="mixed", steps=4, checkpoint_interval=2, task_mix=MIX)
+    both = DataSelection(frames=[17, 1])   # a mixed image/video stage
+    stage = stage_config(name="mixed", steps=4, checkpoint_interval=2, task_mix=MIX, data=both)
     straight, lines = run_stage_job(tmp, "mixed", stage, lat, dit=DIT2)
     rows = stage_metrics(straight)
     pp, _ = run_stage_job(tmp, "mixed-pp2", stage_config(name="mixed-pp2", steps=4, checkpoint_interval=4, task_mix=MIX,
-                                                         data_parallel=1, micro_batches=2, pipeline_parallel=2),
+                                                         data_parallel=1, micro_batches=2, pipeline_parallel=2,
+                                                         data=both),
                           lat, dit=DIT2)
     for a, b in zip(rows, stage_metrics(pp)):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"] and abs(a["grad_norm"] - b["grad_norm"]) <= \
@@ -135,6 +149,11 @@ def test_mixed_tasks_dp2_log_counts_match_pp2_and_resume_bitwise(latents, monkey
     counts = [(r["task_t2v"], r["task_i2v"], r["task_t2i"]) for r in rows]
     assert all(sum(c) == 4 for c in counts)                     # 2 DP ranks x 2 clips, each micro-batch one task
     assert {t for c in counts for t, n in zip(("t2v", "i2v", "t2i"), c) if n} == {"t2v", "i2v", "t2i"}, counts
+    data = LatentSplit(lat, selection=both)
+    sampler = StepSampler(data.shapes, 2, 2, stage.seed, patch_size=(1, 2, 2))
+    images = [sum(data.shapes[i][1] == 1 for i in sampler.global_indices(k)) for k in range(4)]
+    assert len(data) == 10 and sum(images) > 0, images   # the stage reads its images, which train as t2i
+    assert all(c[2] >= n for c, n in zip(counts, images)), (counts, images)
     t2i_only = [r for r, c in zip(rows, counts) if c[2] == 4]
     for r in t2i_only:   # one-frame micro-batches: 16 video tokens per clip instead of 48
         assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(4 * 16)

@@ -1,7 +1,9 @@
 """Deterministic batches from a LatentDataset folder (format: docs/artifacts.md, read with ``common.latents``).
 
-``LatentSplit(root, split, top_fraction, quality)`` is the rows of one split (optionally only the best fraction by
-the stage's ``QualityRanking``, ``quality_keys``) and stacks them into ``Batch``es; ``PairSplit(root)`` is the pairs
+``LatentSplit(root, split, top_fraction, quality, selection)`` is the rows of one split that the stage's data
+selection takes (``common.selection``: resolutions, frame counts with 1 = images, aspect ratios; an empty selection
+of the split is an error naming the missing buckets), optionally only the best fraction of them by the stage's
+``QualityRanking`` (``quality_keys``), and stacks them into ``Batch``es; ``PairSplit(root)`` is the pairs
 of a PreferencePairs folder (``common.pairs``) for Flow-DPO, batched as ``PairBatch``es (winners, then their
 losers); ``StepSampler`` says which rows (pairs) each step and rank takes.
 
@@ -39,8 +41,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from common.config import QualityRanking
+from common.config import DataSelection, QualityRanking
 from common.latents import CURATION, INDEX, META, LatentReader
+from common.selection import bucket_counts, describe, missing_buckets, select
 
 QUALITY_COLUMNS = ("score", "aesthetic", "motion", "sharpness", "caption_length")
 
@@ -115,7 +118,8 @@ class LatentSplit:
     ``LatentReader`` (``meta``, ``vae_spatial_downsample``)."""
 
     def __init__(self, root: str | Path, split: str = "train", top_fraction: float = 1.0,
-                 quality: Optional[QualityRanking] = None):
+                 quality: Optional[QualityRanking] = None, selection: Optional[DataSelection] = None,
+                 stage_name: str = ""):
         self.reader = LatentReader(root)
         self.root, self.meta = self.reader.root, self.reader.meta
         if not 0.0 < top_fraction <= 1.0:
@@ -124,6 +128,15 @@ class LatentSplit:
         df = df[df["split"] == split]
         if df.empty:
             raise ValueError(f"{self.root / INDEX}: the '{split}' split is empty; nothing to train on")
+        sel = selection or DataSelection()
+        where = f"{self.root / INDEX}"
+        missing = missing_buckets(df, sel, where)
+        if missing:
+            who = f"stage '{stage_name}'" if stage_name else "the data selection"
+            raise ValueError(f"{who}: data ({describe(sel)}) has no '{split}' sample for {', '.join(missing)} in "
+                             f"{where} (it holds {bucket_counts(df)}); change the stage's data selection or "
+                             "curate.resolutions / curate.bucket_frames / curate.keyframes")
+        df = df[select(df, sel, where)]
         if top_fraction < 1.0:   # best first; unknown (NaN) last; clip_id breaks ties so the choice is reproducible
             key = quality_keys(df, quality or QualityRanking(), self.meta, self.root / INDEX)
             df = df.assign(_score=key.astype(float).fillna(-math.inf)).sort_values(
@@ -133,6 +146,9 @@ class LatentSplit:
         self.clip_ids: List[str] = df["clip_id"].tolist()
         self.shapes: List[Tuple[int, ...]] = [self.reader.latent_shape(c) for c in self.clip_ids]
         self.scores: List[float] = df["score"].astype(float).tolist()
+        self.resolutions: List[str] = (df["resolution"].astype(str).tolist() if "resolution" in df.columns
+                                       else [""] * len(df))   # per row: its resolution bucket ("" = unnamed)
+        self.resolution_of: Dict[str, str] = dict(zip(self.clip_ids, self.resolutions))
 
     def __len__(self) -> int:
         return len(self.clip_ids)

@@ -8,8 +8,10 @@ MLflow).
 Per step: loss (mean over micro-batches and DP ranks), grad_norm, lr, step_time_s, samples_per_s, tokens_per_s
 (video tokens of all micro-batches and DP ranks) and mfu = the report's model FLOPs (``models.flops``, E = 12,
 docs/mugv.md §6.5; recomputation is not counted; Flow-DPO adds the reference's forward, E = 4) / step time / the
-peak of all processes together (``trainer.device.peak_flops_per_s``). Only where they apply, after those: samples
-per task of a mix of several tasks (``task_t2v``, ``task_i2v``, ``task_t2i``) and the Flow-DPO metrics
+peak of all processes together (``trainer.device.peak_flops_per_s``), tokens_per_sample (video tokens per sample
+of the step: the resolution and length the curriculum trains at). Only where they apply, after those: samples per
+task of a mix of several tasks (``task_t2v``, ``task_i2v``, ``task_t2i``), samples per resolution bucket of data
+with several (``res_<name>``, e.g. ``res_360p``) and the Flow-DPO metrics
 (``dpo_implicit_acc``, ``dpo_reward_margin``, ``dpo_kl_proxy``; a pair is two samples).
 """
 from __future__ import annotations
@@ -92,7 +94,8 @@ class MetricsLog:
         samples, tokens, flops = work
         mfu = flops / seconds / self.peak if self.peak > 0 else float("nan")
         rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "step_time_s": seconds,
-               "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu, **(extra or {})}
+               "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "mfu": mfu,
+               "tokens_per_sample": tokens / max(samples, 1), **(extra or {})}
         more = "".join(f" {k}={v:.4g}" for k, v in (extra or {}).items())
         print(f"step={step} loss={loss:.6f} grad_norm={grad_norm:.4f} lr={lr:.3e} step_time={seconds:.3f}s "
               f"samples_per_s={samples / seconds:.2f} tokens_per_s={tokens / seconds:.1f} mfu={mfu:.4f}{more}",

@@ -93,7 +93,7 @@ def train(job: StageJob) -> None:
             optim.ema_update(ema, model, optim.EMA_DECAY)
             work = [sum(w) for w in zip(*(metrics.step_work(job.dit, m.batch, reference_forward=dpo)
                                           for m in micro))]   # tokens, FLOPs
-            sums = _step_sums(stage, micro, res)   # per-task samples (a mix of > 1 task) or Flow-DPO sums
+            sums = _step_sums(stage, micro, res, data)   # per-task/-resolution samples or Flow-DPO sums
             totals = metrics.dp_sum(plan, [res.loss, sum(len(m.batch.clip_ids) for m in micro), *work,
                                            *sums.values()])
             log.write(step + 1, totals[0] / layout.dp, res.grad_norm, res.lr, totals[1:4], time.perf_counter() - t0,
@@ -126,7 +126,8 @@ def _check_inputs(job: StageJob) -> Tuple[LatentSplit | PairSplit, int]:
     if stage.objective == "flow_dpo":   # a PreferencePairs folder: every pair (top_fraction and the mix: config)
         data = PairSplit(job.latents_dir)
     else:
-        data = LatentSplit(job.latents_dir, split="train", top_fraction=stage.top_fraction, quality=stage.quality)
+        data = LatentSplit(job.latents_dir, split="train", top_fraction=stage.top_fraction, quality=stage.quality,
+                           selection=stage.data, stage_name=stage.name)
         check_task_shapes(stage, data.clip_ids, data.shapes, job.dit.patch_size)
     return data, data.reader.vae_spatial_downsample
 
@@ -217,7 +218,7 @@ def micro_batch(job: StageJob, batch: Batch, step: int, vrank: int, vae_factor: 
             batch.latents_BCTHW, g, job.flow.t_loc, job.flow.t_scale, job.flow.use_shift, vae_spatial=vae_factor,
             drop_prob=job.dit.caption_dropout_prob)
         return MicroBatch(batch, noise, t_B, x_t, drop_B)
-    share = draw_task(job.stage.task_mix, job.stage.seed, step, vrank)
+    share = draw_task(job.stage.task_mix, job.stage.seed, step, vrank, image=batch.latents_BCTHW.shape[2] == 1)
     batch, cond_BT = task_batch(batch, share.task)
     x_t, t_B, noise = rf.training_step_inputs(batch.latents_BCTHW, g, job.flow.t_loc, job.flow.t_scale,
                                               job.flow.use_shift, cond_mask=cond_BT, vae_spatial=vae_factor)
@@ -325,16 +326,24 @@ def _pipeline_dpo(pipe: PipelineStage, reference: Reference, micro: List[MicroBa
     return loss, dict(zip(sums, group_sum(list(sums.values()), plan.layout.groups.pp)))
 
 
-def _step_sums(stage, micro: List[MicroBatch], res: StepResult) -> Dict[str, float]:
-    """This rank's numbers that metrics.jsonl adds up over DP: samples per task ("task_<name>", only for a mix of
-    more than one task) or the Flow-DPO sums; {} for a plain stage (its rows keep their keys)."""
+def _step_sums(stage, micro: List[MicroBatch], res: StepResult, data: LatentSplit | PairSplit) -> Dict[str, float]:
+    """This rank's numbers that metrics.jsonl adds up over DP: samples per task ("task_<name>", for a mix of more
+    than one task) and per resolution bucket ("res_<name>", for data of more than one), or the Flow-DPO sums; {} for
+    a plain stage (its rows keep their keys)."""
     if res.dpo:
         return res.dpo
-    if len(stage.task_mix) < 2:
-        return {}
-    counts = {f"task_{t.task}": 0.0 for t in stage.task_mix}
-    for m in micro:
-        counts[f"task_{m.task}"] += len(m.batch.clip_ids)
+    counts: Dict[str, float] = {}
+    if len(stage.task_mix) > 1:
+        counts = {f"task_{t.task}": 0.0 for t in stage.task_mix}
+        for m in micro:
+            counts[f"task_{m.task}"] += len(m.batch.clip_ids)
+    of = data.resolution_of if isinstance(data, LatentSplit) else {}
+    names = sorted(set(of.values()))
+    if len(names) > 1:
+        counts.update({f"res_{n}": 0.0 for n in names})
+        for m in micro:
+            for c in m.batch.clip_ids:
+                counts[f"res_{of[c]}"] += 1
     return counts
 
 

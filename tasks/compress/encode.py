@@ -110,7 +110,8 @@ def plan_samples(kept: Any) -> List[Sample]:
     for i, r in enumerate(kept.itertuples()):
         kind = str(getattr(r, "kind", "") or "clip") if "kind" in cols else "clip"
         raw = str(getattr(r, "variants", "") or "") if "variants" in cols else ""
-        variants = json.loads(raw) if raw else [["", int(r.height), int(r.width), int(r.num_frames)]]
+        variants: List[List[Any]] = json.loads(raw) if raw else \
+            [["", getattr(r, "height", 0), getattr(r, "width", 0), r.num_frames]]   # 0: the file's own size
         top_res, full = variants[0][0], int(variants[0][3])
         parent = str(getattr(r, "parent_clip", "") or "") if "parent_clip" in cols else ""
         for res, h, w, f in variants:
@@ -196,7 +197,8 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
             if smp.row != last:
                 pixels.pop(last, None)   # a row's variants are consecutive: its pixels are read once
                 last = smp.row
-            x = resize_pixels(row_pixels(smp.row)[:, :smp.frames], smp.height, smp.width)
+            x = row_pixels(smp.row)[:, :smp.frames]
+            x = resize_pixels(x, smp.height, smp.width) if smp.height else x
             entries[smp.sample_id] = _encode_clip(vae, text_enc, x, captions[smp.row], device)
             if store is not None:
                 store.put(k, *entries[smp.sample_id], metadata={

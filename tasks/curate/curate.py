@@ -170,10 +170,11 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
             if rel:
                 pending.append((out_dir / rel, clip_THWC))
                 for k in _keyframe_indices(len(src_THWC), cfg.keyframes):
-                    images.append(_image_row(src_THWC[k:k + 1], out_h, out_w, source_hash, cid, (start + k * cfg.frame_stride,
-                                          cfg.frame_stride), sidecar, fallback, cfg, models, out_dir, "keyframe",
-                                          scene_index=scene_index, start_s=float(times[start + k * cfg.frame_stride]),
-                                          src_height=src_h, src_width=src_w))
+                    at = start + k * cfg.frame_stride   # the key frame's source frame
+                    images.append(_image_row(src_THWC[k:k + 1], out_h, out_w, source_hash, cid, (at, cfg.frame_stride),
+                                             sidecar, fallback, cfg, models, out_dir, "keyframe",
+                                             scene_index=scene_index, start_s=float(times[at]), src_height=src_h,
+                                             src_width=src_w))
             row = manifest_row(source_hash, caption, "rejected" if reason else "kept", reason, clip_id=cid,
                                start_frame=start, end_frame=start + span, height=out_h, width=out_w,
                                num_frames=len(clip_THWC), duration_s=len(clip_THWC) / fps, scene_index=scene_index,

@@ -65,7 +65,17 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
         from common.latents import INDEX
 
         latents_dir = local_path(data.folder)
-        tracking.log_dataset(pd.read_parquet(latents_dir / INDEX), source=str(latents_dir),
+        index = pd.read_parquet(latents_dir / INDEX)
+        if not isinstance(data, PreferencePairs):   # the samples this stage's data selection takes
+            from common.selection import bucket_counts, describe, select
+
+            check_stage_data([stage], latents_dir)
+            train = index[index["split"] == "train"]
+            index = train[select(train, stage.data, str(latents_dir / INDEX))]
+            mlflow.set_tags({"stage.data": describe(stage.data),
+                             "stage.data_buckets": json.dumps(bucket_counts(index))})
+            mlflow.log_metric("data_samples", len(index))
+        tracking.log_dataset(index, source=str(latents_dir),
                              name="preference-pairs" if isinstance(data, PreferencePairs) else "latents",
                              digest=data.content_hash, context="training")
         mlflow.log_params({"world_size": stage.world_size, "init_checkpoint": init_path or "scratch"})
@@ -90,6 +100,26 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
                       content_hash=content_hash, config_hash=stage_hash, data_hash=data.content_hash,
                       parent_hash=parent_hash, mlflow_run_id=run_id, final_loss=float(meta.get("loss", float("nan"))),
                       config=stage)
+
+
+def check_stage_data(stages: List[StageConfig], latents_dir: Path) -> None:
+    """Every stage's data selection has train samples in the LatentDataset, before any stage runs: one ValueError
+    naming each stage that would train on nothing and the buckets it is missing (``common.selection``)."""
+    import pandas as pd
+
+    from common.latents import INDEX
+    from common.selection import bucket_counts, describe, missing_buckets
+
+    index = pd.read_parquet(latents_dir / INDEX)
+    train = index[index["split"] == "train"]
+    problems = [f"stage '{s.name}' ({describe(s.data)}): no train sample for {', '.join(missing)}"
+                for s in stages if s.objective == "flow"
+                for missing in [missing_buckets(train, s.data, str(latents_dir / INDEX))] if missing]
+    if problems:
+        raise ValueError("the curriculum's data selections do not match the LatentDataset " + str(latents_dir)
+                         + f" (its train samples: {bucket_counts(train)}):\n  " + "\n  ".join(problems)
+                         + "\nchange the stages' data selections, or curate.resolutions / curate.bucket_frames / "
+                           "curate.keyframes (and add images to the input folder for frames 1)")
 
 
 def _warm_start_folder(init_uri: str, dst: Path) -> Path:
@@ -143,6 +173,7 @@ def pretrain(train: TrainConfig, data: LatentDataset, register: RegisterConfig, 
     """The curriculum: one train_stage node per configured stage (``skip: true`` ones left out), each starting from
     the previous checkpoint, unless its ``init`` says scratch, the registered champion (a warm start: its version is
     resolved here, so a new champion is a new cache key) or a step folder."""
+    check_stage_data([s for s in train.stages if not s.skip], local_path(data.folder))
     ckpts: List[Checkpoint] = []
     prev: Optional[Checkpoint] = None
     for stage in train.stages:
