@@ -12,7 +12,11 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install demo test images clean-runs
+S3_PORT ?= 9000
+MLFLOW_PORT ?= 5000
+SERVICES ?=
+
+.PHONY: install demo test images clean-runs services services-stop
 
 $(STAMP): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +28,18 @@ $(STAMP): requirements.lock
 
 install: $(STAMP)
 
+# SERVICES=1: log to the `make services` MLflow server (artifacts on its S3 endpoint) instead of runs/mlflow.db
 demo: $(STAMP)
-	$(BIN)/pyflyte run workflows/pipeline.py train_video_model --config $(CONFIG)
+	$(if $(SERVICES),eval "$$($(BIN)/python -m common.services env)" && )$(BIN)/pyflyte run workflows/pipeline.py \
+		train_video_model --config $(CONFIG)
+
+# An S3 endpoint (moto) and an MLflow server (SQLite + artifacts on that endpoint) in the background: pid files and
+# logs in runs/services/; prints the URLs and the variables to export. `make services-stop` stops both.
+services: $(STAMP)
+	$(BIN)/python -m common.services start --s3-port $(S3_PORT) --mlflow-port $(MLFLOW_PORT)
+
+services-stop:
+	$(BIN)/python -m common.services stop
 
 test: $(STAMP)
 	$(BIN)/ruff check .

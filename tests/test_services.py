@@ -4,15 +4,10 @@ comes back on the same port and backend; and a credentials audit of everything t
 wrote (files, logs, S3 objects, MLflow params, tags, artifacts, registry)."""
 from __future__ import annotations
 
-import io
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +16,7 @@ pytestmark = pytest.mark.timeout(120)
 
 KEY_ID = "AKIAVGENTESTKEY7Q3Z"                   # distinctive: grepped for in everything written
 SECRET = "vgenTestSecret/Do+Not+Leak+9f3e1c"
-BUCKET = "mlflow-artifacts"
+BUCKET = "mlflow"   # common.services.BUCKETS[0]: MLflow's artifacts
 
 
 def _free_port() -> int:
@@ -30,85 +25,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class MlflowServer:
-    """``mlflow server`` in its own process group (stop = the server and its uvicorn worker)."""
-
-    def __init__(self, folder: Path, s3_url: str) -> None:
-        self.port, self.folder = _free_port(), folder
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = folder / "mlflow-server.log"
-        self.env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_url, "AWS_ACCESS_KEY_ID": KEY_ID,
-                    "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 60.0) -> float:
-        t0 = time.monotonic()
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-               "--artifacts-destination", f"s3://{BUCKET}/artifacts"]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
-        while time.monotonic() - t0 < timeout_s:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return time.monotonic() - t0
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"mlflow server not up after {timeout_s} s: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
+    """``make services`` (common.services.start) in a temp folder on free ports, with distinctive credentials."""
+    from common import services as svc
 
     folder = tmp_path_factory.mktemp("services")
-    s3_port = _free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
-    moto.start()
-    s3_url = f"http://127.0.0.1:{s3_port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update(AWS_ENDPOINT_URL=s3_url, AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
-    from common.storage import s3_client
-
-    s3_client().make_bucket(BUCKET)
-    server = MlflowServer(folder, s3_url)
-    server.start()
-    yield {"folder": folder, "server": server, "s3_url": s3_url}
-    server.stop()
-    moto.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
+    try:
+        state = svc.start(folder, s3_port=_free_port(), mlflow_port=_free_port())
+        os.environ["AWS_ENDPOINT_URL"] = state["s3_url"]
+        yield {"folder": folder, "s3_url": state["s3_url"], "mlflow_url": state["mlflow_url"]}
+    finally:
+        svc.main(["stop", "--folder", str(folder)])
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture
 def client_env(services, monkeypatch):
     """This process talks to the server with a short per-request timeout and no retries of its own."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", services["server"].url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services["mlflow_url"])
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", services["s3_url"])
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     import mlflow
 
-    mlflow.set_tracking_uri(services["server"].url)
-    mlflow.set_registry_uri(services["server"].url)
+    mlflow.set_tracking_uri(services["mlflow_url"])
+    mlflow.set_registry_uri(services["mlflow_url"])
     return services
 
 
@@ -125,14 +74,15 @@ def test_training_metrics_survive_a_tracking_server_outage(client_env, tmp_path,
     overflows during the outage says how many metrics were lost."""
     from mlflow.tracking import MlflowClient
 
+    from common import services as svc
     from trainer.metrics import MetricsLog
     from trainer.mlflow_buffer import MetricsSender
     from trainer.parallel.plan import ParallelPlan
 
-    server = client_env["server"]
-    client = MlflowClient(server.url)
+    url, folder = client_env["mlflow_url"], client_env["folder"]
+    client = MlflowClient(url)
     run_id = client.create_run(client.create_experiment("outage")).info.run_id
-    log = MetricsLog(_job(tmp_path, server.url, run_id), ParallelPlan.single(), 0, 1000, 1e12)
+    log = MetricsLog(_job(tmp_path, url, run_id), ParallelPlan.single(), 0, 1000, 1e12)
 
     def step(n: int) -> float:
         t0 = time.monotonic()
@@ -144,9 +94,9 @@ def test_training_metrics_survive_a_tracking_server_outage(client_env, tmp_path,
     assert log.sender is not None and log.sender.flush(20)
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
 
-    server.stop()
+    assert svc.stop_one(folder, "mlflow")
     assert max(step(n) for n in range(4, 9)) < 0.5          # training never waits on the dead server
-    small = MetricsSender(server.url, run_id, max_buffered=5, first_retry_s=0.2)
+    small = MetricsSender(url, run_id, max_buffered=5, first_retry_s=0.2)
     from mlflow.entities import Metric
 
     small.put([Metric("other", float(i), 0, i) for i in range(12)])
@@ -154,7 +104,9 @@ def test_training_metrics_survive_a_tracking_server_outage(client_env, tmp_path,
     deadline = time.monotonic() + 10
     while log.sender.down_since is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    restart_s = server.start()
+    port = int(url.rsplit(":", 1)[1])   # the same port and backend (mlflow.db), as `make services` would
+    restart_s = svc.launch(folder, "mlflow", svc.mlflow_command(folder, port), svc.mlflow_env(client_env["s3_url"]),
+                           f"{url}/health")
     assert log.close() == 0
     history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 9))
@@ -170,8 +122,8 @@ def test_training_metrics_survive_a_tracking_server_outage(client_env, tmp_path,
 def test_no_credential_is_written_anywhere(client_env, tmp_path, capfd):
     """Object storage (upload, download, a stage mirror) and tracking (parent and child runs, config params, a
     registered version whose artifacts go through the server to S3, per-step metrics) with distinctive credentials
-    in the environment of both processes: neither string appears in any file, log, object, param, tag or
-    captured output."""
+    in the environment of both processes: the secret appears in no file, log, object, param, tag or captured
+    output; the key id only inside SigV4's X-Amz-Credential of presigned URLs in the S3 endpoint's request log."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -183,7 +135,7 @@ def test_no_credential_is_written_anywhere(client_env, tmp_path, capfd):
     from trainer.metrics import MetricsLog
     from trainer.parallel.plan import ParallelPlan
 
-    server = client_env["server"]
+    url = client_env["mlflow_url"]
     tc = TrackingConfig(experiment="creds", root=str(tmp_path / "runs"), artifact_uri="s3://run-outputs/team/run1")
     config = PipelineConfig(tracking=tc)
     out = artifact_dir(tc, "curate", "abc")
@@ -195,7 +147,7 @@ def test_no_credential_is_written_anywhere(client_env, tmp_path, capfd):
         tracking.log_config("pipeline", to_dict(config))
         uri = mirror(tc, out)
         objectstore.download_folder(uri, tmp_path / "downloaded")
-        log = MetricsLog(_job(tmp_path, server.url, run_id), ParallelPlan.single(), 0, 1000, 1e12)
+        log = MetricsLog(_job(tmp_path, url, run_id), ParallelPlan.single(), 0, 1000, 1e12)
         log.write(1, 0.9, 0.5, 1e-3, (4, 400, 1e9), 0.1)
         assert log.close() == 0
         step = tmp_path / "step_00000001"
@@ -208,7 +160,7 @@ def test_no_credential_is_written_anywhere(client_env, tmp_path, capfd):
         version, _ = register_checkpoint("creds-model", "candidate", DiTConfig(), step, tmp_path / "latents",
                                          {"config_hash": "c"})
     tracking.finish_run(tc.root, parent)
-    client = MlflowClient(server.url)
+    client = MlflowClient(url)
     mv = client.get_model_version("creds-model", version)
     assert {a.path for a in client.list_artifacts(mv.run_id, "checkpoint")} == {
         "checkpoint/model.safetensors", "checkpoint/ema.safetensors", "checkpoint/meta.json"}
@@ -234,17 +186,34 @@ def test_no_credential_is_written_anywhere(client_env, tmp_path, capfd):
     cap = capfd.readouterr()
     written.append(("captured output", cap.out + cap.err))
     names = {w[0] for w in written}
-    assert any("mlflow.db" in n for n in names) and any(n.endswith("mlflow-server.log") for n in names)
+    assert {"mlflow.db", "mlflow.log", "s3.log", "services.json"} <= {Path(n).name for n in names}
     assert any(n.startswith("s3://run-outputs/team/run1/curate/abc/") for n in names)
     assert any(n.startswith(f"s3://{BUCKET}/artifacts/") and n.endswith("ema.safetensors") for n in names)
-    leaks = [where for where, text in written if KEY_ID in text or SECRET in text]
+    assert not [where for where, text in written if SECRET in text]   # the secret: nowhere at all
+    # the key id (not a secret: it names the key) only where SigV4 puts it, in the S3 endpoint's own request log
+    # (MLflow hands out presigned URLs for artifact downloads: ...&X-Amz-Credential=<key id>/<date>/...)
+    leaks = [where for where, text in written
+             if text.replace(f"X-Amz-Credential={KEY_ID}/", "").count(KEY_ID)]
     assert not leaks, leaks
     assert any(run_id in text for _, text in written)   # the audit did read the runs it looks through
 
 
-def test_put_and_read_through_the_same_endpoint(client_env):
-    """The services fixture is the S3 endpoint the storage module reads (one client for both)."""
-    from common.storage import read_text, s3_client
+def test_services_env_and_status(client_env, capsys, monkeypatch):
+    """``make demo SERVICES=1`` evaluates ``python -m common.services env``: the URLs to export, never the
+    credentials of the environment; ``status`` names both services."""
+    from common import services as svc
 
-    s3_client().put_object(BUCKET, "probe.txt", io.BytesIO(b"ok"), 2)
-    assert read_text(f"s3://{BUCKET}/probe.txt") == "ok"
+    folder = str(client_env["folder"])
+    assert svc.main(["env", "--folder", folder]) == 0
+    out = capsys.readouterr().out
+    assert f"export MLFLOW_TRACKING_URI={client_env['mlflow_url']}" in out
+    assert f"export AWS_ENDPOINT_URL={client_env['s3_url']}" in out and SECRET not in out and KEY_ID not in out
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    assert svc.main(["env", "--folder", folder]) == 0
+    assert f"AWS_ACCESS_KEY_ID={svc.LOCAL_KEY}" in capsys.readouterr().out
+    assert svc.main(["status", "--folder", folder]) == 0
+    assert "s3: running" in (out := capsys.readouterr().out) and "mlflow: running" in out
+    assert svc.main(["env", "--folder", folder + "/nothing-here"]) == 1 and "make services" in capsys.readouterr().out
+    port = int(client_env["s3_url"].rsplit(":", 1)[1])
+    with pytest.raises(OSError, match=f"port {port} is taken"):
+        svc.start(Path(folder) / "second", s3_port=port)
