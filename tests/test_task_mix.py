@@ -120,6 +120,13 @@ def test_images_without_t2i_in_the_mix_fail_at_load_naming_the_stage(tmp_path):
     _check_inputs(_job(tmp_path, lat, [TaskShare("t2v"), TaskShare("t2i", 0.1, 0.3)]))
     # an image micro-batch is always t2i, with the mix's t2i weight, whatever the draw says
     assert all(draw_task(MIX, 1234, s, v, image=True) is MIX[2] for s in range(20) for v in range(2))
+    from trainer.data import LatentSplit
+    from trainer.train import micro_batch
+
+    job = _job(tmp_path, lat, MIX)
+    for step in range(6):
+        m = micro_batch(job, LatentSplit(lat).batch([0, 1]), step=step, vrank=0, vae_factor=8)
+        assert (m.task, m.loss_weight, m.cond_BT, m.batch.latents_BCTHW.shape[2]) == ("t2i", 0.3, None, 1)
 
 
 @pytest.mark.timeout(200)

@@ -119,7 +119,8 @@ def curate(cfg: CurateConfig, shards: List[ShardResult], tracking_cfg: TrackingC
         page = write_report(out, report_dir)
         Deck("curation", page)
         mlflow.log_metrics({k: float(summary[k]) for k in ("inputs", "kept", "rejected", "failed", "clips_kept",
-                                                           "clips_rejected", "processed", "reused", "shards")})
+                                                           "clips_rejected", "images_kept", "keyframes_kept",
+                                                           "processed", "reused", "shards")})
         mlflow.log_metrics({"reason." + re.sub(r"[^0-9A-Za-z_.\-/ ]", "_", k).replace(" ", "_"): float(v)
                             for k, v in summary["reasons"].items()})
         import pandas as pd
