@@ -55,10 +55,16 @@ def client_env(services, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
     mlflow.set_tracking_uri(services["mlflow_url"])
     mlflow.set_registry_uri(services["mlflow_url"])
-    return services
+    yield services
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    tracking_utils._tracking_uri, registry_utils._registry_uri = saved   # later tests find MLflow as it was
 
 
 def _job(tmp_path: Path, uri: str, run_id: str):
