@@ -420,6 +420,8 @@ class LaunchConfig:
     mount_path: str = "/mnt/shared"    # mount_path: job files, latents and checkpoints live there (tracking.root)
     secret_env: List[SecretEnv] = field(default_factory=list)   # credentials of the pods, from Kubernetes secrets
     s3_endpoint_url: str = ""          # kubernetes: AWS_ENDPOINT_URL and MLFLOW_S3_ENDPOINT_URL of the pods (MinIO)
+    accelerator: str = ""              # kubernetes: GPU type of the training nodes, a nodeSelector on every pod
+    accelerator_label: str = "nvidia.com/gpu.product"   # its node label (NVIDIA GPU feature discovery's by default)
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("local_cwd", "kubernetes"):
@@ -440,8 +442,22 @@ class LaunchConfig:
         if "@" in self.s3_endpoint_url:
             raise ValueError("train.launch.s3_endpoint_url must not carry credentials (user:password@): put them in "
                              "a Kubernetes secret and list it in train.launch.secret_env")
+        if self.accelerator and not self.gpu:
+            raise ValueError(f"train.launch.accelerator {self.accelerator!r} is set but train.launch.gpu is 0: set "
+                             "gpu (GPUs per node, e.g. 8) or remove accelerator")
+        if self.accelerator and not _LABEL_VALUE.fullmatch(self.accelerator):
+            raise ValueError(f"train.launch.accelerator must be a node label value (at most 63 letters, digits, "
+                             f"'-', '_', '.'; no spaces), as `kubectl get nodes -L {self.accelerator_label}` shows "
+                             f"it, e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '-', self.accelerator).strip('-_.')[:63]}; "
+                             f"got {self.accelerator!r}")
+        if not _LABEL_KEY.fullmatch(self.accelerator_label) or len(self.accelerator_label.rsplit("/", 1)[-1]) > 63:
+            raise ValueError(f"train.launch.accelerator_label must be a node label key ([prefix/]name), e.g. "
+                             f"nvidia.com/gpu.product or cloud.google.com/gke-accelerator; got "
+                             f"{self.accelerator_label!r}")
 
 
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")   # Kubernetes label value (non-empty)
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")   # [prefix/]name
 _QUANTITY = re.compile(r"([0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")   # Kubernetes resource quantity
 
 

@@ -96,6 +96,7 @@ def test_10b_first_stage_volcano_job_is_valid_kubernetes(mugv_job):
             assert "value" not in env[s.env]
             assert env[s.env]["valueFrom"]["secretKeyRef"] == {"name": s.secret, "key": s.key, "optional": False}
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}   # train.launch.accelerator
         assert "--job /mnt/runs/artifacts/train/" in " ".join(container["command"])
 
 
@@ -138,6 +139,12 @@ def test_job_files_and_pods_carry_no_credentials(tmp_path):
     ({"train": {"launch": {"image": "ghcr.io/video-gen/trainer:latest"}}}, "train.launch.image must name a fixed tag"),
     ({"train": {"launch": {"secret_env": [{"env": "A", "secret": "Bad_Name"}]}}},
      "secret must be a Kubernetes Secret name"),
+    ({"train": {"launch": {"gpu": 8, "accelerator": "NVIDIA H100 80GB HBM3"}}},
+     "train.launch.accelerator must be a node label value (at most 63 letters, digits, '-', '_', '.'; no spaces), "
+     "as `kubectl get nodes -L nvidia.com/gpu.product` shows it, e.g. NVIDIA-H100-80GB-HBM3"),
+    ({"train": {"launch": {"accelerator": "NVIDIA-H100-80GB-HBM3"}}}, "train.launch.gpu is 0: set gpu"),
+    ({"train": {"launch": {"gpu": 8, "accelerator": "a", "accelerator_label": "gpu type"}}},
+     "train.launch.accelerator_label must be a node label key"),
 ])
 def test_cluster_config_errors_name_the_key(data, message):
     with pytest.raises(ValueError, match=re.escape(message)):

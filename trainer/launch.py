@@ -14,7 +14,8 @@ On kubernetes the request is built as TorchX documents for scheduler features it
 ``runner.dryrun`` renders the Volcano Job (``app_to_resource``: one pod per replica, the shared volume of
 ``train.launch.volume_claim`` from the role's ``specs.VolumeMount``), ``kubernetes_request`` then adds to every pod's
 container the credentials of ``train.launch.secret_env`` as ``secretKeyRef`` variables (TorchX's env takes plain
-values only) and the MLflow endpoint (``MLFLOW_TRACKING_URI``, never with a user:password in it), and
+values only) and the MLflow endpoint (``MLFLOW_TRACKING_URI``, never with a user:password in it), puts the GPU type
+``train.launch.accelerator`` in every pod's nodeSelector (under ``train.launch.accelerator_label``), and
 ``runner.schedule`` submits it. No secret value is in the job file, the config or the Volcano job.
 
 ``dryrun_kubernetes`` renders that same Volcano Job offline (no cluster, no image build) for review and tests.
@@ -86,11 +87,16 @@ def _k8s_app(job_path: str, launch: LaunchConfig, nnodes: int, nproc_per_node: i
 
 def kubernetes_request(runner, app, launch: LaunchConfig):
     """TorchX's dry run of ``app`` on the kubernetes scheduler, with every pod's container given the
-    ``train.launch.secret_env`` variables as ``secretKeyRef``s; ``runner.schedule`` submits the result."""
+    ``train.launch.secret_env`` variables as ``secretKeyRef``s and every pod the nodeSelector
+    ``{train.launch.accelerator_label: train.launch.accelerator}`` when an accelerator is set; ``runner.schedule``
+    submits the result."""
     from kubernetes.client.models import V1EnvVar, V1EnvVarSource, V1SecretKeySelector
 
     info = runner.dryrun(app, "kubernetes", cfg=_cfg(launch, Path(".")), workspace=None)
     for task in info.request.resource["spec"]["tasks"]:
+        if launch.accelerator:   # TorchX's AppDef selects nodes by instance type only, not by GPU type
+            pod = task["template"].spec
+            pod.node_selector = {**(pod.node_selector or {}), launch.accelerator_label: launch.accelerator}
         for container in task["template"].spec.containers:
             taken = {e.name for e in container.env or []}
             clash = taken & {s.env for s in launch.secret_env}
