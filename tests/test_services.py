@@ -118,7 +118,11 @@ def test_training_metrics_survive_a_tracking_server_outage(client_env, tmp_path,
     assert sorted(m.step for m in history) == list(range(1, 9))
     assert {m.step: m.value for m in history}[6] == pytest.approx(1 / 6)
     assert len((tmp_path / "stage" / "metrics.jsonl").read_text().splitlines()) == 8
+    refused = MetricsSender(url, "f" * 32)                   # no such run: a 4xx answer, not retried
+    refused.put([Metric("loss", 1.0, 0, 1)])
+    assert refused.close(timeout_s=10) == 1
     err = capfd.readouterr().err
+    assert "MLflow refused 1 metrics" in err and "1 refused" in err
     assert "unreachable" in err and "training continues" in err
     assert "reachable again" in err and "buffered metrics sent" in err, err
     assert "12 metrics of run" in err and "7 dropped from the full buffer of 5" in err

@@ -83,10 +83,6 @@ class MetricsSender:
                 self.dropped += overflow
             self.cond.notify()
 
-    def pending(self) -> int:
-        with self.cond:
-            return len(self.buffer)
-
     def flush(self, timeout_s: float) -> bool:
         """Wait until every queued metric was sent (True) or ``timeout_s`` passed (False)."""
         deadline = time.monotonic() + timeout_s
