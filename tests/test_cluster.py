@@ -100,6 +100,27 @@ def test_10b_first_stage_volcano_job_is_valid_kubernetes(mugv_job):
         assert "--job /mnt/runs/artifacts/train/" in " ".join(container["command"])
 
 
+def test_the_readme_pod_template_mounts_the_training_claim_for_the_flyte_pods():
+    """README "Running on a cluster": the PodTemplate that gives the Flyte task pods the shared volume is a valid
+    Kubernetes PodTemplate and mounts the 10B config's claim at its mount path."""
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (doc,) = [d for d in map(yaml.safe_load, re.findall(r"```yaml\n(.*?)```", readme, re.S)) if d.get("kind") ==
+              "PodTemplate"]
+    strict(doc, "V1PodTemplate")
+    launch = load_config("configs/mugv_10b.yaml").train.launch
+    spec = doc["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["name"] == "default"   # the name Flyte merges into every container it builds
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]}
+    assert [(claims[m["name"]], m["mountPath"]) for m in container["volumeMounts"]] == [
+        (launch.volume_claim, launch.mount_path)]
+    assert f"default-pod-template-name: {doc['metadata']['name']}" in readme
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda c: c.update(volumeMountz=[]), "has no field 'volumeMountz'"),
     (lambda c: c["env"][0].update(value=3), "expected str, got int"),
