@@ -251,6 +251,15 @@ class QualityRanking:
             raise ValueError("quality: at least one weight must be > 0")
 
 
+ASPECT_TOLERANCE = 0.03   # "16:9" matches 1280x720 exactly and the /16-rounded 832x1104 for "4:3" (0.5 % off)
+
+
+def aspect_matches(height: int, width: int, ratio: str) -> bool:
+    """Whether [height, width] has aspect ``ratio`` ("W:H") within ``ASPECT_TOLERANCE`` (relative)."""
+    w, h = (int(v) for v in ratio.split(":"))
+    return abs((width / height) / (w / h) - 1.0) <= ASPECT_TOLERANCE
+
+
 @dataclass
 class DataSelection:
     """Which samples of the LatentDataset a stage trains on (``common.selection``). Every list empty: each kept
@@ -720,8 +729,6 @@ def check_selection(stage: StageConfig, curate: CurateConfig, where: str) -> Non
     """A stage's data selection against what curation and compression will produce (the config-time half; the
     pretrain task checks the LatentDataset itself before any stage runs): known resolution names, clip lengths
     curation cuts (or 1: images and key frames), aspect ratios some selected size has."""
-    from common.selection import aspect_matches
-
     sel, resolutions = stage.data, curate.resolution_list
     known = [r.name for r in resolutions]
     missing = [r for r in sel.resolutions if r not in known]

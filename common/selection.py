@@ -21,17 +21,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List
 
-from common.config import DataSelection
+from common.config import ASPECT_TOLERANCE, DataSelection, aspect_matches
 
 SAMPLE_COLUMNS = ("resolution", "num_frames", "height", "width", "kind", "top_resolution", "full_length")
-ASPECT_TOLERANCE = 0.03   # "16:9" matches 1280x720 exactly and the /16-rounded 832x1104 for "4:3" (0.5 % off)
 IMAGE_KINDS = ("image", "keyframe")
-
-
-def aspect_matches(height: int, width: int, ratio: str) -> bool:
-    """Whether [height, width] has aspect ``ratio`` ("W:H") within ``ASPECT_TOLERANCE`` (relative)."""
-    w, h = (int(v) for v in ratio.split(":"))
-    return abs((width / height) / (w / h) - 1.0) <= ASPECT_TOLERANCE
+__all__ = ["ASPECT_TOLERANCE", "aspect_matches", "select", "missing_buckets", "describe", "bucket_counts"]
 
 
 def has_sample_columns(index: Any) -> bool:
@@ -43,7 +37,7 @@ def select(index: Any, sel: DataSelection, where: str = "the LatentDataset") -> 
     import pandas as pd
 
     if not has_sample_columns(index):
-        if sel == DataSelection():
+        if not (sel.resolutions or sel.frames or sel.aspect_ratios):
             return pd.Series(True, index=index.index)
         missing = sorted(set(SAMPLE_COLUMNS) - set(index.columns))
         raise ValueError(f"{where} has no {missing} columns (written before datasets held several resolutions, "
