@@ -36,6 +36,15 @@ def publish(tmp: Path, path: Path) -> Path:
     return path
 
 
+def folder_ref(path: Path) -> FlyteDirectory:
+    """The FlyteDirectory a task returns for an artifact folder under ``tracking.root``: Flyte passes its path and
+    never uploads it (``remote_directory=False``). The run folder is the data plane (local here; on a cluster a volume
+    every pod mounts, README "Running on a cluster"); a checkpoint folder holds optimizer state and older steps that
+    must not be copied to the raw-output prefix. What a remote run needs in object storage goes there through
+    ``mirror`` (complete or absent, checksummed, exported weights only)."""
+    return FlyteDirectory(str(path), remote_directory=False)
+
+
 def local_path(folder: FlyteDirectory) -> Path:
     """Download (remote) or resolve (local) a FlyteDirectory; a clear error if a cached path has vanished."""
     path = Path(folder.download())

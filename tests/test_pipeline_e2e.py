@@ -110,7 +110,7 @@ def test_registered_version_has_alias_and_lineage(pipeline_run):
     uri = f"sqlite:///{pipeline_run['root'] / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)   # earlier tests in this process may have pointed the registry elsewhere
-    from tasks.register.registry import load_registered_dit   # the weights only: no pickled model is logged
+    from tasks.register.registry import load_registered_dit  # the weights only: no pickled model is logged
 
     model = load_registered_dit("models:/video-dit-tiny@candidate", pipeline_run["tmp"] / "loaded")
     assert sum(p.numel() for p in model.parameters()) > 0

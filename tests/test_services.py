@@ -227,3 +227,82 @@ def test_services_env_and_status(client_env, capsys, monkeypatch):
     port = int(client_env["s3_url"].rsplit(":", 1)[1])
     with pytest.raises(OSError, match=f"port {port} is taken"):
         svc.start(Path(folder) / "second", s3_port=port)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tiny_dag_as_a_remote_run(services, repo_root, tmp_path):
+    """The tiny DAG as a remote run would run it, on this machine: raw videos and images read from the S3 endpoint,
+    ``--raw-output-data-prefix`` on it, runs on the MLflow server, ``tracking.artifact_uri`` on it (a shortened
+    curriculum: the 64px stage, SFT and Flow-DPO for 2 steps each). Every artifact a remote run needs is in object
+    storage, complete (manifest last) and checksummed: the clip manifest with its clips and images, the latents,
+    each stage's exported weights (never optimizer state or older steps), the evaluation report, the registered
+    version's weights behind the server; Flyte's raw-output prefix holds only small literals (folders are passed by
+    path, never copied there); and no file, log or output of the run holds the test secret."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from common import objectstore
+    from common.storage import s3_client
+
+    s3 = s3_client()
+    for p in sorted((repo_root / "data/demo").iterdir()):   # raw videos, images and sidecar captions in
+        s3.fput_object("vgen", f"raw/{p.name}", str(p))
+    cfg = yaml.safe_load((repo_root / "configs/tiny.yaml").read_text())
+    cfg["curate"]["input_uri"] = "s3://vgen/raw/"
+    cfg["curate"]["caption"]["backend"] = "sidecar"
+    cfg["compress"]["vae_train_steps"] = 2
+    for stage in cfg["train"]["stages"][:2]:
+        stage["skip"] = True
+    for stage in (cfg["train"]["stages"][2], cfg["train"]["post_train"], cfg["train"]["preference"]):
+        stage.update(steps=2, checkpoint_interval=1, keep_checkpoints=2)
+    cfg["evaluate"].update(sample_steps=2, evaluate_raw=False, heldout_clips=1, prompts=["a red square"],
+                           i2v_images=[""])
+    cfg["tracking"].update(root=str(tmp_path / "runs"), artifact_uri="s3://vgen/remote-run",
+                           experiment="video-gen-remote")
+    config = tmp_path / "remote.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    url = services["s3_url"]
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "PYTHONPATH": str(repo_root), "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": services["mlflow_url"], "AWS_ENDPOINT_URL": url, "MLFLOW_S3_ENDPOINT_URL": url,
+           "FLYTE_AWS_ENDPOINT": url, "FLYTE_AWS_ACCESS_KEY_ID": KEY_ID, "FLYTE_AWS_SECRET_ACCESS_KEY": SECRET,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "pyflyte"), "run", "--raw-output-data-prefix",
+                           "s3://vgen/flyte-raw", "workflows/pipeline.py", "train_video_model", "--config",
+                           str(config)], cwd=repo_root, env=env, capture_output=True, text=True, timeout=560)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+
+    sizes = {o.object_name: int(o.size or 0) for o in s3.list_objects("vgen", recursive=True)}
+    runs = {n[len("remote-run/"):]: s for n, s in sizes.items() if n.startswith("remote-run/")}
+    folders = {n.rsplit("/", 1)[0] for n in runs if n.endswith("/_MANIFEST.json")}
+    kinds = {f.split("/")[0] for f in folders}
+    assert {"curate", "compress", "train", "evaluate"} <= kinds, sorted(folders)
+    for folder in folders:   # complete: every listed file there with its size; downloads verify the sha256
+        listed = objectstore.read_manifest(f"s3://vgen/remote-run/{folder}")
+        assert all(runs[f"{folder}/{f['path']}"] == f["size"] for f in listed["files"]), folder
+    (curated,) = [f for f in folders if f.startswith("curate/")]
+    names = [n for n in runs if n.startswith(curated + "/")]
+    assert any(n.endswith(".mp4") for n in names) and any(n.endswith(".png") and "/images/" in n for n in names)
+    assert f"{curated}/manifest.parquet" in runs
+    stages = sorted(f.split("/")[1].split("-")[0] for f in folders if f.startswith("train/"))
+    assert stages == ["post_train_sft", "preference_dpo", "stage3_64px"], stages
+    for f in (f for f in folders if f.startswith("train/")):
+        files = {n[len(f) + 1:] for n in runs if n.startswith(f + "/")}
+        assert files == {"_MANIFEST.json", "latest", "metrics.jsonl", "step_00000002/model.safetensors",
+                         "step_00000002/ema.safetensors", "step_00000002/meta.json"}, (f, files)
+    (report,) = [f for f in folders if f.startswith("evaluate/")]
+    assert {f"{report}/report.html", f"{report}/metrics.json"} <= set(runs)
+    downloaded = objectstore.download_folder(f"s3://vgen/remote-run/{report}", tmp_path / "report")
+    assert (Path(downloaded) / "report.html").is_file()
+    raw = {n: s for n, s in sizes.items() if n.startswith("flyte-raw/")}
+    assert not any("optim" in n or n.endswith(".safetensors") for n in raw), sorted(raw)[:20]
+    assert sum(raw.values()) < 1 << 20, sum(raw.values())   # literals only: the folders stay where they are
+    registered = [o.object_name for o in s3.list_objects("mlflow", recursive=True)]
+    assert any(n.endswith("checkpoint/ema.safetensors") for n in registered)   # the version's weights, via the server
+    assert not any("/optim/" in n or "/dist/" in n for n in registered)
+    texts = [out] + [p.read_bytes().decode("latin-1") for p in (tmp_path / "runs").rglob("*")
+                     if p.is_file() and p.stat().st_size < 1 << 22]
+    assert not [t for t in texts if SECRET in t]

@@ -20,9 +20,9 @@ from flytekit import task
 from common import tracking
 from common.config import CompressConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import module_code_version, sha256_json
-from tasks.common import artifact_dir, fresh_dir, local_path, mirror, publish
+from tasks.common import artifact_dir, folder_ref, fresh_dir, local_path, mirror, publish
 from tasks.resources import defaults
-from tasks.types import ClipManifest, FlyteDirectory, LatentDataset, VAEModel
+from tasks.types import ClipManifest, LatentDataset, VAEModel
 
 
 def store_dir(cfg: CompressConfig, tracking_cfg: TrackingConfig) -> Path:
@@ -67,7 +67,7 @@ def fit_vae(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: TrackingC
         mlflow.log_artifact(str(out / VAE_CONFIG), "vae")
         if meta["source"] == "fit" and not reused:   # fitted now; imported and random weights are not copied
             mlflow.log_artifact(str(out / VAE_WEIGHTS), "vae")
-    return VAEModel(folder=FlyteDirectory(str(out)), identity=meta["weights_sha256"][:16],
+    return VAEModel(folder=folder_ref(out), identity=meta["weights_sha256"][:16],
                     trained_steps=meta["trained_steps"], random_init=meta["random_init"], config=cfg,
                     fit_manifest_hash=meta["fit_manifest"])
 
@@ -116,6 +116,6 @@ def compress(cfg: CompressConfig, manifest: ClipManifest, tracking_cfg: Tracking
                          "vae.identity": vae_id, "vae.random_init": str(meta["vae"]["random_init"]),
                          "text_encoder.identity": text_id, "latent_store": store["folder"]})
         mlflow.log_text(json.dumps(meta, indent=1, default=str), "latent_dataset_meta.json")
-    return LatentDataset(folder=FlyteDirectory(str(out)), content_hash=meta["content_hash"],
+    return LatentDataset(folder=folder_ref(out), content_hash=meta["content_hash"],
                          manifest_hash=manifest.content_hash, vae_identity=vae_id, text_encoder_identity=text_id,
                          num_train=n_train, num_val=n_val, config=cfg)

@@ -20,9 +20,9 @@ from flytekit import Deck, map_task, task
 from common import tracking
 from common.config import CurateConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import module_code_version, sha256_json
-from tasks.common import artifact_dir, fresh_dir, mirror, publish
+from tasks.common import artifact_dir, folder_ref, fresh_dir, mirror, publish
 from tasks.resources import defaults
-from tasks.types import ClipManifest, FlyteDirectory
+from tasks.types import ClipManifest
 
 
 @dataclass
@@ -138,7 +138,7 @@ def curate(cfg: CurateConfig, shards: List[ShardResult], tracking_cfg: TrackingC
                          "aesthetic.random_model": str(summary["aesthetic_random"]),
                          "caption.sources": json.dumps(summary["caption_sources"])})
         mlflow.log_text(json.dumps({"source_hashes": summary["source_hashes"]}, indent=1), "lineage.json")
-    return ClipManifest(folder=FlyteDirectory(str(out)), content_hash=summary["content_hash"],
+    return ClipManifest(folder=folder_ref(out), content_hash=summary["content_hash"],
                         source_hashes=list(summary["source_hashes"]), inputs=int(summary["inputs"]),
                         kept=int(summary["kept"]), rejected=int(summary["rejected"]), failed=int(summary["failed"]),
                         config=cfg, processed=int(summary["processed"]), reused=int(summary["reused"]))

@@ -13,7 +13,7 @@ from flytekit import Deck, task
 from common import tracking
 from common.config import DiTConfig, EvalConfig, FlowConfig, RegisterConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import module_code_version, sha256_json
-from tasks.common import artifact_dir, fresh_dir, local_path, publish
+from tasks.common import artifact_dir, folder_ref, fresh_dir, local_path, mirror, publish
 from tasks.resources import defaults
 from tasks.types import Checkpoint, EvalReport, FlyteDirectory, LatentDataset
 
@@ -100,6 +100,7 @@ def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentData
                                      champion=champion_now, progress=log,
                                      clips_dir=find_clip_manifest(tracking_cfg, data.manifest_hash))
         publish(tmp, out)
+        mirror(tracking_cfg, out)   # the report, metrics and samples to tracking.artifact_uri, when set
 
         champ = outcome.champion.values() if outcome.champion else {}
         deltas = {r.name: r.delta for r in outcome.comparison if math.isfinite(r.delta)}
@@ -115,7 +116,7 @@ def evaluate(cfg: EvalConfig, dit: DiTConfig, flow: FlowConfig, data: LatentData
             if name and (out / name).is_file():
                 mlflow.log_artifact(str(out / name))
         Deck("evaluation", (out / "report.html").read_text())
-    return EvalReport(folder=FlyteDirectory(str(out)), metrics=outcome.flat, checkpoint_hash=checkpoint.content_hash,
+    return EvalReport(folder=folder_ref(out), metrics=outcome.flat, checkpoint_hash=checkpoint.content_hash,
                       mlflow_run_id=run_id, config=cfg, suite_hash=outcome.suite.hash,
                       directions={k: m.direction for k, m in outcome.metrics.items()},
                       raw_metrics={k: m.value for k, m in outcome.raw.items() if math.isfinite(m.value)},

@@ -21,9 +21,9 @@ from flytekit import task
 from common import tracking
 from common.config import PairsConfig, TrackingConfig, config_hash, to_dict
 from common.hashing import code_version, sha256_json
-from tasks.common import artifact_dir, fresh_dir, local_path, publish
+from tasks.common import artifact_dir, folder_ref, fresh_dir, local_path, publish
 from tasks.resources import defaults
-from tasks.types import FlyteDirectory, LatentDataset, PreferencePairs
+from tasks.types import LatentDataset, PreferencePairs
 
 
 @task(**defaults("orchestration"))
@@ -65,6 +65,6 @@ def build_preference_pairs(cfg: PairsConfig, data: LatentDataset, tracking_cfg: 
         mlflow.set_tags({"pairs.labels": summary["labels"], "lineage.content_hash": meta["content_hash"],
                          "lineage.data_hash": data.content_hash, "lineage.source_hash": current})
         mlflow.log_text(json.dumps(summary, indent=1, default=str), "preference_pairs_summary.json")
-    return PreferencePairs(folder=FlyteDirectory(str(out)), content_hash=meta["content_hash"],
+    return PreferencePairs(folder=folder_ref(out), content_hash=meta["content_hash"],
                            data_hash=data.content_hash, num_pairs=summary["pairs"], labels=summary["labels"],
                            dropped=summary["dropped"], config=cfg, source_hash=current)

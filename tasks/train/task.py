@@ -25,9 +25,9 @@ from common.config import (
     to_dict,
 )
 from common.hashing import module_code_version, sha256_dir, sha256_json
-from tasks.common import artifact_dir, exported_checkpoint_files, local_path, mirror
+from tasks.common import artifact_dir, exported_checkpoint_files, folder_ref, local_path, mirror
 from tasks.resources import defaults, overrides
-from tasks.types import Checkpoint, Curriculum, FlyteDirectory, LatentDataset, PreferencePairs
+from tasks.types import Checkpoint, Curriculum, LatentDataset, PreferencePairs
 
 _CACHE = dict(cache=True, cache_version=module_code_version("tasks.train.task", "trainer.train"),
               cache_ignore_input_vars=("parent_run", "launch"), **defaults("train_launcher"))
@@ -96,7 +96,7 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
         mlflow.log_artifact(str(out / "metrics.jsonl"))
         mlflow.log_artifact(str(latest / "meta.json"), "checkpoint")
         mirror(tracking_cfg, out, files=exported_checkpoint_files(out))   # weights only, when artifact_uri is set
-    return Checkpoint(folder=FlyteDirectory(str(out)), stage=stage.name, step=int(meta["step"]),
+    return Checkpoint(folder=folder_ref(out), stage=stage.name, step=int(meta["step"]),
                       content_hash=content_hash, config_hash=stage_hash, data_hash=data.content_hash,
                       parent_hash=parent_hash, mlflow_run_id=run_id, final_loss=float(meta.get("loss", float("nan"))),
                       config=stage)
