@@ -192,6 +192,7 @@ class CompressConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     holdout_fraction: float = 0.25   # clips held out for evaluation, chosen by clip-id hash
     shard_size: int = 64             # samples per safetensors shard
+    encode_batch_size: int = 8       # samples of one shape per VAE encode call (memory: the VAE's micro_batch_size)
     seed: int = 0
     vae_refit: int = 0               # the fitted VAE is reused by later runs (new clips too); raise this to fit again
     store_uri: str = ""              # latent store (raw latents per clip): a local or shared folder;
@@ -200,6 +201,8 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"compress.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.encode_batch_size < 1:
+            raise ValueError(f"compress.encode_batch_size must be >= 1, got {self.encode_batch_size}")
         if self.vae_refit < 0:
             raise ValueError(f"compress.vae_refit must be >= 0 (a counter: raise it to fit the VAE again), "
                              f"got {self.vae_refit}")

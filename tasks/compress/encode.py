@@ -8,7 +8,9 @@ constants (``mugv``) - and writes safetensors shards, index.parquet and meta.jso
 The VAE comes from a VAE folder (``vae_dir``, written once by the ``fit_vae`` task: ``vae_fit.py``) or, when none is
 given, is fitted here on the clips (tests, benchmarks). With a ``store_dir`` the raw latents and caption features
 live in the latent store (``latent_store.py``): every kept clip is looked up there, only the misses are decoded and
-encoded, and the dataset is then built from the store exactly as from fresh encodings (the same bytes). Runs without
+encoded, and the dataset is then built from the store exactly as from fresh encodings (the same bytes). Samples of
+one pixel shape are encoded ``compress.encode_batch_size`` at a time, in one VAE call where that gives the bits of
+one-by-one encoding on CPU (``encode_batch``, ``batch_is_exact``), and each distinct caption once. Runs without
 Flyte; the Flyte tasks wrap ``run_compress`` and ``vae_fit.ensure_vae``.
 
     meta = run_compress(cfg, manifest_dir, out_dir, store_dir=store, vae_dir=vae_folder)
@@ -78,13 +80,46 @@ def _build_text_encoder(cfg: CompressConfig) -> TextEncoder:
     return TextEncoder.tiny(t.d_model, t.num_layers, t.num_heads, t.d_ff, t.max_length, t.seed)
 
 
-def _encode_clip(vae: Any, text_enc: TextEncoder, x_3THW: torch.Tensor, caption: str, device: torch.device) -> Entry:
-    """One clip -> (raw latent [C,T,H,W] posterior mode, text [L,D], mask [L]) on the CPU. Captions are encoded one
-    at a time, so a clip's features do not depend on which other clips are encoded in the same run."""
+def _call_sizes(total: int, group: int) -> List[int]:
+    """Batch sizes of the calls ``VideoVAE.encode`` makes over ``total`` items in groups of ``group`` (0: one call)."""
+    if group <= 0 or group >= total:
+        return [total]
+    return [group] * (total // group) + ([total % group] if total % group else [])
+
+
+def batch_is_exact(vae_cfg: Any, frames: int, batch: int) -> bool:
+    """Whether one ``VideoVAE.encode`` call on ``batch`` clips of ``frames`` frames gives every clip the same bits
+    as encoding it alone, on CPU in float32.
+
+    Why it can differ: PyTorch picks the CPU convolution kernel per call from the batch size (``Slow2d`` for a batch
+    of one, oneDNN for more: ``torch._C._select_conv_backend``), and the two round differently (measured up to 6e-6
+    in the tiny VAE). Calls with batches of >= 2 gave the same bits for every batch size tried (tests/test_compress_
+    batch.py). ``VideoVAE.encode`` folds frames into the batch of its 2D stage (groups of ``micro_batch_size``
+    frames) and 8-frame chunks into the batch of its temporal stage (groups of ``decode_window`` chunks when
+    micro-batching): batching is exact when, in both stages, no call is a batch of one in either way, or every call
+    is (``micro_batch_size`` 1 in the 2D stage). So images and clips of <= 8 frames are encoded alone, and with
+    micro-batching a clip whose frame count leaves a single-frame group.
+    """
+    mb, window = int(vae_cfg.micro_batch_size), int(vae_cfg.decode_window)
+    chunks = (frames + 7) // 8   # 8k+1 frames: frame 0 is replicated to a chunk of its own
+    stages = [(frames, mb), (chunks, window if mb > 0 else 0)]
+    for total, group in stages:
+        alone, together = _call_sizes(total, group), _call_sizes(batch * total, group)
+        if not (min(alone + together) >= 2 or max(alone + together) == 1):
+            return False
+    return True
+
+
+def encode_batch(vae: Any, xs: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """Pixels [3,T,H,W] of one shape -> their raw latents [C,t,h,w] (posterior mode) on the CPU, in one
+    ``vae.encode`` call where that is exact on CPU (``batch_is_exact``; the VAE's ``micro_batch_size`` bounds its
+    memory), else one by one. On CUDA always one call (GPU kernels make no bitwise promise across batch sizes)."""
+    if len(xs) > 1 and (device.type != "cpu" or batch_is_exact(vae.cfg, xs[0].shape[1], len(xs))):
+        with torch.no_grad():
+            z = vae.encode(torch.stack(xs).to(device)).mode().cpu()
+        return [zi.clone() for zi in z]
     with torch.no_grad():
-        z_CTHW = vae.encode(x_3THW[None].to(device)).mode()[0].cpu()
-    text_BLD, mask_BL = text_enc.encode([caption])
-    return z_CTHW, text_BLD[0], mask_BL[0]
+        return [vae.encode(x[None].to(device)).mode()[0].cpu() for x in xs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,19 +228,42 @@ def run_compress(cfg: CompressConfig, manifest_dir: Path, out_dir: Path, progres
                      "encode")
         reused, t0, last = len(entries), time.perf_counter(), -1
         todo = [(smp, k) for smp, k in zip(samples, keys) if smp.sample_id not in entries]
-        for n_done, (smp, k) in enumerate(todo, 1):
+        pending: Dict[tuple, List[Any]] = {}   # pixel shape -> [(sample, key, x_3THW)], encoded B at a time
+        texts: Dict[str, Any] = {}   # caption -> its features: a row's variants share its caption
+        n_done = 0
+
+        def flush(shape: tuple) -> None:
+            nonlocal n_done
+            batch = pending.pop(shape)
+            zs = encode_batch(vae, [x for _, _, x in batch], device)
+            for (smp, k, _), z_CTHW in zip(batch, zs):
+                caption = captions[smp.row]
+                if caption not in texts:   # one at a time: a caption's features do not depend on the run's others
+                    text_BLD, mask_BL = text_enc.encode([caption])
+                    texts[caption] = (text_BLD[0], mask_BL[0])
+                text_LD, mask_L = texts[caption]
+                entries[smp.sample_id] = (z_CTHW, text_LD.clone(), mask_L.clone())   # own memory (safetensors)
+                if store is not None:
+                    store.put(k, *entries[smp.sample_id], metadata={
+                        "clip_id": str(rows[smp.row].clip_id), "file_sha256": file_sha[smp.row],
+                        "caption": captions[smp.row], "num_frames": str(smp.frames),
+                        "size": f"{smp.height}x{smp.width}"})
+                n_done += 1
+                if n_done % 50 == 0:
+                    progress(f"compress: encoded {n_done}/{len(todo)} samples ({time.perf_counter() - t0:.0f} s)")
+
+        for smp, k in todo:
             if smp.row != last:
                 pixels.pop(last, None)   # a row's variants are consecutive: its pixels are read once
                 last = smp.row
             x = row_pixels(smp.row)[:, :smp.frames]
             x = resize_pixels(x, smp.height, smp.width) if smp.height else x
-            entries[smp.sample_id] = _encode_clip(vae, text_enc, x, captions[smp.row], device)
-            if store is not None:
-                store.put(k, *entries[smp.sample_id], metadata={
-                    "clip_id": str(rows[smp.row].clip_id), "file_sha256": file_sha[smp.row],
-                    "caption": captions[smp.row], "num_frames": str(smp.frames), "size": f"{smp.height}x{smp.width}"})
-            if n_done % 50 == 0:
-                progress(f"compress: encoded {n_done}/{len(todo)} samples ({time.perf_counter() - t0:.0f} s)")
+            shape = tuple(x.shape)
+            pending.setdefault(shape, []).append((smp, k, x.contiguous()))
+            if len(pending[shape]) >= cfg.encode_batch_size:
+                flush(shape)
+        for shape in list(pending):
+            flush(shape)
         pixels.clear()
         encoded = len(todo)
         if store is not None:
