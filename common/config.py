@@ -44,6 +44,7 @@ class CaptionConfig:
                    "subject and appearance, position and framing, camera, motion, what stays static.")
     num_frames: int = 8         # frames given to the model per clip
     max_new_tokens: int = 256   # a ~200-word paragraph
+    batch_size: int = 8         # a video's kept clips and key frames per generate call (prompts left-padded)
     min_pixels: int = 3136      # per-frame pixel budget of the Qwen2-VL video processor (56*56 .. 448*448)
     max_pixels: int = 200704
     tiny_hidden: int = 64       # widths of the tiny random Qwen2-VL used when pretrained == ""
@@ -57,8 +58,8 @@ class CaptionConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("qwen2_vl", "sidecar"):
             raise ValueError(f"curate.caption.backend must be 'qwen2_vl' or 'sidecar', got '{self.backend}'")
-        if self.num_frames < 1 or self.max_new_tokens < 1:
-            raise ValueError("curate.caption.num_frames and curate.caption.max_new_tokens must be >= 1")
+        if self.num_frames < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("curate.caption.num_frames, max_new_tokens and batch_size must be >= 1")
 
 
 @dataclass

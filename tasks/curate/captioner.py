@@ -1,4 +1,5 @@
-"""Clip captions behind one interface: ``Captioner.caption(frames_THWC, aesthetic) -> str``.
+"""Clip captions behind one interface: ``Captioner.caption(frames_THWC, aesthetic) -> str``, and
+``caption_batch([(frames_THWC, aesthetic), ...]) -> [str]`` for several clips in one model call.
 
 - ``QwenVLCaptioner``: a transformers Qwen2-VL model (the report's captioner family, docs/mugv.md §1.2) asked for one
   dense paragraph (scene -> lighting -> background -> subject -> framing -> camera -> motion). ``pretrained`` is a local
@@ -10,10 +11,16 @@
 Frames become Qwen2-VL video patches here (numpy, the layout of ``Qwen2VLVideoProcessor.patchify``), so the path
 does not need torchvision. Every caption gets the clip's aesthetic score appended as the report does at inference
 (``" aesthetic score: 5.3."``).
+
+Batches: ``QwenVLCaptioner.caption_batch`` left-pads the prompts to the longest one (attention mask 0 on the pads;
+Qwen2-VL's rope index counts positions from the first real token) and concatenates the videos' patches, then decodes
+greedily. The tiny random model gives the same captions batched as one by one (tests/test_caption_batch.py). That is
+not a bitwise guarantee in general: the padded batch changes matmul and attention shapes, so logits can differ in
+the last bits, and greedy decoding then picks another token only where two top logits are that close.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -40,6 +47,10 @@ class Captioner:
 
     def caption(self, frames_THWC: np.ndarray, aesthetic: Optional[float]) -> str:
         raise NotImplementedError
+
+    def caption_batch(self, items: Sequence[Tuple[np.ndarray, Optional[float]]]) -> List[str]:
+        """Captions of several (frames_THWC, aesthetic) items; the same strings as ``caption`` one by one."""
+        return [self.caption(frames_THWC, aesthetic) for frames_THWC, aesthetic in items]
 
 
 class SidecarCaptioner(Captioner):
@@ -143,20 +154,31 @@ class QwenVLCaptioner(Captioner):
                 + self.cfg.prompt + "<|im_end|>\n<|im_start|>assistant\n")
 
     def caption(self, frames_THWC: np.ndarray, aesthetic: Optional[float]) -> str:
+        return self.caption_batch([(frames_THWC, aesthetic)])[0]
+
+    def caption_batch(self, items: Sequence[Tuple[np.ndarray, Optional[float]]]) -> List[str]:
+        """One ``generate`` call for all ``items``: prompts left-padded to the longest (attention mask 0 on the pads,
+        so Qwen2-VL's rope index and attention skip them), the videos' patches concatenated in order, greedy."""
         import torch
 
-        idx = np.linspace(0, len(frames_THWC) - 1, min(self.cfg.num_frames, len(frames_THWC))).round().astype(int)
-        pixels, grid = video_patches(frames_THWC[idx], self.patch, self.merge, self.tps, self.cfg.min_pixels,
-                                     self.cfg.max_pixels)
-        n_tokens = grid[0] * grid[1] * grid[2] // self.merge ** 2
-        ids = self.tokenizer(self.prompt(n_tokens), return_tensors="pt")
+        if not items:
+            return []
+        prompts, pixels, grids = [], [], []
+        for frames_THWC, _ in items:
+            idx = np.linspace(0, len(frames_THWC) - 1, min(self.cfg.num_frames, len(frames_THWC))).round().astype(int)
+            p, grid = video_patches(frames_THWC[idx], self.patch, self.merge, self.tps, self.cfg.min_pixels,
+                                    self.cfg.max_pixels)
+            pixels.append(p)
+            grids.append(grid)
+            prompts.append(self.prompt(grid[0] * grid[1] * grid[2] // self.merge ** 2))
+        ids = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
         from tasks.curate.aesthetic import one_thread
 
         with torch.inference_mode(), one_thread(not self.cfg.pretrained):
             out = self.model.generate(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"],
-                                      pixel_values_videos=torch.from_numpy(pixels).to(self.model.dtype),
-                                      video_grid_thw=torch.tensor([grid]), max_new_tokens=self.cfg.max_new_tokens,
+                                      pixel_values_videos=torch.from_numpy(np.concatenate(pixels)).to(self.model.dtype),
+                                      video_grid_thw=torch.tensor(grids), max_new_tokens=self.cfg.max_new_tokens,
                                       do_sample=False)
-        text = self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        text = "".join(c if c.isprintable() else " " for c in text)
-        return with_aesthetic(text, aesthetic)
+        texts = self.tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [with_aesthetic("".join(c if c.isprintable() else " " for c in text), aesthetic)
+                for text, (_, aesthetic) in zip(texts, items)]

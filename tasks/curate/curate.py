@@ -5,8 +5,9 @@ cuts + fades/dissolves), and for each scene picks the size bucket (closest aspec
 fits (``buckets``), cuts up to ``max_clips_per_scene`` windows spread evenly over the scene, scores every filter on
 the window's source-resolution frames (``filters.assess``: brightness, sharpness, motion, text area, aesthetic),
 drops windows that still contain a cut (max frame change > ``cut_check_threshold``), center-crops + resizes to the
-bucket and captions kept clips (``captioner``: sidecar or Qwen2-VL, aesthetic score appended). Every candidate gets
-a pHash (for the run-wide near-duplicate check at merge) and a thumbnail.
+bucket and captions kept clips and their key frames once the video's windows are done, ``caption.batch_size`` per
+captioner call (``captioner``: sidecar or Qwen2-VL, aesthetic score appended). Every candidate gets a pHash (for
+the run-wide near-duplicate check at merge) and a thumbnail.
 
 Settings reach every step the same way: each helper that applies a curation setting takes the whole ``cfg`` (the
 CurateConfig) and reads its fields itself (``scenes.analyse``, ``buckets.*``, ``window_starts``, ``filters.assess``,
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -139,6 +140,7 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
     scorer = models.scorer
     out: List[Tuple[Dict[str, Any], str]] = []
     pending: List[Tuple[Path, np.ndarray]] = []
+    to_caption: List[Tuple[Dict[str, Any], np.ndarray, Optional[float]]] = []   # kept clips and key frames, in order
     for scene_index, (s, e) in enumerate(scenes.scenes):
         n = buckets.length_bucket(e - s, cfg, fps)
         if n is None:
@@ -160,19 +162,15 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
             cid = clip_id(clip_THWC, source_hash, start, start + span, cfg.frame_stride)
             (out_dir / "thumbs").mkdir(parents=True, exist_ok=True)
             (out_dir / "thumbs" / f"{cid}.png").write_bytes(thumbnail(clip_THWC[len(clip_THWC) // 2]))
-            if reason:
-                caption, caption_source = fallback, ""
-            else:
-                captioner = models.captioner(sidecar)
-                caption, caption_source = captioner.caption(src_THWC, report.aesthetic), captioner.source
+            caption = fallback   # a kept clip's caption is filled in by _caption_rows below
             rel = "" if reason else f"clips/{cid}.mp4"
-            images = []
+            images, mark = [], len(to_caption)
             if rel:
                 pending.append((out_dir / rel, clip_THWC))
                 for k in _keyframe_indices(len(src_THWC), cfg.keyframes):
                     at = start + k * cfg.frame_stride   # the key frame's source frame
                     images.append(_image_row(src_THWC[k:k + 1], out_h, out_w, source_hash, cid, (at, cfg.frame_stride),
-                                             sidecar, fallback, cfg, models, out_dir, "keyframe",
+                                             sidecar, fallback, cfg, models, out_dir, "keyframe", to_caption,
                                              scene_index=scene_index, start_s=float(times[at]), src_height=src_h,
                                              src_width=src_w))
             row = manifest_row(source_hash, caption, "rejected" if reason else "kept", reason, clip_id=cid,
@@ -182,13 +180,26 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
                                bucket=buckets.bucket_name(out_h, out_w, n), path=rel, start_s=float(times[start]),
                                end_s=float(times[start + span - 1]) + 1 / src_fps, motion=report.motion,
                                text_area=report.text_area, aesthetic=report.aesthetic, phash=clip_phash(clip_THWC),
-                               caption_source=caption_source, scored_by=f"aesthetic {scorer.identity}", kind="clip",
+                               scored_by=f"aesthetic {scorer.identity}", kind="clip",
                                variants="" if reason else json.dumps(buckets.variants(out_h, out_w, n, cfg, fps)),
                                **common)
+            if not reason:
+                to_caption.insert(mark, (row, src_THWC, report.aesthetic))   # before its key frames
             out += [(row, key), *images]
+    _caption_rows(to_caption, models.captioner(sidecar) if to_caption else None, cfg.caption.batch_size)
     for clip_path, clip_THWC in pending:
         write_clip(clip_path, clip_THWC, fps)
     return out
+
+
+def _caption_rows(to_caption: List[Tuple[Dict[str, Any], np.ndarray, Optional[float]]], captioner: Any,
+                  batch_size: int) -> None:
+    """Set ``caption`` and ``caption_source`` of the kept rows in ``to_caption`` [(row, source frames, aesthetic)],
+    ``batch_size`` rows per captioner call, in order (``Captioner.caption_batch``: the captions of one by one)."""
+    for i in range(0, len(to_caption), batch_size):
+        chunk = to_caption[i:i + batch_size]
+        for (row, _, _), text in zip(chunk, captioner.caption_batch([(f, a) for _, f, a in chunk])):
+            row.update(caption=text, caption_source=captioner.source)
 
 
 def _top_resolution(src_h: int, src_w: int, cfg: CurateConfig) -> Tuple[str, int, int]:
@@ -210,10 +221,12 @@ def _keyframe_indices(num_frames: int, count: int) -> List[int]:
 
 def _image_row(src_1HWC: np.ndarray, out_h: int, out_w: int, source_hash: str, parent: str, at: Tuple[int, int],
                sidecar: str | None, fallback: str, cfg: CurateConfig, models: Models, out_dir: Path, kind: str,
+               to_caption: Optional[List[Tuple[Dict[str, Any], np.ndarray, Optional[float]]]] = None,
                **fields: Any) -> Tuple[Dict[str, Any], str]:
     """(row, reason key) of one image sample: an image file (``kind`` "image") or a key frame of the kept clip
     ``parent`` ("keyframe"), scored by the image filters (all but motion), cropped and resized to out_h x out_w
-    (written as PNG under images/ when kept) and captioned."""
+    (written as PNG under images/ when kept) and captioned: now, or, with ``to_caption``, by the caller (a kept
+    row is appended to it)."""
     from tasks.curate import buckets
     from tasks.curate.dedup import clip_phash
 
@@ -223,21 +236,24 @@ def _image_row(src_1HWC: np.ndarray, out_h: int, out_w: int, source_hash: str, p
     iid = clip_id(image_1HWC, source_hash, at[0], at[0] + 1, at[1])
     (out_dir / "thumbs").mkdir(parents=True, exist_ok=True)
     (out_dir / "thumbs" / f"{iid}.png").write_bytes(thumbnail(image_1HWC[0]))
-    caption, caption_source, rel = fallback, "", ""
+    rel = ""
     if failure is None:
-        captioner = models.captioner(sidecar)
-        caption, caption_source = captioner.caption(src_1HWC, report.aesthetic), captioner.source
         rel = f"images/{iid}.png"
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out_dir / rel), np.ascontiguousarray(image_1HWC[0][..., ::-1]))
-    row = manifest_row(source_hash, caption, "rejected" if failure else "kept", failure.reason if failure else "",
+    row = manifest_row(source_hash, fallback, "rejected" if failure else "kept", failure.reason if failure else "",
                        clip_id=iid, height=out_h, width=out_w, num_frames=1, sharpness=report.sharpness,
                        brightness=report.brightness, score=report.score, bucket=buckets.bucket_name(out_h, out_w, 1),
                        path=rel, text_area=report.text_area, aesthetic=report.aesthetic,
-                       phash=clip_phash(image_1HWC), caption_source=caption_source,
+                       phash=clip_phash(image_1HWC),
                        scored_by=f"aesthetic {models.scorer.identity}", kind=kind,
                        parent_clip=parent if kind == "keyframe" else "",
                        variants="" if failure else json.dumps(buckets.variants(out_h, out_w, 1, cfg, 1.0)), **fields)
+    if failure is None:
+        if to_caption is None:
+            _caption_rows([(row, src_1HWC, report.aesthetic)], models.captioner(sidecar), 1)
+        else:
+            to_caption.append((row, src_1HWC, report.aesthetic))
     return row, failure.key if failure else ""
 
 

@@ -1,0 +1,58 @@
+"""Captions in batches: Qwen2-VL ``caption_batch`` (left-padded prompts, concatenated video patches, greedy) gives
+the tiny random model's captions one by one, and curation's rows do not depend on ``curate.caption.batch_size``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import CaptionConfig, CurateConfig
+from tasks.curate.captioner import QwenVLCaptioner
+from tasks.curate.curate import Models, curate_video
+from tasks.curate.synthetic import SceneSpec, make_scenes_video, render_scene
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def captioner() -> QwenVLCaptioner:
+    return QwenVLCaptioner(CaptionConfig(max_new_tokens=12))
+
+
+def test_batched_captions_equal_one_by_one(captioner: QwenVLCaptioner) -> None:
+    """Clips of other sizes and lengths and single frames: different prompt lengths, so the batch is padded."""
+    specs = [("texture", 128, 96, 17), ("shaky", 128, 96, 17), ("flat", 96, 96, 9), ("texture", 160, 96, 17),
+             ("static", 128, 96, 1), ("shaky", 64, 64, 1)]
+    items = [(render_scene(SceneSpec(kind, n, seed=i), w, h), 5.0 + i) for i, (kind, w, h, n) in enumerate(specs)]
+    one = [captioner.caption(frames_THWC, aesthetic) for frames_THWC, aesthetic in items]
+    assert captioner.caption_batch(items) == one
+    assert captioner.caption_batch(items[2:5]) == one[2:5] and captioner.caption_batch([]) == []
+    assert len(set(one)) == len(one) and all(c.endswith(f" aesthetic score: {5.0 + i:.1f}.") for i, c in enumerate(one))
+
+
+def test_curation_rows_do_not_depend_on_the_batch_size(tmp_path: Path, captioner: QwenVLCaptioner,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    video = tmp_path / "v.mp4"
+    make_scenes_video(video, [SceneSpec("texture", 20, seed=s) for s in range(3)], width=128, height=96)
+    calls: list = []
+    real = captioner.model.generate
+
+    def generate(**kw):
+        calls.append(len(kw["input_ids"]))
+        return real(**kw)
+
+    monkeypatch.setattr(captioner.model, "generate", generate)
+    rows = {}
+    for b in (1, 4):
+        cfg = CurateConfig(input_uri=str(tmp_path), motion_min=0.02, motion_height=96, keyframes=1,
+                           caption=CaptionConfig(max_new_tokens=12, batch_size=b))
+        models = Models(cfg)
+        models._vlm = captioner   # the same tiny model (built once)
+        calls.clear()
+        out = curate_video(video, "0" * 16, None, cfg, models, tmp_path / f"out{b}")
+        rows[b] = json.dumps([r for r, _ in out], sort_keys=True, default=str)
+        kept = [r for r, _ in out if r["status"] == "kept"]
+        assert len(kept) >= 4 and all(r["caption_source"].startswith("qwen2_vl:") for r in kept)
+        assert calls == ([1] * len(kept) if b == 1 else [min(4, len(kept) - i) for i in range(0, len(kept), 4)])
+    assert rows[1] == rows[4]
