@@ -40,7 +40,9 @@ def test_dp2_stage_learns_and_writes_checkpoints(tiny):
     _, _, out, lines = tiny
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
-    assert set(rows[0]) == {"step", "loss", "grad_norm", "lr", "step_time_s", "samples_per_s", "tokens_per_s", "mfu"}
+    assert set(rows[0]) == {"step", "loss", "grad_norm", "lr", "step_time_s", "samples_per_s", "tokens_per_s", "mfu",
+                            "tokens_per_sample"}
+    assert {r["tokens_per_sample"] for r in rows} == {48.0}   # latent [24,3,8,8], patch (1,2,2): 3*4*4 tokens
     # 4 clips x 3*4*4 tokens per step (latent [24,3,8,8], patch (1,2,2)); MFU = docs/mugv.md §6.5 FLOPs / time / peak
     from models.flops import dit_train_flops
     from trainer import device
