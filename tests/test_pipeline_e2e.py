@@ -3,6 +3,8 @@
 This is the README's demo command with the run folder and Flyte cache moved into a temp dir. It runs every node
 for real (curation, VAE, TorchX -> torchrun x2 -> Megatron-Core DP and TP stages, post-training, sampling,
 registry). A second identical run must be a cache hit: no task body runs again and no new model version appears.
+A third, the weekly retraining (new inputs, warm start, gate), runs as a remote run would: Flyte's raw outputs and
+the stages' artifacts on an S3 endpoint (``make services``), checked there.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -21,13 +24,15 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
-def _run(repo: Path, config: Path, home: Path) -> tuple[str, float]:
+def _run(repo: Path, config: Path, home: Path, extra_env: dict | None = None,
+         raw_prefix: str = "") -> tuple[str, float]:
     env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1",
            "FLYTE_SDK_LOGGING_LEVEL": "20",   # INFO: flytekit then says where it wrote each Deck
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.time()
-    proc = subprocess.run([str(Path(sys.executable).parent / "pyflyte"), "run", "workflows/pipeline.py",
+    prefix = ["--raw-output-data-prefix", raw_prefix] if raw_prefix else []
+    proc = subprocess.run([str(Path(sys.executable).parent / "pyflyte"), "run", *prefix, "workflows/pipeline.py",
                            "train_video_model", "--config", str(config)],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
@@ -202,11 +207,18 @@ def test_failed_execution_marks_its_parent_run_failed(pipeline_run, repo_root):
     assert "no-such-folder" in parents[0].data.tags["pipeline.failure"]
 
 
+KEY_ID, SECRET = "AKIAVGENE2EKEY4R7T", "vgenE2eSecret/Never+Written+5c2a"   # grepped for in what run 2 wrote
+
+
 @pytest.fixture(scope="module")
 def weekly_run(pipeline_run, repo_root):
     """The scheduled retraining, simulated: run 1 was ``pipeline_run``; one good and one corrupt video are added,
     and run 2 uses the weekly config (the image and low-resolution stages skipped, the 64px stage warm-started from
-    the champion)."""
+    the champion) as a remote run would: Flyte's raw-output prefix and ``tracking.artifact_uri`` on an S3 endpoint
+    (``make services``' moto server) with distinctive credentials. The endpoint's objects are listed before it
+    stops."""
+    from common import services as svc
+    from common.storage import s3_client
     from tasks.curate.synthetic import SceneSpec, make_scenes_video
 
     tmp = pipeline_run["tmp"]
@@ -217,10 +229,68 @@ def weekly_run(pipeline_run, repo_root):
     cfg["train"]["stages"][0]["skip"] = True
     cfg["train"]["stages"][1]["skip"] = True
     cfg["train"]["stages"][2]["init"] = "champion"
+    cfg["tracking"]["artifact_uri"] = "s3://vgen/weekly"
     config = tmp / "weekly.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    out, seconds = _run(repo_root, config, tmp / "home")
-    return {"out": out, "seconds": seconds}
+    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
+    folder = tmp / "services"
+    try:
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            b.bind(("127.0.0.1", 0))
+            ports = a.getsockname()[1], b.getsockname()[1]
+        url = svc.start(folder, s3_port=ports[0], mlflow_port=ports[1])["s3_url"]
+        os.environ["AWS_ENDPOINT_URL"] = url
+        out, seconds = _run(repo_root, config, tmp / "home", raw_prefix="s3://vgen/flyte-raw", extra_env={
+            "AWS_ENDPOINT_URL": url, "FLYTE_AWS_ENDPOINT": url, "FLYTE_AWS_ACCESS_KEY_ID": KEY_ID,
+            "FLYTE_AWS_SECRET_ACCESS_KEY": SECRET})
+        from common.objectstore import read_manifest
+
+        objects = {o.object_name: int(o.size or 0) for o in s3_client().list_objects("vgen", recursive=True)}
+        manifests = {n.rsplit("/", 1)[0]: read_manifest(f"s3://vgen/{n.rsplit('/', 1)[0]}") for n in objects
+                     if n.startswith("weekly/") and n.endswith("/_MANIFEST.json")}
+    finally:
+        svc.main(["stop", "--folder", str(folder)])
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"out": out, "seconds": seconds, "objects": objects, "manifests": manifests}
+
+
+def test_weekly_run_outputs_are_in_object_storage(pipeline_run, weekly_run):
+    """Every artifact a remote run needs is in object storage, complete (manifest last, every listed file there with
+    its size): the clip manifest with its clips and images, the latents, each stage's exported weights (never
+    optimizer state or older steps), the evaluation report; Flyte's raw-output prefix holds only small literals
+    (artifact folders are passed by path); and no file, log or output of the run holds the test secret."""
+    objects, manifests = weekly_run["objects"], weekly_run["manifests"]
+    kinds = {f.split("/")[1] for f in manifests}
+    assert {"curate", "compress", "train", "evaluate"} <= kinds, sorted(manifests)
+    for folder, listed in manifests.items():
+        assert all(objects[f"{folder}/{f['path']}"] == f["size"] for f in listed["files"]), folder
+    (curated,) = [f for f in manifests if f.startswith("weekly/curate/")]
+    names = [n for n in objects if n.startswith(curated + "/")]
+    assert f"{curated}/manifest.parquet" in objects and any(n.endswith(".mp4") for n in names)
+    assert any("/images/" in n and n.endswith(".png") for n in names)
+    steps = {"stage3_64px": 12, "post_train_sft": 10, "preference_dpo": 8}
+    trained = sorted(f for f in manifests if f.startswith("weekly/train/"))
+    assert sorted(f.split("/")[2].split("-")[0] for f in trained) == sorted(steps), trained
+    for f in trained:
+        step = f"step_{steps[f.split('/')[2].split('-')[0]]:08d}"
+        assert {x["path"] for x in manifests[f]["files"]} == {
+            "latest", "metrics.jsonl", f"{step}/model.safetensors", f"{step}/ema.safetensors", f"{step}/meta.json"}, f
+    (report,) = [f for f in manifests if f.startswith("weekly/evaluate/")]
+    assert {f"{report}/report.html", f"{report}/metrics.json"} <= set(objects)
+    raw = {n: s for n, s in objects.items() if n.startswith("flyte-raw/")}
+    assert not any("optim" in n or n.endswith(".safetensors") for n in raw), sorted(raw)[:20]
+    assert sum(raw.values()) < 1 << 20, sum(raw.values())   # literals only: the folders stay where they are
+    root = pipeline_run["root"]
+    texts = [weekly_run["out"]] + [p.read_bytes().decode("latin-1") for p in root.rglob("*")
+                                   if p.is_file() and p.stat().st_size < 1 << 22]
+    assert not [t for t in texts if SECRET in t]
 
 
 def test_weekly_run_is_incremental_warm_started_gated_and_traceable(pipeline_run, weekly_run, repo_root):
