@@ -28,8 +28,9 @@ def _run(repo: Path, config: Path, home: Path, extra_env: dict | None = None,
          raw_prefix: str = "") -> tuple[str, float]:
     env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1",
            "FLYTE_SDK_LOGGING_LEVEL": "20",   # INFO: flytekit then says where it wrote each Deck
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {})}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra_env or {})
     t0 = time.time()
     prefix = ["--raw-output-data-prefix", raw_prefix] if raw_prefix else []
     proc = subprocess.run([str(Path(sys.executable).parent / "pyflyte"), "run", *prefix, "workflows/pipeline.py",
@@ -215,8 +216,8 @@ def weekly_run(pipeline_run, repo_root):
     """The scheduled retraining, simulated: run 1 was ``pipeline_run``; one good and one corrupt video are added,
     and run 2 uses the weekly config (the image and low-resolution stages skipped, the 64px stage warm-started from
     the champion) as a remote run would: Flyte's raw-output prefix and ``tracking.artifact_uri`` on an S3 endpoint
-    (``make services``' moto server) with distinctive credentials. The endpoint's objects are listed before it
-    stops."""
+    and the runs on an MLflow tracking server (``make services``, its SQLite backend the database of run 1), with
+    distinctive credentials. The endpoint's objects are listed before the services stop."""
     from common import services as svc
     from common.storage import s3_client
     from tasks.curate.synthetic import SceneSpec, make_scenes_video
@@ -235,17 +236,19 @@ def weekly_run(pipeline_run, repo_root):
     names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     saved = {k: os.environ.get(k) for k in names}
     os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
-    folder = tmp / "services"
+    folder = pipeline_run["root"]   # the server's backend: <folder>/mlflow.db, run 1's database
     try:
         with socket.socket() as a, socket.socket() as b:
             a.bind(("127.0.0.1", 0))
             b.bind(("127.0.0.1", 0))
             ports = a.getsockname()[1], b.getsockname()[1]
-        url = svc.start(folder, s3_port=ports[0], mlflow_port=ports[1])["s3_url"]
+        state = svc.start(folder, s3_port=ports[0], mlflow_port=ports[1])
+        url = state["s3_url"]
         os.environ["AWS_ENDPOINT_URL"] = url
         out, seconds = _run(repo_root, config, tmp / "home", raw_prefix="s3://vgen/flyte-raw", extra_env={
             "AWS_ENDPOINT_URL": url, "FLYTE_AWS_ENDPOINT": url, "FLYTE_AWS_ACCESS_KEY_ID": KEY_ID,
-            "FLYTE_AWS_SECRET_ACCESS_KEY": SECRET})
+            "FLYTE_AWS_SECRET_ACCESS_KEY": SECRET, "MLFLOW_TRACKING_URI": state["mlflow_url"],
+            "MLFLOW_S3_ENDPOINT_URL": url})
         from common.objectstore import read_manifest
 
         objects = {o.object_name: int(o.size or 0) for o in s3_client().list_objects("vgen", recursive=True)}
@@ -258,15 +261,18 @@ def weekly_run(pipeline_run, repo_root):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return {"out": out, "seconds": seconds, "objects": objects, "manifests": manifests}
+    server_log = (folder / "mlflow.log").read_text()
+    return {"out": out, "seconds": seconds, "objects": objects, "manifests": manifests, "server_log": server_log}
 
 
 def test_weekly_run_outputs_are_in_object_storage(pipeline_run, weekly_run):
     """Every artifact a remote run needs is in object storage, complete (manifest last, every listed file there with
     its size): the clip manifest with its clips and images, the latents, each stage's exported weights (never
     optimizer state or older steps), the evaluation report; Flyte's raw-output prefix holds only small literals
-    (artifact folders are passed by path); and no file, log or output of the run holds the test secret."""
+    (artifact folders are passed by path); the runs went through the tracking server; and no file, log or output of
+    the run holds the test secret."""
     objects, manifests = weekly_run["objects"], weekly_run["manifests"]
+    assert "/api/2.0/mlflow/runs/create" in weekly_run["server_log"], weekly_run["server_log"][-2000:]
     kinds = {f.split("/")[1] for f in manifests}
     assert {"curate", "compress", "train", "evaluate"} <= kinds, sorted(manifests)
     for folder, listed in manifests.items():
