@@ -84,3 +84,16 @@ def test_dataset_is_the_same_for_every_batch_size(manifest, tmp_path, monkeypatc
         assert sorted(calls) == ([1] * 14 if b == 1 else [1, 1, 3, 3, 3, 3])
     assert out[1][3] == {"32pxx1": 1, "32pxx17": 3, "32pxx9": 3, "64pxx1": 1, "64pxx17": 3, "64pxx9": 3}
     assert out[1] == out[4]
+
+
+def test_read_clip_is_pyav_rgb24(manifest) -> None:
+    """read_clip's one converter per clip gives PyAV's own per-frame rgb24 conversion."""
+    import av
+
+    from tasks.compress.clips import read_clip
+
+    path = next((manifest / "clips").glob("*.mp4"))
+    with av.open(str(path)) as c:
+        ref = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    x = read_clip(path, 17)
+    assert torch.equal(x, torch.from_numpy(ref).permute(3, 0, 1, 2).float().div(127.5).sub(1.0))
