@@ -1,6 +1,6 @@
 """Near-duplicate search at scale: ``find_duplicates`` (multi-index) vs ``find_duplicates_all_pairs`` (reference).
 
-    .venv/bin/python bench/dedup.py                  # 100k clips, ~1 min on 2 cores -> bench/results/dedup_cpu.json
+    .venv/bin/python bench/dedup.py                  # 100k clips, ~1.5 min on 2 cores -> bench/results/dedup_cpu.json
     .venv/bin/python bench/dedup.py --clips 20000 --subset 1000
 
 The clips are synthetic 3-frame pHashes (curation's NUM_FRAMES): 60% independent random hashes, 30% siblings of
