@@ -29,14 +29,42 @@ def k8s_resources(r: TaskResources) -> Resources:
     return Resources(cpu=r.cpu, mem=r.memory, gpu=r.gpu or None, ephemeral_storage=r.ephemeral_storage or None)
 
 
-def overrides(r: TaskResources) -> Dict[str, Any]:
+PRIMARY = "primary"   # the container name flytekit's PodTemplate merges the task's container into
+
+
+def shared_volume(launch: LaunchConfig) -> Any:
+    """A flytekit ``PodTemplate`` that mounts ``train.launch.volume_claim`` at ``train.launch.mount_path`` in a task
+    pod, or None when no claim is configured (local runs). Artifact folders are passed between tasks by path
+    (``tasks.common.folder_ref``), so every task pod of a cluster run mounts the volume the training pods use."""
+    if not launch.volume_claim:
+        return None
+    from flytekit import PodTemplate
+    from kubernetes.client import (
+        V1Container,
+        V1PersistentVolumeClaimVolumeSource,
+        V1PodSpec,
+        V1Volume,
+        V1VolumeMount,
+    )
+
+    name = "runs"
+    return PodTemplate(primary_container_name=PRIMARY, pod_spec=V1PodSpec(
+        containers=[V1Container(name=PRIMARY, volume_mounts=[V1VolumeMount(name=name, mount_path=launch.mount_path)])],
+        volumes=[V1Volume(name=name, persistent_volume_claim=V1PersistentVolumeClaimVolumeSource(
+            claim_name=launch.volume_claim))]))
+
+
+def overrides(r: TaskResources, launch: Optional[LaunchConfig] = None) -> Dict[str, Any]:
     """The ``with_overrides`` arguments of a node: requests = limits, the accelerator (GPU type) when one is named,
-    and the full name of the image (``container_image`` must be a name; an ImageSpec's name carries its content
-    tag)."""
+    the full name of the image (``container_image`` must be a name; an ImageSpec's name carries its content tag)
+    and, when ``launch`` names a volume claim, the pod template that mounts it (``shared_volume``)."""
     res = k8s_resources(r)
     kw: Dict[str, Any] = dict(requests=res, limits=res, container_image=image_for(r.image))
     if r.accelerator:
         kw["accelerator"] = GPUAccelerator(r.accelerator)
+    template = shared_volume(launch) if launch is not None else None
+    if template is not None:
+        kw["pod_template"] = template
     return kw
 
 

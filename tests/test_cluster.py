@@ -188,10 +188,12 @@ def test_images_install_the_lock_and_are_tagged_by_content(tmp_path):
 
 def test_the_10b_config_reaches_the_nodes_of_the_dynamic_dag():
     """``run_pipeline`` compiled as Flyte compiles it in the pod (a DynamicJobSpec): every node carries the requests,
-    limits, GPU type and image of its kind from the 10B config."""
+    limits, GPU type and image of its kind from the 10B config, and a pod template that mounts the shared volume
+    (train.launch.volume_claim) where the artifact folders it is passed by path live."""
     from flytekit.configuration import ImageConfig, SerializationSettings
     from flytekit.core.context_manager import ExecutionState, FlyteContextManager
     from flytekit.core.type_engine import TypeEngine
+    from kubernetes import client
 
     from tasks.resources import overrides
     from workflows.pipeline import run_pipeline
@@ -220,5 +222,11 @@ def test_the_10b_config_reaches_the_nodes_of_the_dynamic_dag():
         assert o.container_image == overrides(want)["container_image"], name
         assert limits[1] == want.cpu and limits[3] == want.memory, name   # ResourceName.CPU, MEMORY
         assert (o.extended_resources.gpu_accelerator.device if want.accelerator else "") == want.accelerator, name
+        pod = client.ApiClient().sanitize_for_serialization(o.pod_template.pod_spec)   # the shared volume: every node
+        strict(pod, "V1PodSpec")
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+        mounts = [(claims[m["name"]], m["mountPath"]) for c in pod["containers"] for m in c["volumeMounts"]]
+        assert mounts == [(cfg.train.launch.volume_claim, cfg.train.launch.mount_path)], name
+        assert o.pod_template.primary_container_name == pod["containers"][0]["name"], name
         seen.add(name)
     assert seen >= {"compress", "evaluate", "register", "post_train", "curate"}

@@ -42,7 +42,8 @@ def train_video_model(config: FlyteFile, kickoff_time: Optional[datetime] = None
 def run_pipeline(cfg: PipelineConfig, run: str) -> str:
     """The DAG, built when the config is known so that every node gets the requests, GPU type and image of its kind
     from ``cfg.resources`` (``on``: flytekit ``with_overrides``, tasks/resources.py). Each node is cached as before."""
-    on = {kind: overrides(getattr(cfg.resources, kind)) for kind in KINDS}   # kind -> with_overrides arguments
+    on = {kind: overrides(getattr(cfg.resources, kind), cfg.train.launch)   # kind -> with_overrides arguments
+          for kind in KINDS}   # (+ the shared volume of train.launch.volume_claim: folders pass by path)
     train = with_launch_image(cfg.train)   # train.launch.image "" -> the CUDA image's content-derived name
     shards = plan_curation(cfg=cfg.curate, inputs_fingerprint=snapshot_inputs(cfg=cfg.curate).with_overrides(
         **on["orchestration"]), tracking_cfg=cfg.tracking).with_overrides(**on["orchestration"])   # inputs -> shards
