@@ -56,3 +56,13 @@ def test_curation_rows_do_not_depend_on_the_batch_size(tmp_path: Path, captioner
         assert len(kept) >= 4 and all(r["caption_source"].startswith("qwen2_vl:") for r in kept)
         assert calls == ([1] * len(kept) if b == 1 else [min(4, len(kept) - i) for i in range(0, len(kept), 4)])
     assert rows[1] == rows[4]
+
+
+def test_the_caption_batch_size_is_not_part_of_the_store_key() -> None:
+    """Rows do not depend on it (above), so a stored result stays valid when it changes; other caption settings
+    (here the frames given to the model) still change the key."""
+    from common.config import CaptionConfig, CurateConfig
+    from tasks.curate.store import processing_hash
+
+    one, eight = (processing_hash(CurateConfig(caption=CaptionConfig(batch_size=b))) for b in (1, 8))
+    assert one == eight != processing_hash(CurateConfig(caption=CaptionConfig(batch_size=1, num_frames=4)))

@@ -39,8 +39,11 @@ def curation_code_version() -> str:
 
 
 def processing_hash(cfg: CurateConfig) -> str:
-    """sha256[:16] of the settings that change an input's result (all of ``cfg`` but ``MERGE_ONLY_KEYS``)."""
-    return sha256_json({k: v for k, v in to_dict(cfg).items() if k not in MERGE_ONLY_KEYS}, n=16)
+    """sha256[:16] of the settings that change an input's result (all of ``cfg`` but ``MERGE_ONLY_KEYS`` and the
+    caption batch size, which changes how many clips one generate call captions, not the captions)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in MERGE_ONLY_KEYS}
+    d["caption"] = {k: v for k, v in d["caption"].items() if k != "batch_size"}
+    return sha256_json(d, n=16)
 
 
 def entry_key(source_hash: str, cfg: CurateConfig, sidecar: str | None) -> str:
