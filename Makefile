@@ -44,7 +44,7 @@ services-stop:
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 2 --dist loadgroup   # 2 workers; groups: tests/conftest.py
+	$(BIN)/python -m pytest -n 2 --dist loadfile   # 2 workers, a module on one (order: tests/conftest.py)
 
 # Both ImageSpecs of containers/images.py (content-derived tags), built and pushed where `docker info` succeeds;
 # elsewhere it prints that no Docker engine exists and the names it would build, and exits 0.

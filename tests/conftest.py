@@ -19,21 +19,17 @@ def repo_root() -> Path:
     return REPO
 
 
-# `make test` runs the suite on 2 xdist workers (`-n 2 --dist loadgroup`): every module is one group (its
-# module-scoped fixtures run once), except the modules that launch torchrun workers, which form one group ("torchrun")
-# so that at most one multi-process stage of a test runs at a time next to the end-to-end module (which launches its
-# own). Those two groups are the longest and start first.
-TORCHRUN_MODULES = {"test_multinode", "test_preference_trainer", "test_task_mix", "test_trainer", "test_trainer_ckpt",
-                    "test_trainer_ckpt_cp", "test_trainer_cp", "test_trainer_dist", "test_trainer_pp",
-                    "test_trainer_sp"}
-FIRST = ("torchrun", "test_pipeline_e2e")
+# `make test` runs the suite on 2 xdist workers (`-n 2 --dist loadfile`: a module runs on one worker, so its
+# module-scoped fixtures run once). The longest modules start first: the end-to-end module, then the ones that launch
+# torchrun workers; the short ones fill in behind them.
+FIRST = ("test_pipeline_e2e", "test_trainer_pp", "test_trainer_ckpt", "test_task_mix", "test_preference_trainer",
+         "test_trainer_ckpt_cp", "test_trainer_sp", "test_trainer_dist", "test_trainer_cp", "test_multinode",
+         "test_trainer")
 
 
 def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
+    def rank(item) -> int:
         name = item.module.__name__.rsplit(".", 1)[-1]
-        return "torchrun" if name in TORCHRUN_MODULES else name
+        return FIRST.index(name) if name in FIRST else len(FIRST)
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda item: FIRST.index(group(item)) if group(item) in FIRST else len(FIRST))   # stable
+    items.sort(key=rank)   # stable: the order inside a module and among the others is kept

@@ -8,9 +8,12 @@ training stage through the real launch path (run_stage -> TorchX local_cwd -> to
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import pytest
 import torch
@@ -121,3 +124,32 @@ def assert_steps_see_both_shapes(latents, steps: int = 3, seed: int = 1234) -> N
     shapes = LatentSplit(latents, split="train").shapes
     sampler = StepSampler(shapes, 2, 1, seed, patch_size=tuple(DiTConfig(**TINY_DIT).patch_size))
     assert {shapes[i] for k in range(steps) for i in sampler.indices(k, 0)} == set(ODD_SHAPES)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_services(folder: Path, key_id: str, secret: str) -> Iterator[Dict[str, str]]:
+    """``make services`` (common.services.start) in ``folder`` on free ports, with the given credentials in this
+    process's environment (AWS_ENDPOINT_URL pointing at the S3 endpoint) while it runs; yields the state (s3_url,
+    mlflow_url, folder); stops both services and restores the environment after."""
+    from common import services as svc
+
+    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret)
+    try:
+        state = svc.start(folder, s3_port=free_port(), mlflow_port=free_port())
+        os.environ["AWS_ENDPOINT_URL"] = state["s3_url"]
+        yield state
+    finally:
+        svc.main(["stop", "--folder", str(folder)])
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -218,8 +217,9 @@ def weekly_run(pipeline_run, repo_root):
     the champion) as a remote run would: Flyte's raw-output prefix and ``tracking.artifact_uri`` on an S3 endpoint
     and the runs on an MLflow tracking server (``make services``, its SQLite backend the database of run 1), with
     distinctive credentials. The endpoint's objects are listed before the services stop."""
-    from common import services as svc
+    from common.objectstore import read_manifest
     from common.storage import s3_client
+    from helpers import running_services
     from tasks.curate.synthetic import SceneSpec, make_scenes_video
 
     tmp = pipeline_run["tmp"]
@@ -233,34 +233,16 @@ def weekly_run(pipeline_run, repo_root):
     cfg["tracking"]["artifact_uri"] = "s3://vgen/weekly"
     config = tmp / "weekly.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
     folder = pipeline_run["root"]   # the server's backend: <folder>/mlflow.db, run 1's database
-    try:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            b.bind(("127.0.0.1", 0))
-            ports = a.getsockname()[1], b.getsockname()[1]
-        state = svc.start(folder, s3_port=ports[0], mlflow_port=ports[1])
+    with running_services(folder, KEY_ID, SECRET) as state:
         url = state["s3_url"]
-        os.environ["AWS_ENDPOINT_URL"] = url
         out, seconds = _run(repo_root, config, tmp / "home", raw_prefix="s3://vgen/flyte-raw", extra_env={
             "AWS_ENDPOINT_URL": url, "FLYTE_AWS_ENDPOINT": url, "FLYTE_AWS_ACCESS_KEY_ID": KEY_ID,
             "FLYTE_AWS_SECRET_ACCESS_KEY": SECRET, "MLFLOW_TRACKING_URI": state["mlflow_url"],
             "MLFLOW_S3_ENDPOINT_URL": url})
-        from common.objectstore import read_manifest
-
         objects = {o.object_name: int(o.size or 0) for o in s3_client().list_objects("vgen", recursive=True)}
         manifests = {n.rsplit("/", 1)[0]: read_manifest(f"s3://vgen/{n.rsplit('/', 1)[0]}") for n in objects
                      if n.startswith("weekly/") and n.endswith("/_MANIFEST.json")}
-    finally:
-        svc.main(["stop", "--folder", str(folder)])
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     server_log = (folder / "mlflow.log").read_text()
     return {"out": out, "seconds": seconds, "objects": objects, "manifests": manifests, "server_log": server_log}
 

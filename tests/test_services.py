@@ -5,8 +5,6 @@ wrote (files, logs, S3 objects, MLflow params, tags, artifacts, registry)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -19,32 +17,14 @@ SECRET = "vgenTestSecret/Do+Not+Leak+9f3e1c"
 BUCKET = "mlflow"   # common.services.BUCKETS[0]: MLflow's artifacts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     """``make services`` (common.services.start) in a temp folder on free ports, with distinctive credentials."""
-    from common import services as svc
+    from helpers import running_services
 
     folder = tmp_path_factory.mktemp("services")
-    names = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET)
-    try:
-        state = svc.start(folder, s3_port=_free_port(), mlflow_port=_free_port())
-        os.environ["AWS_ENDPOINT_URL"] = state["s3_url"]
+    with running_services(folder, KEY_ID, SECRET) as state:
         yield {"folder": folder, "s3_url": state["s3_url"], "mlflow_url": state["mlflow_url"]}
-    finally:
-        svc.main(["stop", "--folder", str(folder)])
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
