@@ -21,11 +21,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List
 
-from common.config import ASPECT_TOLERANCE, DataSelection, aspect_matches
+from common.config import DataSelection, aspect_matches
 
 SAMPLE_COLUMNS = ("resolution", "num_frames", "height", "width", "kind", "top_resolution", "full_length")
 IMAGE_KINDS = ("image", "keyframe")
-__all__ = ["ASPECT_TOLERANCE", "aspect_matches", "select", "missing_buckets", "describe", "bucket_counts"]
 
 
 def has_sample_columns(index: Any) -> bool:

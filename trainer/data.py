@@ -146,9 +146,9 @@ class LatentSplit:
         self.clip_ids: List[str] = df["clip_id"].tolist()
         self.shapes: List[Tuple[int, ...]] = [self.reader.latent_shape(c) for c in self.clip_ids]
         self.scores: List[float] = df["score"].astype(float).tolist()
-        self.resolutions: List[str] = (df["resolution"].astype(str).tolist() if "resolution" in df.columns
-                                       else [""] * len(df))   # per row: its resolution bucket ("" = unnamed)
-        self.resolution_of: Dict[str, str] = dict(zip(self.clip_ids, self.resolutions))
+        # each row's resolution bucket ("" = a dataset without resolution names), for the per-step metrics
+        self.resolution_of: Dict[str, str] = dict(zip(self.clip_ids, df["resolution"].astype(str) if "resolution"
+                                                       in df.columns else [""] * len(df)))
 
     def __len__(self) -> int:
         return len(self.clip_ids)

@@ -426,7 +426,7 @@ def stage_buckets(cfg, stage) -> List[Bucket]:
     """The latent shapes a stage's data selection can hold (``curate.resolutions`` x ``stage.data``; an empty list
     selects everything curation makes: every resolution, each clip's full length, no images), as
     common.selection/common.latents do: latent T = (frames - 1) / 8 + 1, H/W divided by the VAE's x8."""
-    from common.selection import aspect_matches
+    from common.config import aspect_matches
 
     cur, sel, dit = cfg.curate, stage.data, cfg.train.dit
     vae = cfg.compress.vae

@@ -69,7 +69,7 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
         if not isinstance(data, PreferencePairs):   # the samples this stage's data selection takes
             from common.selection import bucket_counts, describe, select
 
-            check_stage_data([stage], latents_dir)
+            check_stage_data([stage], latents_dir, index)
             train = index[index["split"] == "train"]
             index = train[select(train, stage.data, str(latents_dir / INDEX))]
             mlflow.set_tags({"stage.data": describe(stage.data),
@@ -102,15 +102,17 @@ def _train(stage: StageConfig, dit: DiTConfig, flow: FlowConfig, launch: LaunchC
                       config=stage)
 
 
-def check_stage_data(stages: List[StageConfig], latents_dir: Path) -> None:
+def check_stage_data(stages: List[StageConfig], latents_dir: Path, index: Any = None) -> None:
     """Every stage's data selection has train samples in the LatentDataset, before any stage runs: one ValueError
-    naming each stage that would train on nothing and the buckets it is missing (``common.selection``)."""
+    naming each stage that would train on nothing and the buckets it is missing (``common.selection``). ``index``:
+    the folder's index.parquet when the caller has read it already."""
     import pandas as pd
 
     from common.latents import INDEX
     from common.selection import bucket_counts, describe, missing_buckets
 
-    index = pd.read_parquet(latents_dir / INDEX)
+    if index is None:
+        index = pd.read_parquet(latents_dir / INDEX)
     train = index[index["split"] == "train"]
     problems = [f"stage '{s.name}' ({describe(s.data)}): no train sample for {', '.join(missing)}"
                 for s in stages if s.objective == "flow"
