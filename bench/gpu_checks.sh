@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one go (one CUDA device): environment, single-GPU MFU at the 10B layer shapes, and the trainer's
-# CUDA path end to end. Results (JSON + log) go to $1 (default bench/results).
+# The GPU checks in one go (one CUDA device): environment, single-GPU MFU at the 10B layer shapes, the layout
+# planner's memory prediction against the measured peak, and the trainer's CUDA path end to end. Results (JSON +
+# log) go to $1 (default bench/results).
 #
 #   bash bench/gpu_checks.sh [outdir]
 #
@@ -26,6 +27,8 @@ echo "== bench/dit_step.py --cuda"
 timeout 120 python3 bench/dit_step.py --cuda --out "$out/dit_step_cuda.json" || rc=1
 echo "== bench/scaling.py --cuda"
 timeout 150 python3 bench/scaling.py --cuda --out "$out/scaling_cuda.json" || rc=1
+echo "== the planner's memory model at the 10B layer shapes (tests/test_planner.py -m gpu; target within 10 %)"
+timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_planner.py 2>&1 | tee "$out/plan_memory_cuda.log" || rc=1
 echo "== bench/gpu_trainer.py"
 timeout 200 python3 bench/gpu_trainer.py --out "$out/gpu_trainer.json" || rc=1
 echo "gpu_checks rc=$rc"

@@ -162,3 +162,59 @@ def test_cli_bad_arguments(capsys, args, message):
 def test_cli_missing_config(capsys):
     assert plan.main(["--config", "configs/nope.yaml", "--gpus", "8", "--gpu-memory-gb", "80"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+# --- on a GPU: the memory model at the 10B layer shapes -----------------------------------------------------------
+GPU_DEPTH = 4                          # 10B layer width, 4 blocks (~0.9 B parameters): fits one 80 GB GPU unsharded
+GPU_LATENT_THW = (4, 90, 160)          # 720p, 4 latent frames: 14,400 video tokens (bench/dit_step.py --cuda)
+GPU_TOLERANCE = 0.10                   # the issue's target: prediction within 10 % of the measured peak
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by bench/gpu_checks.sh)")
+@pytest.mark.parametrize("recompute", [False, True])
+def test_memory_model_at_10b_shapes_on_gpu(recompute):
+    """One training step as the GPU trainer runs it (fp32 master weights on the GPU, bf16 autocast, torch AdamW's
+    foreach path, grad clipping, EMA) after a warm-up step: torch.cuda.max_memory_allocated against the planner's
+    prediction without the workspace (the caching allocator's own allocations are not in max_memory_allocated)."""
+    import dataclasses
+
+    dit = dataclasses.replace(load_config("configs/mugv_10b.yaml").train.dit, depth=GPU_DEPTH)
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = MUGDiT(dit).to(dev)
+    if recompute:
+        apply_activation_checkpointing(model)
+    opt, _ = build_optimizer(StageConfig(name="m", lr=1e-4, data_parallel=1), dit, model, None)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    x0 = torch.randn(1, dit.in_channels, *GPU_LATENT_THW, device=dev)
+    text = torch.randn(1, dit.max_text_len, dit.caption_channels, device=dev)
+    mask = torch.ones(1, dit.max_text_len, dtype=torch.bool, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def step() -> None:
+        x_t, t, noise = rf.training_step_inputs(x0, g, 0.0, 1.0, True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = model(x_t, t, text, mask)
+        rf.flow_loss(pred.float(), x0, noise).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, model, EMA_DECAY)
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    t, h, w = GPU_LATENT_THW
+    foreach = bool(opt.defaults.get("foreach") in (None, True))      # torch's default on CUDA: foreach
+    lay = plan.Layout(recompute=recompute, autocast=True, foreach=foreach)
+    mem = plan.peak_memory(dit, lay, plan.Sample(t * h * w // 4, 1, dit.max_text_len), workspace=0)
+    err = mem.total / measured - 1
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.parts().items())
+    print(f"10B width, depth {GPU_DEPTH}, {t * h * w // 4} tokens, recompute={recompute}: measured "
+          f"{measured / 2**30:.2f} GiB, predicted {mem.total / 2**30:.2f} GiB ({err:+.1%}); predicted parts (GiB): "
+          f"{parts}")
+    assert abs(err) <= GPU_TOLERANCE
