@@ -1,17 +1,21 @@
 """Curation of one input: fetched file -> manifest rows + clips (docs/artifacts.md), without Flyte.
 
-``curate_video`` decodes (decord, PyAV fallback, constant frame rate), analyses scenes (``scenes.analyse``: hard
-cuts + fades/dissolves), and for each scene picks the size bucket (closest aspect) and the longest length bucket that
-fits (``buckets``), cuts up to ``max_clips_per_scene`` windows spread evenly over the scene, scores every filter on
-the window's source-resolution frames (``filters.assess``: brightness, sharpness, motion, text area, aesthetic),
-drops windows that still contain a cut (max frame change > ``cut_check_threshold``), center-crops + resizes to the
-bucket and captions kept clips and their key frames once the video's windows are done, ``caption.batch_size`` per
-captioner call (``captioner``: sidecar or Qwen2-VL, aesthetic score appended). Every candidate gets a pHash (for
-the run-wide near-duplicate check at merge) and a thumbnail.
+``curate_video`` streams the video twice and never holds it: the first pass decodes every frame once (decord,
+PyAV fallback, constant frame rate) and analyses scenes on it (``scenes.scan_scenes``: hard cuts + fades/dissolves
+on small frames); then, for each scene, it picks the size bucket (closest aspect) and the longest length bucket that
+fits (``buckets``) and up to ``max_clips_per_scene`` windows spread evenly over the scene, and the second pass
+(``decode.read_frames``) decodes up to the last window, one window's frames at a time. Each window's source-resolution
+frames are scored by every filter (``filters.assess``: brightness, sharpness, motion, text area, aesthetic); windows
+that still contain a cut (max frame change > ``cut_check_threshold``) are dropped; kept clips are center-cropped +
+resized to the bucket and written at once, and captioned with their key frames ``caption.batch_size`` per captioner
+call as the batches fill (``captioner``: sidecar or Qwen2-VL, aesthetic score appended). Every candidate gets a
+pHash (for the run-wide near-duplicate check at merge) and a thumbnail. Memory is bounded by one window (plus a
+caption batch) of source frames, whatever the video's length.
 
 Settings reach every step the same way: each helper that applies a curation setting takes the whole ``cfg`` (the
-CurateConfig) and reads its fields itself (``scenes.analyse``, ``buckets.*``, ``window_starts``, ``filters.assess``,
-``Models``); the decoder (``decode.read_video``, shared with the benchmarks) and the pixel helpers take plain values.
+CurateConfig) and reads its fields itself (``scenes.scan_scenes``, ``buckets.*``, ``window_starts``,
+``filters.assess``, ``Models``); the decoder (``decode.scan_video``/``read_frames``, shared with the benchmarks) and
+the pixel helpers take plain values.
 
 Rows (``manifest.manifest_row``), one of:
 - a candidate clip window: status "kept" (clip written) or "rejected" (first failing check, e.g. "sharpness 12.3 <
@@ -34,7 +38,7 @@ import numpy as np
 from common.config import CurateConfig
 from common.hashing import sha256_bytes
 from common.storage import InputFile, read_text
-from tasks.curate.decode import DecodeError, read_video, write_clip
+from tasks.curate.decode import DecodeError, read_frames, write_clip
 from tasks.curate.filters import assess
 from tasks.curate.manifest import manifest_row
 
@@ -119,14 +123,17 @@ def thumbnail(frame_HWC: np.ndarray, height: int = 72) -> bytes:
 def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateConfig, models: Models,
                  out_dir: Path) -> List[Tuple[Dict[str, Any], str]]:
     """(row, reason key) for every scene / window of one decodable input; clips go to ``out_dir/clips``, thumbnails
-    to ``out_dir/thumbs``. Raises DecodeError."""
+    to ``out_dir/thumbs``. Two passes over the video, neither holding it: scene analysis while decoding every frame
+    once (``scenes.scan_scenes``), then the windows' frames only, one window at a time (``decode.read_frames``).
+    Raises DecodeError."""
     from tasks.curate import buckets
     from tasks.curate.dedup import clip_phash
-    from tasks.curate.scenes import analyse
+    from tasks.curate.scenes import scan_scenes
 
-    frames_THWC, src_fps, meta = read_video(path, cfg.max_pixels, cfg.max_frames)
-    times = meta["timestamps"]
-    _, src_h, src_w, _ = frames_THWC.shape
+    # 1. first pass: decode every frame once, analyse scenes
+    info, scenes = scan_scenes(path, cfg, cfg.max_pixels, cfg.max_frames)
+    src_fps, times = info.fps, info.meta["timestamps"]
+    src_h, src_w = info.meta["height"], info.meta["width"]
     fps = src_fps / cfg.frame_stride
     _, out_h, out_w = _top_resolution(src_h, src_w, cfg)
     allowed = buckets.lengths(cfg, fps)
@@ -134,24 +141,30 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
         raise DecodeError(DecodeError.NO_LENGTH, f"no clip length in {[cfg.clip_frames, *cfg.bucket_frames]} fits "
                          f"[{cfg.min_clip_s}, {cfg.max_clip_s}] s at {fps:g} fps")
     min_span = (allowed[-1] - 1) * cfg.frame_stride + 1
-    scenes = analyse(frames_THWC, src_fps, cfg)
+    # 2. the windows of every scene: (scene index, scene, length bucket or None, span, starts)
+    plan = []
+    for scene_index, (s, e) in enumerate(scenes.scenes):
+        n = buckets.length_bucket(e - s, cfg, fps)
+        span = (n - 1) * cfg.frame_stride + 1 if n is not None else 0
+        plan.append((scene_index, s, e, n, span, window_starts(s, e, span, cfg) if n is not None else []))
+    wanted = [i for *_, span, starts in plan for start in starts for i in range(start, start + span, cfg.frame_stride)]
+    frames = read_frames(info, wanted)   # second pass: decodes lazily, as the windows below take their frames
+    # 3. each window: filters, cut check, crop + resize, thumbnail, clip, key frames; captions in batches
     common = dict(fps=fps, src_height=src_h, src_width=src_w)
     fallback = sidecar or cfg.default_caption
     scorer = models.scorer
     out: List[Tuple[Dict[str, Any], str]] = []
-    pending: List[Tuple[Path, np.ndarray]] = []
     to_caption: List[Tuple[Dict[str, Any], np.ndarray, Optional[float]]] = []   # kept clips and key frames, in order
-    for scene_index, (s, e) in enumerate(scenes.scenes):
-        n = buckets.length_bucket(e - s, cfg, fps)
+    captioner: Any = None
+    for scene_index, s, e, n, span, starts in plan:
         if n is None:
             reason = f"scene too short: {e - s} < {min_span} frames"
             out.append((manifest_row(source_hash, fallback, "rejected", reason, start_frame=s, end_frame=e,
                                      scene_index=scene_index, duration_s=(e - s) / src_fps, start_s=float(times[s]),
                                      end_s=float(times[e - 1]) + 1 / src_fps, **common), "scene too short"))
             continue
-        span = (n - 1) * cfg.frame_stride + 1
-        for start in window_starts(s, e, span, cfg):
-            src_THWC = frames_THWC[start:start + span:cfg.frame_stride]
+        for start in starts:
+            src_THWC = np.stack([next(frames)[1] for _ in range(start, start + span, cfg.frame_stride)])
             report = assess(src_THWC, cfg, scorer)
             failure = report.first_failure
             change = float(scenes.changes[start + 1:start + span].max()) if span > 1 else 0.0
@@ -166,7 +179,7 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
             rel = "" if reason else f"clips/{cid}.mp4"
             images, mark = [], len(to_caption)
             if rel:
-                pending.append((out_dir / rel, clip_THWC))
+                write_clip(out_dir / rel, clip_THWC, fps)
                 for k in _keyframe_indices(len(src_THWC), cfg.keyframes):
                     at = start + k * cfg.frame_stride   # the key frame's source frame
                     images.append(_image_row(src_THWC[k:k + 1], out_h, out_w, source_hash, cid, (at, cfg.frame_stride),
@@ -186,9 +199,13 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
             if not reason:
                 to_caption.insert(mark, (row, src_THWC, report.aesthetic))   # before its key frames
             out += [(row, key), *images]
-    _caption_rows(to_caption, models.captioner(sidecar) if to_caption else None, cfg.caption.batch_size)
-    for clip_path, clip_THWC in pending:
-        write_clip(clip_path, clip_THWC, fps)
+            full = len(to_caption) // cfg.caption.batch_size * cfg.caption.batch_size
+            if full:   # the same batches as captioning every row at the end, without holding their frames
+                captioner = models.captioner(sidecar) if captioner is None else captioner
+                _caption_rows(to_caption[:full], captioner, cfg.caption.batch_size)
+                del to_caption[:full]
+    if to_caption:
+        _caption_rows(to_caption, models.captioner(sidecar) if captioner is None else captioner, cfg.caption.batch_size)
     return out
 
 

@@ -1,22 +1,33 @@
-"""Video decoding (decord first, PyAV fallback) and H.264 clip writing.
+"""Video decoding as a stream (decord first, PyAV fallback) and H.264 clip writing.
 
-``read_video`` probes the file with PyAV (container, stream, width), then decodes every frame with decord when the
+A video is read in two kinds of pass, neither of which holds more than ``CHUNK_FRAMES`` decoded frames:
+
+    info = scan_video(path, lambda fps: analyser.push, max_pixels, max_frames)   # pass 1: every frame, once
+    for k, frame_HWC in read_frames(info, wanted=[3, 4, 5, 40]):                  # later passes: chosen frames
+        ...
+    frames_THWC, fps, meta = read_video(path)   # the whole video as one array (short files: tests, previews)
+
+``scan_video`` probes the file with PyAV (container, stream, width), then decodes every frame with decord when the
 width is a multiple of 32 and decord returns 3-channel frames; otherwise with PyAV. decord 0.6 returns 4/6 channels
-for widths that are not a multiple of 32 (dmlc/decord#93), so those files go straight to PyAV. Any problem that
-makes the file unusable raises ``DecodeError`` whose ``kind`` is a short, stable category (used to count reasons)
-and whose message adds the detail. Frames larger than ``max_pixels`` are refused before decoding ("resolution too
-large"); at most ``max_frames`` frames are decoded.
+for widths that are not a multiple of 32 (dmlc/decord#93), so those files go straight to PyAV; when decord fails
+part-way, PyAV starts over (``start`` is called again, so the consumer starts afresh). Any problem that makes the
+file unusable raises ``DecodeError`` whose ``kind`` is a short, stable category (used to count reasons) and whose
+message adds the detail. Frames larger than ``max_pixels`` are refused before decoding ("resolution too large"); at
+most ``max_frames`` frames are decoded. Truncation ("decoded n of m declared frames") is known only once every frame
+has been decoded, so the pass that finds it is the first one.
 
 Timestamps: every frame's presentation time in seconds (decord ``get_frame_timestamp``, PyAV ``frame.time``) is in
 ``meta["timestamps"]``. A variable-frame-rate stream (frame intervals varying by more than ``VFR_TOLERANCE`` of
 their median) is resampled to constant frame rate at its average rate, each output frame being the source frame
 nearest to ``t0 + k / fps``; the timestamps then are those of the chosen source frames (``meta["vfr"]`` is True).
+The first pass sees the source frames (the rate is known only at its end); ``read_frames`` yields output frames.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import av
 import numpy as np
@@ -24,6 +35,8 @@ import numpy as np
 # A file is "truncated" when fewer than this fraction of the frames its stream declares can be decoded.
 MIN_DECODED_FRACTION = 0.9
 VFR_TOLERANCE = 0.1
+# decord frames decoded per get_batch call: few enough that a 4K chunk is ~200 MB, enough to amortise the call
+CHUNK_FRAMES = 8
 
 
 class DecodeError(Exception):
@@ -77,37 +90,77 @@ def _probe(path: Path, max_pixels: int = 0) -> Dict[str, Any]:
         raise DecodeError(DecodeError.CORRUPT, f"ffmpeg: {e}") from None
 
 
-def _decode_decord(path: Path, max_frames: int = 0) -> Tuple[np.ndarray, float, np.ndarray]:
+FrameSink = Callable[[np.ndarray], None]   # receives one uint8 RGB frame [H,W,3]
+
+
+@dataclass
+class VideoInfo:
+    """What the first pass learnt about a decodable video: ``fps`` (of the output frames), ``meta`` (codec, width,
+    height, num_frames, declared_frames, backend, fallback, timestamps, vfr) and ``source_index`` [num_frames]: the
+    source frame shown as each output frame (``arange`` unless the stream was variable-rate)."""
+    path: Path
+    fps: float
+    meta: Dict[str, Any]
+    source_index: np.ndarray
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.source_index)
+
+
+def _decord_reader(path: Path) -> Any:
     import decord
 
-    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    n = min(len(reader), max_frames) if max_frames else len(reader)
-    if n == 0:
-        return np.zeros((0, 0, 0, 3), np.uint8), float(reader.get_avg_fps()), np.zeros(0)
-    frames_THWC = reader.get_batch(list(range(n))).asnumpy()
-    times = np.asarray(reader.get_frame_timestamp(list(range(n))), np.float64)[:, 0]
-    return frames_THWC, float(reader.get_avg_fps()), times
+    return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
 
 
-def _decode_pyav(path: Path, max_frames: int = 0, times: list | None = None) -> np.ndarray:
-    frames = []
-    times = [] if times is None else times
+def _chunks_decord(reader: Any, indices: Sequence[int]) -> Iterator[Tuple[int, np.ndarray]]:
+    """(source index, frame) of ``indices`` (ascending), ``CHUNK_FRAMES`` per decord call."""
+    for i in range(0, len(indices), CHUNK_FRAMES):
+        batch = list(indices[i:i + CHUNK_FRAMES])
+        frames_THWC = reader.get_batch(batch).asnumpy()
+        if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
+            raise _DecordShape(f"decord returned shape {tuple(frames_THWC.shape)}")
+        yield from zip(batch, frames_THWC)
+
+
+class _DecordShape(Exception):
+    pass
+
+
+def _frames_pyav(path: Path, max_frames: int = 0, times: Optional[List[float]] = None,
+                 wanted: Optional[Sequence[int]] = None) -> Iterator[Tuple[int, np.ndarray]]:
+    """(source index, frame) of every decoded frame (or of ``wanted``, ascending: the others are decoded but not
+    converted, and decoding stops after the last), appending each frame's time to ``times``."""
+    count, want = 0, iter(wanted) if wanted is not None else None
+    next_wanted = next(want, None) if want is not None else 0
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                times.append(float(frame.time) if frame.time is not None else float("nan"))
-                if max_frames and len(frames) >= max_frames:
+                if times is not None:
+                    times.append(float(frame.time) if frame.time is not None else float("nan"))
+                if want is None:
+                    yield count, frame.to_ndarray(format="rgb24")
+                elif count == next_wanted:
+                    yield count, frame.to_ndarray(format="rgb24")
+                    next_wanted = next(want, None)
+                    if next_wanted is None:
+                        return
+                count += 1
+                if max_frames and count >= max_frames:
                     break
     except av.error.FFmpegError as e:
-        if not frames:
+        if not count:
             raise DecodeError(DecodeError.CORRUPT, f"ffmpeg: {e}") from None
-        raise DecodeError(DecodeError.CORRUPT, f"decoding stopped after {len(frames)} frames: {e}") from None
-    if not frames:
-        return np.zeros((0, 0, 0, 3), np.uint8)
-    return np.stack(frames)
+        raise DecodeError(DecodeError.CORRUPT, f"decoding stopped after {count} frames: {e}") from None
+
+
+def _decode_pyav(path: Path, max_frames: int = 0, times: list | None = None) -> np.ndarray:
+    """Every frame decoded by PyAV as one array [T,H,W,3] (the reference for the decord path's pixels)."""
+    frames = [f for _, f in _frames_pyav(Path(path), max_frames, times)]
+    return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
 
 def to_constant_rate(times: np.ndarray, fps: float) -> Tuple[np.ndarray, bool]:
@@ -125,32 +178,58 @@ def to_constant_rate(times: np.ndarray, fps: float) -> Tuple[np.ndarray, bool]:
     return idx, True
 
 
-def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0) -> Tuple[np.ndarray, float, Dict[str, Any]]:
-    """Decode the frames of ``path`` (at most ``max_frames``; 0 = all), constant frame rate.
+def _scan_decord(path: Path, start: Callable[[float], FrameSink],
+                 max_frames: int) -> Tuple[int, float, np.ndarray, Tuple[int, int], str]:
+    """(frames passed to the sink, fps, timestamps, (H, W), fallback reason) of a decord pass; 0 frames and the
+    reason when decord cannot be used (errors of the sink propagate: they are not decord's)."""
+    fps, times, n, shape = 0.0, np.zeros(0), 0, (0, 0)
+    try:
+        reader = _decord_reader(path)
+        total = min(len(reader), max_frames) if max_frames else len(reader)
+        if not total:
+            return 0, fps, times, shape, "decord returned no frames"
+        fps = float(reader.get_avg_fps())
+        times = np.asarray(reader.get_frame_timestamp(list(range(total))), np.float64)[:, 0]
+        frames = _chunks_decord(reader, range(total))
+    except Exception as e:  # decord raises its own DECORDError / RuntimeError types
+        return 0, fps, times, shape, f"decord failed: {str(e).splitlines()[0][:200]}"
+    sink = start(fps)
+    while True:
+        try:
+            _, frame_HWC = next(frames)
+        except StopIteration:
+            return n, fps, times, shape, ""
+        except _DecordShape as e:
+            return 0, fps, times, shape, str(e)
+        except Exception as e:
+            return 0, fps, times, shape, f"decord failed: {str(e).splitlines()[0][:200]}"
+        sink(frame_HWC)
+        n, shape = n + 1, frame_HWC.shape[:2]
 
-    Returns ``(frames_THWC uint8 RGB, fps, meta)``; meta has codec, width, height, num_frames, backend
-    ("decord" | "pyav"), fallback (why PyAV was used, "" when decord was), timestamps (seconds, one per returned
-    frame) and vfr. Raises DecodeError for missing, empty, non-video, truncated/corrupt, frameless or too large
-    (``max_pixels``; 0 = no limit) files.
-    """
+
+def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels: int = 0,
+               max_frames: int = 0) -> VideoInfo:
+    """First pass: decode every frame of ``path`` once (at most ``max_frames``; 0 = all) and pass each, in order, to
+    the sink that ``start(fps)`` returns (called again if PyAV starts over after decord failed part-way). The sink
+    sees source frames: when ``info.meta["vfr"]``, the constant-rate frames are those of ``read_frames(info)``.
+    Raises DecodeError for missing, empty, non-video, truncated/corrupt, frameless or too large (``max_pixels``;
+    0 = no limit) files."""
     path = Path(path)
     meta = _probe(path, max_pixels)
-    frames_THWC, fps, fallback, times = None, meta["fps"], "", np.zeros(0)
+    fallback, times, n, shape = "", np.zeros(0), 0, (0, 0)
     if meta["width"] % 32:
         fallback = f"width {meta['width']} % 32 != 0 (decord bug)"
     else:
-        try:
-            frames_THWC, fps, times = _decode_decord(path, max_frames)
-            if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
-                fallback, frames_THWC = f"decord returned shape {tuple(frames_THWC.shape)}", None
-        except Exception as e:  # decord raises its own DECORDError / RuntimeError types
-            fallback, frames_THWC = f"decord failed: {str(e).splitlines()[0][:200]}", None
-    if frames_THWC is None or len(frames_THWC) == 0:
+        n, fps, times, shape, fallback = _scan_decord(path, start, max_frames)
+    if n == 0:
         fallback = fallback or "decord returned no frames"
-        pts: list = []
-        frames_THWC = _decode_pyav(path, max_frames, pts)
-        fps, times = meta["fps"], np.asarray(pts, np.float64)
-    n = len(frames_THWC)
+        pts: List[float] = []
+        fps = meta["fps"]
+        sink = start(fps)
+        for _, frame_HWC in _frames_pyav(path, max_frames, pts):
+            sink(frame_HWC)
+            n, shape = n + 1, frame_HWC.shape[:2]
+        times = np.asarray(pts, np.float64)
     if n == 0:
         raise DecodeError(DecodeError.NO_FRAMES, f"stream declares {meta['declared_frames']} frames")
     expected = min(meta["declared_frames"], max_frames) if max_frames else meta["declared_frames"]
@@ -161,11 +240,51 @@ def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0) -> Tu
     if len(times) != n or not np.isfinite(times).all():
         times = np.arange(n) / fps
     idx, vfr = to_constant_rate(times, fps)
-    if vfr:
-        frames_THWC, times, n = frames_THWC[idx], times[idx], len(idx)
-    meta.update(timestamps=times, vfr=vfr, num_frames=n, backend="pyav" if fallback else "decord", fallback=fallback,
-                height=int(frames_THWC.shape[1]), width=int(frames_THWC.shape[2]))
-    return frames_THWC, float(fps), meta
+    meta.update(timestamps=times[idx], vfr=vfr, num_frames=len(idx), backend="pyav" if fallback else "decord",
+                fallback=fallback, height=int(shape[0]), width=int(shape[1]))
+    return VideoInfo(path, float(fps), meta, idx)
+
+
+def read_frames(info: VideoInfo, wanted: Optional[Sequence[int]] = None) -> Iterator[Tuple[int, np.ndarray]]:
+    """(output index, frame uint8 RGB [H,W,3]) of every constant-rate frame of a scanned video, or of the output
+    indices ``wanted`` (ascending), decoding from the start with the first pass's backend and stopping after the
+    last one wanted. At most ``CHUNK_FRAMES`` decoded frames are held; a repeated source frame (variable-rate
+    input) is yielded once per output frame that shows it."""
+    out_idx = np.arange(info.num_frames) if wanted is None else np.asarray(wanted, np.int64)
+    if len(out_idx) == 0:
+        return
+    if np.any(np.diff(out_idx) < 0) or out_idx[0] < 0 or out_idx[-1] >= info.num_frames:
+        raise ValueError(f"read_frames: wanted must be ascending output indices in [0, {info.num_frames})")
+    src_idx = info.source_index[out_idx]
+    sources = np.unique(src_idx).tolist()
+    frames = _chunks_decord(_decord_reader(info.path), sources) if info.meta["backend"] == "decord" else \
+        _frames_pyav(info.path, wanted=sources)
+    k = 0
+    for i, frame_HWC in frames:
+        while k < len(out_idx) and src_idx[k] == i:
+            yield int(out_idx[k]), frame_HWC
+            k += 1
+
+
+def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0) -> Tuple[np.ndarray, float, Dict[str, Any]]:
+    """Decode the frames of ``path`` (at most ``max_frames``; 0 = all), constant frame rate, into one array: for
+    short files (tests, previews, preference pairs); curation streams (``scan_video``, ``read_frames``).
+
+    Returns ``(frames_THWC uint8 RGB, fps, meta)``; meta has codec, width, height, num_frames, backend
+    ("decord" | "pyav"), fallback (why PyAV was used, "" when decord was), timestamps (seconds, one per returned
+    frame) and vfr. Raises DecodeError as ``scan_video`` does.
+    """
+    frames: List[np.ndarray] = []
+
+    def start(_: float) -> FrameSink:
+        frames.clear()
+        return frames.append
+
+    info = scan_video(path, start, max_pixels, max_frames)
+    frames_THWC = np.stack(frames)
+    if info.meta["vfr"]:
+        frames_THWC = frames_THWC[info.source_index]
+    return frames_THWC, info.fps, info.meta
 
 
 def write_clip(path: str | Path, frames_THWC: np.ndarray, fps: float, crf: int = 18) -> None:

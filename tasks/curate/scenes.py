@@ -1,8 +1,14 @@
-"""Scene splitting on already-decoded frames: hard cuts (PySceneDetect content + adaptive detectors) and gradual
-transitions (fades, dissolves).
+"""Scene splitting over a stream of frames: hard cuts (PySceneDetect content + adaptive detectors) and gradual
+transitions (fades, dissolves), holding a bounded window of small analysis frames, never the video.
 
-Frames are first downscaled to at most ``analysis_width`` columns (as PySceneDetect's own ``downscale`` does).
-- Hard cuts: every frame goes (RGB -> BGR) to ``ContentDetector`` and ``AdaptiveDetector`` ``process_frame``
+    stream = SceneStream(fps, cfg)
+    for frame_HWC in frames:          # decoded uint8 RGB [H,W,3], in order
+        stream.push(frame_HWC)
+    result = stream.finish()          # SceneAnalysis: cuts, transitions, scenes, changes
+    result = analyse(frames_THWC, fps, cfg)   # the same, for frames already in one array
+
+Each frame is first downscaled to at most ``analysis_width`` columns (as PySceneDetect's own ``downscale`` does).
+- Hard cuts: every small frame goes (RGB -> BGR) to ``ContentDetector`` and ``AdaptiveDetector`` ``process_frame``
   (SUPPRESS flash filter, so no end-of-stream flush is needed); a cut is the first frame of the new scene, the union
   of both detectors' cuts is used, and cuts closer than ``min_scene_len`` frames are merged.
 - Gradual transitions (the report pairs PySceneDetect with a Color-Struct SVM for these; this is a model-free test):
@@ -10,15 +16,18 @@ Frames are first downscaled to at most ``analysis_width`` columns (as PySceneDet
   ``alpha * F(a) + (1 - alpha) * F(b)`` with alpha falling steadily from 1 to 0. A window is a transition when
   ``mean|F(b) - F(a)| >= gradual_min_change``, the blend fit's mean residual is <= ``gradual_max_residual`` of that
   change, and alpha never jumps by more than 0.5 in one frame (that would be a hard cut). Overlapping windows merge
-  into one transition [start, end); its frames belong to no scene.
-Scenes are half-open [start, end) ranges between cuts and transitions. ``frame_changes`` gives the per-frame mean
-HSV change that ``curate`` uses to drop clips that still contain a cut.
+  into one transition [start, end); its frames belong to no scene. The test runs on ``GRADUAL_SIZE``-column frames,
+  of which the last ``gradual_window + 1`` are kept.
+Scenes are half-open [start, end) ranges between cuts and transitions. ``changes`` is the per-frame mean HSV change
+(on the same tiny frames) that ``curate`` uses to drop clips that still contain a cut. What grows with the video's
+length is a few numbers per frame (changes) and per cut.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -26,6 +35,9 @@ from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
 from scenedetect.detector import FlashFilter
 
 from common.config import CurateConfig
+
+if TYPE_CHECKING:
+    from tasks.curate.decode import VideoInfo
 
 # Shorter than PySceneDetect's default (15) so that short shots are found and reported as "scene too short" instead
 # of being merged into the neighbouring shot.
@@ -42,76 +54,94 @@ class SceneAnalysis:
 
 
 def downscale(frames_THWC: np.ndarray, width: int) -> np.ndarray:
-    t, h, w, _ = frames_THWC.shape
-    if w <= width:
+    """Frames [T,H,W,3] resized to ``width`` columns (aspect kept); unchanged when not wider."""
+    if frames_THWC.shape[2] <= width:
         return frames_THWC
+    return np.stack([_downscale_frame(f, width) for f in frames_THWC])
+
+
+def _downscale_frame(frame_HWC: np.ndarray, width: int) -> np.ndarray:
+    h, w, _ = frame_HWC.shape
+    if w <= width:
+        return frame_HWC
     size = (width, max(2, round(h * width / w)))
     # INTER_LINEAR (as PySceneDetect's own downscale): several times cheaper than INTER_AREA, fine for analysis
-    return np.stack([cv2.resize(np.ascontiguousarray(f), size, interpolation=cv2.INTER_LINEAR) for f in frames_THWC])
+    return cv2.resize(np.ascontiguousarray(frame_HWC), size, interpolation=cv2.INTER_LINEAR)
 
 
-def detect_cuts(frames_THWC: np.ndarray, fps: float, threshold: float = 27.0, min_scene_len: int = MIN_SCENE_LEN,
-                adaptive_threshold: float = 3.0) -> List[int]:
-    """Frame indices where a new scene starts (never 0), from uint8 RGB frames [T,H,W,3]."""
-    if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
-        raise ValueError(f"detect_cuts: need [T,H,W,3] frames, got {frames_THWC.shape}")
-    if fps <= 0:
-        raise ValueError(f"detect_cuts: fps must be > 0, got {fps}")
-    detectors = [ContentDetector(threshold=threshold, min_scene_len=min_scene_len,
-                                 filter_mode=FlashFilter.Mode.SUPPRESS)]
-    if adaptive_threshold > 0:
-        detectors.append(AdaptiveDetector(adaptive_threshold=adaptive_threshold, min_scene_len=min_scene_len))
-    found: List[int] = []
-    for i, frame_HWC in enumerate(frames_THWC):
-        bgr = np.ascontiguousarray(frame_HWC[..., ::-1])
-        for det in detectors:
-            for tc in det.process_frame(FrameTimecode(i, fps=fps), bgr):
-                if 0 < tc.frame_num < len(frames_THWC):
-                    found.append(int(tc.frame_num))
-    merged: List[int] = []
-    for c in sorted(set(found)):
-        if not merged or c - merged[-1] >= min_scene_len:
-            merged.append(c)
-    return merged
-
-
-def frame_changes(frames_THWC: np.ndarray) -> np.ndarray:
-    """[T] mean absolute HSV difference (0-255 scale, hue doubled) to the previous frame; 0 for frame 0."""
-    hsv = np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2HSV) for f in frames_THWC]).astype(np.float32)
+def _hsv_N(tiny_HWC: np.ndarray) -> np.ndarray:
+    """float32 HSV of a tiny frame (0-255 scale, hue doubled), for the per-frame change."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(tiny_HWC), cv2.COLOR_RGB2HSV).astype(np.float32)
     hsv[..., 0] *= 255.0 / 180.0
-    out = np.zeros(len(frames_THWC), np.float32)
-    if len(frames_THWC) > 1:
-        out[1:] = np.abs(np.diff(hsv, axis=0)).mean(axis=(1, 2, 3))
-    return out
+    return hsv
 
 
-def detect_gradual(frames_THWC: np.ndarray, window: int = 8, min_change: float = 30.0,
-                   max_residual: float = 0.25) -> List[Tuple[int, int]]:
-    """Fade/dissolve ranges [start, end) by the blend test in the module docstring."""
-    t = len(frames_THWC)
-    if t <= window:
-        return []
-    x = downscale(frames_THWC, GRADUAL_SIZE).reshape(t, -1).astype(np.float32)   # (T, N)
-    flagged: List[Tuple[int, int]] = []
-    for a in range(0, t - window):
-        b = a + window
-        d = x[a] - x[b]
-        change = float(np.abs(d).mean())
-        if change < min_change:
-            continue
-        mid = x[a + 1:b] - x[b]                                  # (window-1, N)
-        alpha = mid @ d / float(d @ d)
-        resid = np.abs(mid - alpha[:, None] * d[None]).mean(axis=1)
-        steps = -np.diff(np.concatenate([[1.0], alpha, [0.0]]))
-        if resid.max() <= max_residual * change and steps.max() <= 0.5 and steps.min() >= -0.15:
-            flagged.append((a, b + 1))
-    merged: List[Tuple[int, int]] = []
-    for s, e in flagged:
-        if merged and s <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
-        else:
-            merged.append((s, e))
-    return merged
+def _is_blend(window_xN: Deque[np.ndarray], min_change: float, max_residual: float) -> bool:
+    """Whether the window of flattened tiny frames [window+1 of (N,)] is a fade/dissolve (module docstring)."""
+    d = window_xN[0] - window_xN[-1]
+    change = float(np.abs(d).mean())
+    if change < min_change:
+        return False
+    mid = np.stack(list(window_xN)[1:-1]) - window_xN[-1]      # (window-1, N)
+    alpha = mid @ d / float(d @ d)
+    resid = np.abs(mid - alpha[:, None] * d[None]).mean(axis=1)
+    steps = -np.diff(np.concatenate([[1.0], alpha, [0.0]]))
+    return bool(resid.max() <= max_residual * change and steps.max() <= 0.5 and steps.min() >= -0.15)
+
+
+class SceneStream:
+    """Scene analysis one frame at a time (module docstring): ``push`` every frame in order, then ``finish``."""
+
+    def __init__(self, fps: float, cfg: CurateConfig, min_scene_len: int = MIN_SCENE_LEN) -> None:
+        if fps <= 0:
+            raise ValueError(f"SceneStream: fps must be > 0, got {fps}")
+        self.fps, self.cfg, self.min_scene_len = fps, cfg, min_scene_len
+        self.detectors = [ContentDetector(threshold=cfg.scene_threshold, min_scene_len=min_scene_len,
+                                          filter_mode=FlashFilter.Mode.SUPPRESS)]
+        if cfg.adaptive_threshold > 0:
+            self.detectors.append(AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold,
+                                                   min_scene_len=min_scene_len))
+        self.num_frames = 0
+        self.found: List[int] = []                           # detector cuts, unmerged
+        self.flagged: List[Tuple[int, int]] = []             # gradual windows [a, b + 1), merged as they come
+        self.window_xN: Deque[np.ndarray] = deque(maxlen=cfg.gradual_window + 1)   # last tiny frames, flattened
+        self.changes: List[float] = []
+        self.prev_hsv: Optional[np.ndarray] = None
+
+    def push(self, frame_HWC: np.ndarray) -> None:
+        """Analyse the next frame, uint8 RGB [H,W,3]."""
+        i = self.num_frames
+        # 1. hard cuts on the analysis-size frame
+        small_HWC = _downscale_frame(frame_HWC, self.cfg.analysis_width)
+        bgr_HWC = np.ascontiguousarray(small_HWC[..., ::-1])
+        for det in self.detectors:
+            self.found += [int(tc.frame_num) for tc in det.process_frame(FrameTimecode(i, fps=self.fps), bgr_HWC)]
+        # 2. per-frame change and the gradual window on the tiny frame
+        tiny_HWC = _downscale_frame(small_HWC, GRADUAL_SIZE)
+        hsv = _hsv_N(tiny_HWC)
+        self.changes.append(0.0 if self.prev_hsv is None else float(np.abs(hsv - self.prev_hsv).mean()))
+        self.prev_hsv = hsv
+        self.window_xN.append(tiny_HWC.reshape(-1).astype(np.float32))
+        window = self.cfg.gradual_window
+        if i >= window and _is_blend(self.window_xN, self.cfg.gradual_min_change,
+                                     self.cfg.gradual_max_residual):
+            a, end = i - window, i + 1
+            if self.flagged and a <= self.flagged[-1][1]:
+                self.flagged[-1] = (self.flagged[-1][0], max(end, self.flagged[-1][1]))
+            else:
+                self.flagged.append((a, end))
+        self.num_frames += 1
+
+    def finish(self) -> SceneAnalysis:
+        """Cuts, transitions, scenes and changes of the frames pushed."""
+        merged: List[int] = []
+        for c in sorted({c for c in self.found if 0 < c < self.num_frames}):
+            if not merged or c - merged[-1] >= self.min_scene_len:
+                merged.append(c)
+        transitions = list(self.flagged)
+        cuts = [c for c in merged if not any(s <= c < e for s, e in transitions)]
+        return SceneAnalysis(cuts, transitions, split_scenes(cuts, transitions, self.num_frames),
+                             np.asarray(self.changes, np.float32))
 
 
 def split_scenes(cuts: List[int], transitions: List[Tuple[int, int]], num_frames: int) -> List[Tuple[int, int]]:
@@ -136,12 +166,12 @@ def analyse(frames_THWC: np.ndarray, fps: float, cfg: CurateConfig,
             min_scene_len: int = MIN_SCENE_LEN) -> SceneAnalysis:
     """Cuts, gradual transitions, scenes and per-frame changes of decoded frames uint8 RGB [T,H,W,3], with the
     detector settings of ``cfg`` (scene_threshold, adaptive_threshold, analysis_width, gradual_*)."""
-    small = downscale(frames_THWC, cfg.analysis_width)
-    cuts = detect_cuts(small, fps, cfg.scene_threshold, min_scene_len, cfg.adaptive_threshold)
-    transitions = detect_gradual(small, cfg.gradual_window, cfg.gradual_min_change, cfg.gradual_max_residual)
-    cuts = [c for c in cuts if not any(s <= c < e for s, e in transitions)]
-    tiny = downscale(small, GRADUAL_SIZE)   # the cut check's mean HSV change needs no detail
-    return SceneAnalysis(cuts, transitions, split_scenes(cuts, transitions, len(frames_THWC)), frame_changes(tiny))
+    if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
+        raise ValueError(f"analyse: need [T,H,W,3] frames, got {frames_THWC.shape}")
+    stream = SceneStream(fps, cfg, min_scene_len)
+    for frame_HWC in frames_THWC:
+        stream.push(frame_HWC)
+    return stream.finish()
 
 
 def detect_scenes(frames_THWC: np.ndarray, fps: float, threshold: float = 27.0,
@@ -151,10 +181,31 @@ def detect_scenes(frames_THWC: np.ndarray, fps: float, threshold: float = 27.0,
     return analyse(frames_THWC, fps, CurateConfig(scene_threshold=threshold), min_scene_len).scenes
 
 
+def scan_scenes(path: str | Path, cfg: CurateConfig, max_pixels: int = 0, max_frames: int = 0,
+                min_scene_len: int = MIN_SCENE_LEN) -> Tuple["VideoInfo", SceneAnalysis]:
+    """(video info, scene analysis) of the video ``path``, streaming: the analysis runs during the decoder's first
+    pass (``decode.scan_video``); a variable-rate input is decoded a second time to analyse its constant-rate
+    frames. Raises DecodeError as ``scan_video`` does."""
+    from tasks.curate.decode import read_frames, scan_video
+
+    streams: List[SceneStream] = []
+
+    def start(fps: float) -> Callable[[np.ndarray], None]:
+        if fps <= 0:   # scan_video refuses the file ("stream has no frame rate") once decoded
+            return lambda frame_HWC: None
+        streams[:] = [SceneStream(fps, cfg, min_scene_len)]
+        return streams[0].push
+
+    info = scan_video(path, start, max_pixels, max_frames)
+    if info.meta["vfr"]:   # the first pass saw the source frames: analyse the constant-rate ones
+        push = start(info.fps)
+        for _, frame_HWC in read_frames(info):
+            push(frame_HWC)
+    return info, streams[0].finish()
+
+
 def detect_scenes_in_file(path: str | Path, threshold: float = 27.0,
                           min_scene_len: int = MIN_SCENE_LEN) -> List[Tuple[int, int]]:
-    """Decode ``path`` (see decode.read_video) and split it into scenes."""
-    from tasks.curate.decode import read_video
-
-    frames_THWC, fps, _ = read_video(path)
-    return detect_scenes(frames_THWC, fps, threshold, min_scene_len)
+    """Scene [start, end) frame ranges of the video ``path``, streaming (default detector settings but the content
+    threshold)."""
+    return scan_scenes(path, CurateConfig(scene_threshold=threshold), min_scene_len=min_scene_len)[1].scenes
