@@ -1,19 +1,30 @@
-"""Curation throughput vs decode-only throughput on the same files (target: ratio >= 0.5).
+"""Curation that streams: peak memory vs the video's length, and throughput vs decoding alone (no VLM).
 
-    .venv/bin/python bench/curation.py                 # 4 synthetic 1280x720 videos (480 frames), ~1 min on 2 cores
-    .venv/bin/python bench/curation.py --size 640x360  # smaller inputs: decoding is cheaper, the ratio lower
-    .venv/bin/python bench/curation.py --input DIR     # your own videos
+    .venv/bin/python bench/curation.py                    # 1- and 10-minute 1280x720 24 fps videos, ~15 min on 2 cores
+    .venv/bin/python bench/curation.py --quick            # smoke run in seconds: 320x180, 0.1 and 0.3 minutes
+    .venv/bin/python bench/curation.py --minutes 1 5      # other lengths (the ratio uses the first)
 
-decode-only = ``decode.read_video`` of every file; full = ``run_curation`` (scene analysis, every filter including
-the tiny aesthetic model, clip cutting and H.264 writing, near-dup, manifest) with sidecar captions, i.e. without the
-VLM, and with an empty per-input store (nothing reused). Both are best of ``--repeat`` runs after a warm-up;
-throughput is source frames per second. Prints ``ratio <full/decode>`` and writes bench/results/curation_cpu.json.
+Inputs: synthetic videos (``tasks.curate.synthetic`` scenes of 3-7 s: texture, shaky, static, flat) encoded once with
+x264 "veryfast" into ``$TMPDIR/bench-curation-<W>x<H>-<fps>fps/``; the N-minute video repeats the 1-minute one's
+packets N times (a remux, no re-encode: every repeat starts on a key frame), so it costs seconds to make and is
+cached between runs.
+
+- ``memory_ratio`` = peak RSS (the child's ``ru_maxrss``) of curating the longest video ÷ that of the shortest, each
+  in a fresh subprocess (``curate.curate_video``, sidecar captions, tiny aesthetic model; target <= 1.2). The
+  decode-only child's peak RSS is printed beside it as the floor (interpreter, libraries, decoder).
+- ``ratio`` = curation throughput ÷ decode-only throughput on the shortest video, in one process, alternating, best
+  of ``--repeat`` (target >= 0.8). decode-only = ``decode.scan_video`` with a sink that drops every frame (the
+  streaming decoder's first pass); curation = ``curate_video``: both decoder passes, scene analysis, every filter,
+  crops, clip and thumbnail writing, pHash.
+Writes bench/results/curation_cpu.json with the load averages before and after (the machine is shared).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,51 +33,167 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.config import CaptionConfig, CurateConfig  # noqa: E402
-from common.storage import list_inputs  # noqa: E402
-from tasks.curate.decode import read_video  # noqa: E402
-from tasks.curate.driver import run_curation  # noqa: E402
-from tasks.curate.synthetic import SceneSpec, make_scenes_video  # noqa: E402
+
+KINDS = ("texture", "shaky", "static", "flat")
+SCENE_SECONDS = (4, 6, 3, 7, 5)   # cycled: shots of 3-7 s, so two 17-frame windows cover ~1/4 of each
 
 
-def make_inputs(folder: Path, width: int, height: int) -> None:
-    kinds = ["texture", "shaky", "flat", "static"]
-    for i in range(4):
-        scenes = [SceneSpec(kinds[(i + j) % 4], 40, seed=10 * i + j) for j in range(3)]
-        make_scenes_video(folder / f"bench_{i}.mp4", scenes, width=width, height=height, fps=24)
+def bench_cfg() -> CurateConfig:
+    """The curation settings of the bench: defaults, a motion floor the synthetic drift passes, sidecar captions."""
+    return CurateConfig(motion_min=0.02, motion_height=96, keyframes=1, caption=CaptionConfig(backend="sidecar"))
+
+
+def make_minute(path: Path, width: int, height: int, fps: int, minutes: float) -> None:
+    """Render and encode ``minutes`` of synthetic scenes, one scene in memory at a time."""
+    from fractions import Fraction
+
+    import av
+
+    from tasks.curate.synthetic import SceneSpec, render_scene
+
+    total, t, i = int(round(minutes * 60 * fps)), 0, 0
+    tmp = path.with_suffix(".part.mp4")
+    with av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "20"}
+        while t < total:
+            n = min(total - t, SCENE_SECONDS[i % len(SCENE_SECONDS)] * fps)
+            for frame_HWC in render_scene(SceneSpec(KINDS[i % len(KINDS)], n, seed=i), width, height, i):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame_HWC, format="rgb24")))
+            t, i = t + n, i + 1
+        container.mux(stream.encode())
+    tmp.rename(path)
+
+
+def repeat_video(src: Path, dst: Path, times: int) -> None:
+    """Remux ``src`` ``times`` times back to back (timestamps shifted; no decoding)."""
+    import av
+
+    with av.open(str(src)) as probe:
+        s = probe.streams.video[0]
+        span = int(s.duration or 0) or max(int(p.pts or 0) + int(p.duration or 0) for p in probe.demux(s) if p.size)
+    tmp = dst.with_suffix(".part.mp4")
+    with av.open(str(tmp), mode="w") as out:
+        for r in range(times):
+            with av.open(str(src)) as inp:
+                in_stream = inp.streams.video[0]
+                if r == 0:
+                    out_stream = out.add_stream_from_template(in_stream)
+                for packet in inp.demux(in_stream):
+                    if packet.dts is None or packet.pts is None:   # the demuxer's end-of-stream packet
+                        continue
+                    packet.pts, packet.dts = packet.pts + r * span, packet.dts + r * span
+                    packet.stream = out_stream
+                    out.mux(packet)
+    tmp.rename(dst)
+
+
+def inputs(width: int, height: int, fps: int, minutes: list[float]) -> list[Path]:
+    """The cached videos: the base one is ``minutes[0]`` long, the others repeat it."""
+    folder = Path(tempfile.gettempdir()) / f"bench-curation-{width}x{height}-{fps}fps"
+    folder.mkdir(exist_ok=True)
+    base = folder / f"{minutes[0]:g}min.mp4"
+    if not base.exists():
+        make_minute(base, width, height, fps, minutes[0])
+    paths = [base]
+    for m in minutes[1:]:
+        times = round(m / minutes[0])
+        if abs(times * minutes[0] - m) > 1e-9:
+            raise ValueError(f"--minutes: every length must be a multiple of the first, got {minutes}")
+        path = folder / f"{m:g}min.mp4"
+        if not path.exists():
+            repeat_video(base, path, times)
+        paths.append(path)
+    return paths
+
+
+def decode_only(path: Path) -> int:
+    from tasks.curate.decode import scan_video
+
+    return scan_video(path, lambda fps: lambda frame_HWC: None).num_frames
+
+
+def curate(path: Path, out_dir: Path) -> list:
+    from tasks.curate.curate import Models, curate_video
+
+    cfg = bench_cfg()
+    return curate_video(path, "0" * 16, None, cfg, Models(cfg), out_dir)
+
+
+def child(mode: str, path: Path) -> None:
+    """One measured run in this (fresh) process; prints a JSON line with its peak RSS."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-curation-out-") as tmp:
+        rows = curate(path, Path(tmp)) if mode == "curate" else []
+        frames = decode_only(path) if mode == "decode" else None
+    print(json.dumps({"mode": mode, "video": path.name, "seconds": time.perf_counter() - t0, "frames": frames,
+                      "rows": len(rows), "kept": sum(r["status"] == "kept" for r, _ in rows),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_child(mode: str, path: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    done = subprocess.run([sys.executable, __file__, "--child", mode, str(path)], env=env, check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def throughput(path: Path, repeat: int) -> dict:
+    """Best-of-``repeat`` seconds of decode-only and of curation on ``path``, alternating, in this process."""
+    frames = decode_only(path)   # warm-up + frame count
+    t_decode, t_curate = float("inf"), float("inf")
+    with tempfile.TemporaryDirectory(prefix="bench-curation-out-") as tmp:
+        curate(path, Path(tmp) / "warm")
+        for r in range(repeat):
+            t0 = time.perf_counter()
+            decode_only(path)
+            t_decode = min(t_decode, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            curate(path, Path(tmp) / f"run{r}")
+            t_curate = min(t_curate, time.perf_counter() - t0)
+    return {"frames": frames, "decode_s": t_decode, "curate_s": t_curate, "decode_fps": frames / t_decode,
+            "curate_fps": frames / t_curate, "ratio": t_decode / t_curate}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--input", default="", help="folder of videos (default: synthetic 640x360 set)")
+    ap.add_argument("--size", default="1280x720", help="WxH of the synthetic videos")
+    ap.add_argument("--fps", type=int, default=24)
+    ap.add_argument("--minutes", type=float, nargs="+", default=[1.0, 10.0],
+                    help="video lengths; the first is the base (and the ratio's input), the others multiples of it")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--size", default="1280x720", help="WxH of the synthetic inputs (the report's 720p inputs)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 320x180, 0.1 and 0.3 minutes, one repeat")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "curation_cpu.json"))
+    ap.add_argument("--child", nargs=2, metavar=("MODE", "VIDEO"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-curation-") as tmp:
-        folder = Path(args.input) if args.input else Path(tmp) / "in"
-        if not args.input:
-            folder.mkdir()
-            make_inputs(folder, *map(int, args.size.split("x")))
-        files = [Path(i.uri) for i in list_inputs(str(folder))]
-        cfg = CurateConfig(input_uri=str(folder), motion_min=0.02, motion_height=96,
-                           caption=CaptionConfig(backend="sidecar"))
-        frames = sum(len(read_video(f)[0]) for f in files)   # warm-up + frame count
-        run_curation(cfg, Path(tmp) / "warm", progress=lambda m: None)
-        t_decode, t_full = float("inf"), float("inf")
-        for r in range(args.repeat):
-            t0 = time.perf_counter()
-            for f in files:
-                read_video(f)
-            t_decode = min(t_decode, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            summary = run_curation(cfg, Path(tmp) / f"out{r}", progress=lambda m: None)
-            t_full = min(t_full, time.perf_counter() - t0)
-    result = {"files": len(files), "frames": frames, "decode_s": t_decode, "full_s": t_full,
-              "decode_fps": frames / t_decode, "full_fps": frames / t_full, "ratio": t_decode / t_full,
-              "size": args.size if not args.input else "", "clips_kept": summary["clips_kept"],
-              "load_avg": os.getloadavg()[0], "cpus": os.cpu_count()}
+    if args.child:
+        child(args.child[0], Path(args.child[1]))
+        return
+    if args.quick:
+        args.size, args.minutes, args.repeat = "320x180", [0.1, 0.3], 1
+    width, height = map(int, args.size.split("x"))
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    paths = inputs(width, height, args.fps, args.minutes)
+    make_s = time.perf_counter() - t0
+    runs = [run_child(mode, p) for p in paths for mode in ("decode", "curate")]
+    for r in runs:
+        print(json.dumps(r))
+    curate_rss = {r["video"]: r["peak_rss_mb"] for r in runs if r["mode"] == "curate"}
+    speed = throughput(paths[0], args.repeat)
+    result = {
+        "size": args.size, "fps": args.fps, "minutes": args.minutes,
+        "videos": {p.name: {"bytes": p.stat().st_size} for p in paths},
+        "frames_shortest": speed["frames"],
+        "memory_ratio": curate_rss[paths[-1].name] / curate_rss[paths[0].name],
+        "children": runs, **speed, "make_inputs_s": make_s,
+        "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "cpus": os.cpu_count(),
+    }
     print(json.dumps(result, indent=1))
-    out = Path(__file__).resolve().parent / "results" / "curation_cpu.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    if not args.quick:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"memory_ratio {result['memory_ratio']:.3f}")
     print(f"ratio {result['ratio']:.3f}")
 
 

@@ -4,7 +4,7 @@
 PyAV fallback, constant frame rate) and analyses scenes on it (``scenes.scan_scenes``: hard cuts + fades/dissolves
 on small frames); then, for each scene, it picks the size bucket (closest aspect) and the longest length bucket that
 fits (``buckets``) and up to ``max_clips_per_scene`` windows spread evenly over the scene, and the second pass
-(``decode.read_frames``) decodes up to the last window, one window's frames at a time. Each window's source-resolution
+(``decode.read_windows``) decodes up to the last window, one window's frames at a time. Each window's source-resolution
 frames are scored by every filter (``filters.assess``: brightness, sharpness, motion, text area, aesthetic); windows
 that still contain a cut (max frame change > ``cut_check_threshold``) are dropped; kept clips are center-cropped +
 resized to the bucket and written at once, and captioned with their key frames ``caption.batch_size`` per captioner
@@ -14,7 +14,7 @@ caption batch) of source frames, whatever the video's length.
 
 Settings reach every step the same way: each helper that applies a curation setting takes the whole ``cfg`` (the
 CurateConfig) and reads its fields itself (``scenes.scan_scenes``, ``buckets.*``, ``window_starts``,
-``filters.assess``, ``Models``); the decoder (``decode.scan_video``/``read_frames``, shared with the benchmarks) and
+``filters.assess``, ``Models``); the decoder (``decode.scan_video``/``read_windows``, shared with the benchmarks) and
 the pixel helpers take plain values.
 
 Rows (``manifest.manifest_row``), one of:
@@ -28,9 +28,10 @@ presentation timestamps. clip_id = sha256(output pixels, source hash, window)[:1
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -38,9 +39,13 @@ import numpy as np
 from common.config import CurateConfig
 from common.hashing import sha256_bytes
 from common.storage import InputFile, read_text
-from tasks.curate.decode import DecodeError, read_frames, write_clip
+from tasks.curate.decode import DecodeError, read_windows, write_clip
 from tasks.curate.filters import assess
 from tasks.curate.manifest import manifest_row
+
+if TYPE_CHECKING:
+    from tasks.curate.decode import VideoInfo
+    from tasks.curate.scenes import SceneAnalysis
 
 
 def window_starts(scene_start: int, scene_end: int, span: int, cfg: CurateConfig) -> List[int]:
@@ -124,17 +129,15 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
                  out_dir: Path) -> List[Tuple[Dict[str, Any], str]]:
     """(row, reason key) for every scene / window of one decodable input; clips go to ``out_dir/clips``, thumbnails
     to ``out_dir/thumbs``. Two passes over the video, neither holding it: scene analysis while decoding every frame
-    once (``scenes.scan_scenes``), then the windows' frames only, one window at a time (``decode.read_frames``).
+    once (``scenes.scan_scenes``), then the windows' frames only, one window at a time (``decode.read_windows``).
     Raises DecodeError."""
     from tasks.curate import buckets
-    from tasks.curate.dedup import clip_phash
     from tasks.curate.scenes import scan_scenes
 
     # 1. first pass: decode every frame once, analyse scenes
     info, scenes = scan_scenes(path, cfg, cfg.max_pixels, cfg.max_frames)
-    src_fps, times = info.fps, info.meta["timestamps"]
     src_h, src_w = info.meta["height"], info.meta["width"]
-    fps = src_fps / cfg.frame_stride
+    fps = info.fps / cfg.frame_stride
     _, out_h, out_w = _top_resolution(src_h, src_w, cfg)
     allowed = buckets.lengths(cfg, fps)
     if not allowed:
@@ -142,13 +145,29 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
                          f"[{cfg.min_clip_s}, {cfg.max_clip_s}] s at {fps:g} fps")
     min_span = (allowed[-1] - 1) * cfg.frame_stride + 1
     # 2. the windows of every scene: (scene index, scene, length bucket or None, span, starts)
-    plan = []
+    plan: List[Tuple[int, int, int, Optional[int], int, List[int]]] = []
     for scene_index, (s, e) in enumerate(scenes.scenes):
         n = buckets.length_bucket(e - s, cfg, fps)
         span = (n - 1) * cfg.frame_stride + 1 if n is not None else 0
         plan.append((scene_index, s, e, n, span, window_starts(s, e, span, cfg) if n is not None else []))
-    wanted = [i for *_, span, starts in plan for start in starts for i in range(start, start + span, cfg.frame_stride)]
-    frames = read_frames(info, wanted)   # second pass: decodes lazily, as the windows below take their frames
+    windows = [list(range(start, start + span, cfg.frame_stride)) for *_, span, starts in plan for start in starts]
+    with contextlib.closing(read_windows(info, windows)) as frames:   # second pass: a window at a time
+        return _curate_windows(frames, plan, info, scenes, min_span, out_h, out_w, source_hash, sidecar, cfg,
+                               models, out_dir)
+
+
+def _curate_windows(frames: Iterator[np.ndarray], plan: List[Tuple[int, int, int, Optional[int], int, List[int]]],
+                    info: VideoInfo, scenes: SceneAnalysis, min_span: int, out_h: int, out_w: int, source_hash: str,
+                    sidecar: str | None, cfg: CurateConfig, models: Models,
+                    out_dir: Path) -> List[Tuple[Dict[str, Any], str]]:
+    """The rows of ``curate_video``'s plan [(scene index, start, end, length bucket or None, span, window starts)],
+    taking each window's frames from ``frames``."""
+    from tasks.curate import buckets
+    from tasks.curate.dedup import clip_phash
+
+    src_fps, times = info.fps, info.meta["timestamps"]
+    src_h, src_w = info.meta["height"], info.meta["width"]
+    fps = src_fps / cfg.frame_stride
     # 3. each window: filters, cut check, crop + resize, thumbnail, clip, key frames; captions in batches
     common = dict(fps=fps, src_height=src_h, src_width=src_w)
     fallback = sidecar or cfg.default_caption
@@ -164,7 +183,7 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
                                      end_s=float(times[e - 1]) + 1 / src_fps, **common), "scene too short"))
             continue
         for start in starts:
-            src_THWC = np.stack([next(frames)[1] for _ in range(start, start + span, cfg.frame_stride)])
+            src_THWC = next(frames)
             report = assess(src_THWC, cfg, scorer)
             failure = report.first_failure
             change = float(scenes.changes[start + 1:start + span].max()) if span > 1 else 0.0

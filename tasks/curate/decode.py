@@ -3,7 +3,7 @@
 A video is read in two kinds of pass, neither of which holds more than ``CHUNK_FRAMES`` decoded frames:
 
     info = scan_video(path, lambda fps: analyser.push, max_pixels, max_frames)   # pass 1: every frame, once
-    for k, frame_HWC in read_frames(info, wanted=[3, 4, 5, 40]):                  # later passes: chosen frames
+    for frames_THWC in read_windows(info, [[3, 4, 5], [40, 42]]):              # later passes: windows
         ...
     frames_THWC, fps, meta = read_video(path)   # the whole video as one array (short files: tests, previews)
 
@@ -20,14 +20,18 @@ Timestamps: every frame's presentation time in seconds (decord ``get_frame_times
 ``meta["timestamps"]``. A variable-frame-rate stream (frame intervals varying by more than ``VFR_TOLERANCE`` of
 their median) is resampled to constant frame rate at its average rate, each output frame being the source frame
 nearest to ``t0 + k / fps``; the timestamps then are those of the chosen source frames (``meta["vfr"]`` is True).
-The first pass sees the source frames (the rate is known only at its end); ``read_frames`` yields output frames.
+The first pass sees the source frames (the rate is known only at its end); later passes (``read_windows``,
+``read_frames``) yield output frames.
 """
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import av
 import numpy as np
@@ -37,6 +41,8 @@ MIN_DECODED_FRACTION = 0.9
 VFR_TOLERANCE = 0.1
 # decord frames decoded per get_batch call: few enough that a 4K chunk is ~200 MB, enough to amortise the call
 CHUNK_FRAMES = 8
+# chunks (first pass) or windows (later passes) decoded ahead of their consumer, in a background thread
+PREFETCH_DEPTH = 2
 
 
 class DecodeError(Exception):
@@ -114,14 +120,61 @@ def _decord_reader(path: Path) -> Any:
     return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
 
 
-def _chunks_decord(reader: Any, indices: Sequence[int]) -> Iterator[Tuple[int, np.ndarray]]:
-    """(source index, frame) of ``indices`` (ascending), ``CHUNK_FRAMES`` per decord call."""
+def _chunks_decord(reader: Any, indices: Sequence[int]) -> Generator[Tuple[List[int], np.ndarray], None, None]:
+    """(source indices, frames [T,H,W,3]) of ``indices`` (ascending), ``CHUNK_FRAMES`` per decord call."""
     for i in range(0, len(indices), CHUNK_FRAMES):
         batch = list(indices[i:i + CHUNK_FRAMES])
-        frames_THWC = reader.get_batch(batch).asnumpy()
-        if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
-            raise _DecordShape(f"decord returned shape {tuple(frames_THWC.shape)}")
-        yield from zip(batch, frames_THWC)
+        yield batch, _batch_decord(reader, batch)
+
+
+def _batch_decord(reader: Any, indices: List[int]) -> np.ndarray:
+    frames_THWC = reader.get_batch(indices).asnumpy()
+    if frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
+        raise _DecordShape(f"decord returned shape {tuple(frames_THWC.shape)}")
+    return frames_THWC
+
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterator[T], depth: int = PREFETCH_DEPTH) -> Generator[T, None, None]:
+    """The items of ``items``, produced by a background thread at most ``depth`` ahead of the consumer: decord
+    (ctypes) and OpenCV release the GIL, so decoding overlaps the consumer's work. The producer's exceptions are
+    raised here; closing this generator stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: Tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(("error", e))
+
+    thread = threading.Thread(target=produce, name="decode-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _DecordShape(Exception):
@@ -190,21 +243,23 @@ def _scan_decord(path: Path, start: Callable[[float], FrameSink],
             return 0, fps, times, shape, "decord returned no frames"
         fps = float(reader.get_avg_fps())
         times = np.asarray(reader.get_frame_timestamp(list(range(total))), np.float64)[:, 0]
-        frames = _chunks_decord(reader, range(total))
+        chunks = prefetched(_chunks_decord(reader, range(total)))
     except Exception as e:  # decord raises its own DECORDError / RuntimeError types
         return 0, fps, times, shape, f"decord failed: {str(e).splitlines()[0][:200]}"
     sink = start(fps)
-    while True:
-        try:
-            _, frame_HWC = next(frames)
-        except StopIteration:
-            return n, fps, times, shape, ""
-        except _DecordShape as e:
-            return 0, fps, times, shape, str(e)
-        except Exception as e:
-            return 0, fps, times, shape, f"decord failed: {str(e).splitlines()[0][:200]}"
-        sink(frame_HWC)
-        n, shape = n + 1, frame_HWC.shape[:2]
+    with contextlib.closing(chunks):
+        while True:
+            try:
+                _, frames_THWC = next(chunks)
+            except StopIteration:
+                return n, fps, times, shape, ""
+            except _DecordShape as e:
+                return 0, fps, times, shape, str(e)
+            except Exception as e:
+                return 0, fps, times, shape, f"decord failed: {str(e).splitlines()[0][:200]}"
+            for frame_HWC in frames_THWC:
+                sink(frame_HWC)
+            n, shape = n + len(frames_THWC), frames_THWC.shape[1:3]
 
 
 def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels: int = 0,
@@ -245,25 +300,42 @@ def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels
     return VideoInfo(path, float(fps), meta, idx)
 
 
-def read_frames(info: VideoInfo, wanted: Optional[Sequence[int]] = None) -> Iterator[Tuple[int, np.ndarray]]:
-    """(output index, frame uint8 RGB [H,W,3]) of every constant-rate frame of a scanned video, or of the output
-    indices ``wanted`` (ascending), decoding from the start with the first pass's backend and stopping after the
-    last one wanted. At most ``CHUNK_FRAMES`` decoded frames are held; a repeated source frame (variable-rate
-    input) is yielded once per output frame that shows it."""
-    out_idx = np.arange(info.num_frames) if wanted is None else np.asarray(wanted, np.int64)
-    if len(out_idx) == 0:
+def read_windows(info: VideoInfo, windows: Sequence[Sequence[int]]) -> Generator[np.ndarray, None, None]:
+    """The frames uint8 RGB [T,H,W,3] of each window of constant-rate output indices (ascending within and across
+    windows) of a scanned video, in order: a later pass, with the first pass's backend, that decodes from the start
+    (decord skips from key frame to key frame between windows) and stops after the last window. At most
+    ``PREFETCH_DEPTH`` + 1 windows are held."""
+    flat = np.asarray([i for w in windows for i in w], np.int64)
+    if len(flat) and (np.any(np.diff(flat) < 0) or flat[0] < 0 or flat[-1] >= info.num_frames):
+        raise ValueError(f"read_windows: windows must hold ascending output indices in [0, {info.num_frames})")
+    yield from prefetched(_windows(info, [info.source_index[np.asarray(w, np.int64)].tolist() for w in windows]))
+
+
+def _windows(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndarray]:
+    """The frames of each window of source indices (decord: one call per window, its array is the window)."""
+    if info.meta["backend"] == "decord":
+        reader = _decord_reader(info.path)
+        for w in sources:
+            yield _batch_decord(reader, w)
         return
-    if np.any(np.diff(out_idx) < 0) or out_idx[0] < 0 or out_idx[-1] >= info.num_frames:
-        raise ValueError(f"read_frames: wanted must be ascending output indices in [0, {info.num_frames})")
-    src_idx = info.source_index[out_idx]
-    sources = np.unique(src_idx).tolist()
-    frames = _chunks_decord(_decord_reader(info.path), sources) if info.meta["backend"] == "decord" else \
-        _frames_pyav(info.path, wanted=sources)
-    k = 0
-    for i, frame_HWC in frames:
-        while k < len(out_idx) and src_idx[k] == i:
-            yield int(out_idx[k]), frame_HWC
-            k += 1
+    frames = _frames_pyav(info.path, wanted=sorted({i for w in sources for i in w}))
+    at, frame_HWC = -1, np.empty((0, 0, 3), np.uint8)
+    for w in sources:
+        out = []
+        for i in w:
+            while at < i:
+                at, frame_HWC = next(frames)
+            out.append(frame_HWC)
+        yield np.stack(out)
+
+
+def read_frames(info: VideoInfo) -> Iterator[Tuple[int, np.ndarray]]:
+    """(output index, frame uint8 RGB [H,W,3]) of every constant-rate frame of a scanned video (a later pass; a
+    repeated source frame of a variable-rate input is yielded once per output frame that shows it)."""
+    chunks = [list(range(s, min(s + CHUNK_FRAMES, info.num_frames))) for s in range(0, info.num_frames, CHUNK_FRAMES)]
+    with contextlib.closing(read_windows(info, chunks)) as windows:
+        for idx, frames_THWC in zip(chunks, windows):
+            yield from zip(idx, frames_THWC)
 
 
 def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0) -> Tuple[np.ndarray, float, Dict[str, Any]]:
