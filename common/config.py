@@ -318,6 +318,19 @@ class StageConfig:
     checkpoint_format: str = "full"   # "full": unsharded safetensors + per-rank optimizer files; "dist": also a
                                       # megatron dist_checkpointing folder (sharded, reshardable between TP sizes)
     distributed_optimizer: bool = False   # megatron DDP + DistributedOptimizer (needs checkpoint_format "dist")
+    # Hiding the trainer's overheads (docs/parallelism.md, "A step without idle time"); none changes a CPU result
+    overlap_grad_reduce: bool = True   # the DP gradient reduce runs in buckets during the (last micro-batch's)
+                                       # backward; with distributed_optimizer and pipeline_parallel > 1 it waits
+    grad_bucket_mb: float = 25.0   # the torch path's overlap bucket (torch DDP's bucket_cap_mb); megatron DDP
+                                   # sizes its own (40 M parameters)
+    optimizer_impl: str = "auto"   # torch AdamW kernels: "auto" (fused on CUDA, foreach on CPU), "fused",
+                                   # "foreach" or "for_loop" (one tensor at a time); all bitwise equal on CPU
+    prefetch: bool = True          # read and build the next step's micro-batches in a thread during this step
+    async_checkpoint: bool = True  # copy the state synchronously, write the step folder in a thread (the next save
+                                   # and the end of the stage wait for it)
+    bf16_weights: str = "auto"     # a bf16 copy of the weights for the forward, refreshed from the fp32 masters after
+                                   # each step (no autocast re-cast): "auto" (on where the forward runs under bf16
+                                   # autocast, i.e. CUDA), "on", "off"; not with distributed_optimizer or PP
     full_weights: str = "every"   # when rank 0 gathers and writes the full model/ema.safetensors: "every" checkpoint,
                                   # or only at the stage's "final" step (needs "dist"; export others from dist/)
     task_mix: List[TaskShare] = field(default_factory=lambda: [TaskShare()])   # which tasks, how often, loss weights
@@ -365,6 +378,19 @@ class StageConfig:
         if self.distributed_optimizer and self.checkpoint_format != "dist":
             raise ValueError(f"stage '{self.name}': distributed_optimizer needs checkpoint_format 'dist' (its state "
                              "is saved sharded with megatron dist_checkpointing)")
+        if self.optimizer_impl not in ("auto", "fused", "foreach", "for_loop"):
+            raise ValueError(f"stage '{self.name}': optimizer_impl must be 'auto', 'fused', 'foreach' or 'for_loop', "
+                             f"got '{self.optimizer_impl}'")
+        if self.grad_bucket_mb <= 0:
+            raise ValueError(f"stage '{self.name}': grad_bucket_mb must be > 0 (MiB of gradients per all_reduce; "
+                             f"torch DDP's default is 25), got {self.grad_bucket_mb}")
+        if self.bf16_weights not in ("auto", "on", "off"):
+            raise ValueError(f"stage '{self.name}': bf16_weights must be 'auto', 'on' or 'off', "
+                             f"got '{self.bf16_weights}'")
+        if self.bf16_weights == "on" and (self.distributed_optimizer or self.pipeline_parallel > 1):
+            raise ValueError(f"stage '{self.name}': bf16_weights 'on' is not supported with distributed_optimizer "
+                             "(megatron's optimizer would keep bf16 weights in the checkpoint) or pipeline_parallel "
+                             "> 1 (the stages exchange fp32 activations): set bf16_weights 'auto' (off there)")
         if self.full_weights not in ("every", "final"):
             raise ValueError(f"stage '{self.name}': full_weights must be 'every' or 'final', got '{self.full_weights}'")
         if not self.task_mix:

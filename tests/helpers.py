@@ -72,6 +72,11 @@ def run_stage_job(tmp: Path, name: str, stage: StageConfig, latents: Path, init:
     return out, lines
 
 
+# every switch of the trainer's overhead hiding off (StageConfig: they must not change a CPU result)
+NO_OVERLAP: Dict[str, Any] = dict(overlap_grad_reduce=False, optimizer_impl="for_loop", prefetch=False,
+                                  async_checkpoint=False, bf16_weights="off")
+
+
 def stage_metrics(out: Path) -> list:
     """The rows of a stage's metrics.jsonl."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -91,9 +96,9 @@ def assert_equal_step_folders(a: Path, b: Path) -> None:
 
 
 def killed_and_rerun(tmp: Path, name: str, stage, latents: Path, monkeypatch, init: str = "",
-                     dit: dict | None = None) -> Path:
+                     dit: dict | None = None, rerun_stage=None) -> Path:
     """Run ``stage`` (4 steps, checkpoints every 2) with rank 1 SIGKILLed after step 3, then rerun it (both from
-    ``init`` when given, with the DiT ``dit``, default TINY_DIT)."""
+    ``init`` when given, with the DiT ``dit``, default TINY_DIT); ``rerun_stage``: rerun this one instead."""
     from trainer import checkpoint
     from trainer.train import KILL_ENV
 
@@ -104,7 +109,7 @@ def killed_and_rerun(tmp: Path, name: str, stage, latents: Path, monkeypatch, in
     monkeypatch.delenv(KILL_ENV)
     saved = checkpoint.latest(out)
     assert saved is not None and saved.name == "step_00000002"
-    _, lines = run_stage_job(tmp, f"{name}-b", stage, latents, out=out, init=init, dit=dit)
+    _, lines = run_stage_job(tmp, f"{name}-b", rerun_stage or stage, latents, out=out, init=init, dit=dit)
     assert any("start_step=2 steps=4" in line for line in lines)
     return out
 

@@ -12,6 +12,9 @@ padding mask and an I2V conditioning frame. Then:
 - ``sp``: three TP=2 copies: plain, ``sequence_parallel=True``, and sequence-parallel with activation recomputation;
   each also takes 3 AdamW steps (``sync_gradients``, ``clip_grad_norm``) next to the one-process model, and the
   full weights after them are compared (``weights_max_abs`` vs TP=1, ``sp_vs_tp_weights_max_abs`` vs plain TP=2).
+- ``cp`` also accumulates 3 micro-batches with ``trainer.parallel.grads.OverlappedGradReduce`` (buckets of ~1 KiB,
+  all-reduced over the DP x CP group during the third backward) and with ``sync_gradients`` after it:
+  ``overlap_buckets``, ``overlap_launched_in_backward``, ``overlap_grads_bitwise`` (2 ranks: the same float sums).
 - ``cp`` and ``sp`` also run an odd token count (latent [24, 3, 6, 10]: 3*3*5 = 45 video tokens + 2 = 47, which
   neither split divides: the model pads to 48, ``MUGDiT.token_multiple``), with and without activation
   recomputation, against one process: ``odd_{cp,cp_ac,sp,sp_ac}_{out_max_abs,grad_max_rel}``.
@@ -101,6 +104,7 @@ def main(mode: str, out_path: str) -> None:
             state_dict_keys_unchanged=sorted(local) == sorted(full_sd),
             shard_mismatch=sorted(k for k in expected if not torch.equal(local[k], expected[k])))
     else:
+        result.update(_overlap_check(model, layout, (x, t_B, text, mask, cond), weight))   # parallelises copies
         cp_ac = copy.deepcopy(model)
         cp_ac_plan = parallelize(cp_ac, layout, recompute=True)
         plan = parallelize(model, layout)
@@ -124,6 +128,31 @@ def main(mode: str, out_path: str) -> None:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1)
     device.destroy()
+
+
+def _overlap_check(model, layout, inputs, weight, micro: int = 3) -> dict:
+    """Gradients of ``micro`` accumulated backward passes (each input scaled differently), reduced by the
+    overlapped buckets and by ``sync_gradients``; whether they are bitwise equal."""
+    from trainer.parallel import parallelize
+    from trainer.parallel.grads import OverlappedGradReduce, sync_gradients
+
+    grads = {}
+    for overlapped in (True, False):
+        m = copy.deepcopy(model)
+        plan = parallelize(m, layout)
+        m.zero_grad(set_to_none=True)
+        overlap = OverlappedGradReduce(plan, m, micro_batches=micro, bucket_mb=1 / 1024) if overlapped else None
+        for k in range(micro):
+            out = m(inputs[0] * (1 + 0.1 * k), *inputs[1:4], cond_mask_BT=inputs[4])
+            (out * weight).sum().backward()
+        if overlap is not None:
+            n_buckets, early = len(overlap.buckets), overlap.launched
+            overlap.finish()
+        else:
+            sync_gradients(plan, m)
+        grads[overlapped] = {n: _grad(p).clone() for n, p in m.named_parameters()}
+    return {"overlap_buckets": n_buckets, "overlap_launched_in_backward": early,
+            "overlap_grads_bitwise": all(torch.equal(grads[True][n], grads[False][n]) for n in grads[False])}
 
 
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:

@@ -142,6 +142,116 @@ def test_peak_flops_default_env_and_override(monkeypatch):
     assert device.peak_flops_per_s(rt, tflops=7.0) == 7e12
 
 
+def _tiny_model(seed: int = 0):
+    from models.dit import MUGDiT
+
+    torch.manual_seed(seed)
+    model = MUGDiT(DiTConfig(**TINY_DIT, caption_dropout_prob=0.0))
+    model.y_embedder.dropout_prob = 0.0
+    return model
+
+
+def test_adam_kernels_are_bitwise_equal_on_cpu():
+    """stage.optimizer_impl: fused, foreach and the per-tensor loop give the same weights and Adam state after 3
+    steps (weight decay on); "auto" is foreach on CPU, fused on CUDA."""
+    from trainer.optim import adam_impl, build_optimizer
+
+    assert (adam_impl("auto", torch.device("cpu")), adam_impl("auto", torch.device("cuda"))) == ("foreach", "fused")
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 24, 3, 8, 8, generator=g), torch.randn(2, 16, 64, generator=g)
+    args = (x, torch.tensor([10.0, 700.0]), text, torch.ones(2, 16, dtype=torch.bool))
+    result = {}
+    for impl in ("for_loop", "foreach", "fused"):
+        model = _tiny_model()
+        opt, _ = build_optimizer(StageConfig(lr=1e-2, weight_decay=0.1, optimizer_impl=impl), model.cfg, model, None)
+        assert opt.defaults["foreach"] == (impl == "foreach") and opt.defaults["fused"] == (impl == "fused")
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            model(*args).square().mean().backward()
+            opt.step()
+        result[impl] = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()["state"])
+    ref, ref_state = result["for_loop"]
+    for impl in ("foreach", "fused"):
+        sd, state = result[impl]
+        assert all(torch.equal(sd[k], ref[k]) for k in ref), impl
+        assert all(torch.equal(state[i]["exp_avg_sq"], ref_state[i]["exp_avg_sq"]) for i in ref_state), impl
+    with pytest.raises(ValueError, match="optimizer_impl must be 'auto', 'fused', 'foreach' or 'for_loop'"):
+        StageConfig(optimizer_impl="apex")
+
+
+def test_bf16_weights_train_on_fp32_masters(tmp_path):
+    """stage.bf16_weights on CPU (bf16 autocast; the path CUDA takes by default, not run on a GPU here): during the
+    step the parameters are bf16, the gradients of 2 micro-batches are summed in fp32, the optimizer updates fp32
+    masters and the bf16 copies follow them; the losses track plain bf16 autocast (fp32 weights re-cast by every
+    forward) to bf16 precision over 3 steps."""
+    from trainer.data import LatentSplit
+    from trainer.optim import build_optimizer
+    from trainer.parallel import parallelize
+    from trainer.precision import Bf16Weights, bf16_weights_on
+    from trainer.train import micro_batch, train_step
+
+    assert bf16_weights_on("auto", torch.bfloat16, False, 1) and not bf16_weights_on("auto", torch.float32, False, 1)
+    assert not bf16_weights_on("auto", torch.bfloat16, True, 1)
+    assert not bf16_weights_on("auto", torch.bfloat16, False, 2)
+    with pytest.raises(ValueError, match="bf16_weights 'on' is not supported with distributed_optimizer"):
+        StageConfig(bf16_weights="on", checkpoint_format="dist", distributed_optimizer=True)
+    lat = write_latent_dataset(tmp_path / "lat")
+    stage = StageConfig(name="bf16", data_parallel=1, micro_batches=2, lr=3e-3, warmup_steps=0)
+    job = StageJob(stage=stage, dit=DiTConfig(**TINY_DIT), latents_dir=str(lat), output_dir=str(tmp_path / "o"))
+    data, rt = LatentSplit(lat), device.Runtime(torch.device("cpu"), "gloo", torch.bfloat16)
+    runs = {}
+    for on in (True, False):
+        model = _tiny_model()
+        plan = parallelize(model, device.Layout.single())
+        opt, _ = build_optimizer(stage, job.dit, model, plan)
+        bf16 = Bf16Weights(model) if on else None
+        seen: list = []
+        if bf16 is not None:   # a forward hook: the dtype of the weights the forward uses
+            model.final_layer.register_forward_hook(
+                lambda mod, a, out, seen=seen: seen.append(next(mod.parameters()).dtype))
+        losses = []
+        for step in range(3):
+            micro = [micro_batch(job, data.batch([2 * v, 2 * v + 1]), step, v, 8) for v in (0, 1)]
+            losses.append(train_step(job, plan, model, opt, micro, step, rt, bf16=bf16).loss)
+        sd = model.state_dict()
+        assert all(v.dtype == torch.float32 for v in sd.values())                     # masters: checkpoints, EMA
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+        if bf16 is not None:
+            assert seen == [torch.bfloat16] * 6                                        # 3 steps x 2 micro-batches
+            assert all(torch.equal(bf16.copies[p], p.detach().to(torch.bfloat16)) for p in bf16.params)
+        runs[on] = losses, sd
+    (on_losses, on_sd), (off_losses, off_sd) = runs[True], runs[False]
+    assert on_losses == pytest.approx(off_losses, rel=2e-2), (on_losses, off_losses)
+    start = _tiny_model().state_dict()
+    d_on, d_off = (torch.cat([(sd[k] - start[k]).flatten() for k in start]) for sd in (on_sd, off_sd))
+    cos = float(d_on @ d_off / (d_on.norm() * d_off.norm()))
+    print("bf16 losses", on_losses, "autocast", off_losses, "update cosine", cos)
+    assert d_off.norm() > 1e-2 and cos > 0.9, cos   # the same updates up to bf16 rounding
+
+
+def test_prefetcher_makes_the_next_step_ahead_in_a_thread():
+    import threading
+
+    from trainer.data import Prefetcher
+
+    made = []
+
+    def make(step):
+        made.append((step, threading.current_thread().name))
+        if step == 4:
+            raise ValueError("bad clip at step 4")
+        return step * 10
+
+    ahead = Prefetcher(make, start=2, end=5)
+    assert [ahead.get(2), ahead.get(3)] == [20, 30]
+    with pytest.raises(ValueError, match="bad clip at step 4"):   # raised in the step that needs it
+        ahead.get(4)
+    ahead.close()
+    assert [s for s, _ in made] == [2, 3, 4] and all(name.startswith("prefetch") for _, name in made)
+    off = Prefetcher(make, start=0, end=2, enabled=False)
+    assert off.get(0) == 0 and made[-1] == (0, threading.current_thread().name) and len(made) == 4
+
+
 # ------------------------------------------------------------------------------------------------ checkpoint
 
 
@@ -186,6 +296,40 @@ def test_checkpoint_checksum_mismatch_and_stale_tmp(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="missing or incomplete"):
         checkpoint.latest(out)
     assert checkpoint.latest(tmp_path / "never") is None
+
+
+def test_async_checkpoint_writes_in_the_background_and_a_failed_write_never_looks_complete(tmp_path, monkeypatch):
+    """checkpoint.Writer: save returns after copying the state (later changes to the tensors do not reach the
+    files); the folder appears by wait(). A write that dies midway (the safetensors writer raises after the
+    per-rank file) leaves only .tmp-step_*: latest still names the previous folder, and wait() raises."""
+    import safetensors.torch
+
+    out, writer = tmp_path / "ckpt", checkpoint.Writer()
+    w = torch.full((2, 3), 3.0)
+    rank_state = {"optimizer": {"state": {0: {"exp_avg": w.clone()}}, "param_groups": []}, "rng": torch.get_rng_state()}
+    meta = {"stage": "s", "tensor_parallel": 1, "data_parallel": 1, "loss": 1.0}
+    checkpoint.save(out, 3, rank=0, model_sd={"w": w}, ema_sd={"w": w * 0.5}, rank_state=rank_state, meta=meta,
+                    keep=2, barrier=lambda: None, writer=writer)
+    w.add_(100.0)                                                       # the training thread goes on
+    rank_state["optimizer"]["state"][0]["exp_avg"].add_(100.0)
+    writer.wait()
+    last = checkpoint.latest(out)
+    assert last.name == "step_00000003" and checkpoint.verify(last)["step"] == 3
+    assert torch.equal(checkpoint.load_weights(last)["w"], torch.full((2, 3), 3.0))
+    one = device.Layout.single()
+    assert torch.equal(checkpoint.load_rank_state(last, one)["optimizer"]["state"][0]["exp_avg"],
+                       torch.full((2, 3), 3.0))
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    checkpoint.save(out, 6, rank=0, model_sd={"w": w}, ema_sd={"w": w}, rank_state=rank_state, meta=meta, keep=2,
+                    barrier=lambda: None, writer=writer)
+    with pytest.raises(checkpoint.CheckpointError, match="writing a checkpoint failed.*No space left on device"):
+        writer.wait()
+    assert checkpoint.latest(out).name == "step_00000003" and (out / ".tmp-step_00000006" / "optim").is_dir()
+    assert not (out / "step_00000006").exists()
+    writer.wait()                                                       # the error was reported once
 
 
 # ------------------------------------------------------------------------------------------------ job

@@ -6,10 +6,13 @@ run; its dist/ checkpoint loads into a TP=1 model (resharding) with
 the gathered TP=2 weights bitwise; with megatron's DistributedOptimizer (DP=2), a stage whose rank 1 SIGKILLs
 itself after step 3 (checkpoints every
 2) resumes and ends bitwise equal to an uninterrupted run
-(needs the Adam-step fix in trainer/train.py); a corrupted dist/ file is detected by its checksum.
+(needs the Adam-step fix in trainer/train.py), the rerun with the overlapped reduce-scatter, the foreach AdamW,
+prefetch and background checkpoints off, the uninterrupted run with them on; a corrupted dist/ file is detected by
+its checksum.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,12 +21,12 @@ import pytest
 import torch
 
 from common.hashing import sha256_file
+from helpers import NO_OVERLAP, write_latent_dataset
 from helpers import assert_equal_step_folders as _equal_step_folders
 from helpers import killed_and_rerun as _killed_and_rerun
 from helpers import run_stage_job as _run
 from helpers import stage_config as _stage
 from helpers import stage_metrics as _metrics
-from helpers import write_latent_dataset
 from trainer import checkpoint
 
 
@@ -89,7 +92,8 @@ def test_distributed_optimizer_resume_bitwise(latents, monkeypatch):
     assert all(r["grad_norm"] > 0 for r in rows) and last < first
     meta = checkpoint.verify(checkpoint.latest(straight))
     assert meta["distributed_optimizer"] is True
-    resumed = _killed_and_rerun(tmp, "dopt-resume", stage, lat, monkeypatch)
+    resumed = _killed_and_rerun(tmp, "dopt-resume", stage, lat, monkeypatch,   # rerun: every switch off
+                                rerun_stage=dataclasses.replace(stage, **NO_OVERLAP))
     assert [r["loss"] for r in _metrics(resumed)] == [r["loss"] for r in rows]
     assert [r["grad_norm"] for r in _metrics(resumed)] == [r["grad_norm"] for r in rows]
     _equal_step_folders(resumed / "step_00000004", checkpoint.latest(straight))

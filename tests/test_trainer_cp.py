@@ -6,7 +6,8 @@ mask (tests/parallel_output_check.py cp); so does a token count CP does not divi
 the model pads to 48; output measured 0.0, gradients 5.1e-7), with and without activation recomputation; a 3-step
 stage with context_parallel=2 through the real launch path (run_stage -> TorchX local_cwd -> torchrun), on clips of
 50 and of 47 tokens, has the losses and grad norms of a CP=1 run (1e-5 relative); the config counts CP in the world
-size.
+size. The overlapped DP x CP gradient reduce (``OverlappedGradReduce``, many small buckets, 3 accumulated
+micro-batches) gives gradients bitwise equal to ``sync_gradients``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def test_cp2_output_and_gradients_equal_cp1(tmp_path):
     assert res["out_max_abs"] < 1e-5 and res["out_scale"] > 0.1
     assert res["grad_max_rel"] < 1e-5
     assert_odd_tokens_exact(res, ("cp", "cp_ac"))
+    assert res["overlap_buckets"] > 10 and res["overlap_grads_bitwise"]
+    assert res["overlap_launched_in_backward"] == res["overlap_buckets"]   # all started before finish()
 
 
 def test_stage_config_counts_cp():

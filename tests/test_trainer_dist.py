@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import LAUNCH, TINY_DIT, TOL, write_latent_dataset
+from helpers import LAUNCH, NO_OVERLAP, TINY_DIT, TOL, write_latent_dataset
 from helpers import run_stage_job as _run
 from helpers import stage_config as _stage
 from helpers import stage_metrics as _metrics
@@ -31,7 +31,7 @@ from trainer.launch import run_stage
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     latents = write_latent_dataset(tmp / "latents")
-    out, lines = _run(tmp, "dp2", _stage(), latents)
+    out, lines = _run(tmp, "dp2", _stage(grad_bucket_mb=1 / 64), latents)   # overlapped reduce: ~7 buckets
     return tmp, latents, out, lines
 
 
@@ -101,9 +101,11 @@ def test_tp2_starts_from_dp2_weights_and_matches_tp1(tiny):
 
 @pytest.mark.timeout(240)
 def test_sigkilled_stage_resumes_bitwise(tiny, monkeypatch):
-    """Rank 1 SIGKILLs itself after step 7 (checkpoints every 3): the launch fails; a rerun resumes from step 6 and
-    its step-10 model, EMA and losses are bitwise equal to the uninterrupted 30-step run's (CPU, deterministic
-    algorithms, constant LR after warmup, so the first 10 steps of both runs are the same computation)."""
+    """Rank 1 SIGKILLs itself after step 7 (checkpoints every 3, written in the background): the launch fails; a
+    rerun resumes from step 6 and its step-10 model, EMA and losses are bitwise equal to the uninterrupted 30-step
+    run's (CPU, deterministic algorithms, constant LR after warmup, so the first 10 steps of both runs are the same
+    computation). The rerun has every overhead-hiding switch off (``NO_OVERLAP``: synchronous gradient reduce and
+    checkpoints, per-tensor AdamW, no prefetch), the uninterrupted run has them on: they change no bit."""
     from safetensors.torch import load_file
 
     from trainer.train import KILL_ENV
@@ -117,7 +119,7 @@ def test_sigkilled_stage_resumes_bitwise(tiny, monkeypatch):
     assert checkpoint.latest(out).name == "step_00000006"
     assert [r["step"] for r in _metrics(out)][-1] == 7                         # step 7 was logged, never saved
     (out / ".tmp-step_00000009" / "optim").mkdir(parents=True)                 # and a crash mid-save
-    _, lines = _run(tmp, "resume-b", stage, latents, out=out)
+    _, lines = _run(tmp, "resume-b", dataclasses.replace(stage, **NO_OVERLAP), latents, out=out)
     assert any("start_step=6 steps=10" in line for line in lines)
     assert [line.split()[0] for line in lines if line.startswith("step=")] == [f"step={s}" for s in range(7, 11)]
     rows = _metrics(out)

@@ -9,13 +9,17 @@
 rewritten atomically and all but the newest ``keep`` step folders are deleted. ``dist_state`` adds a megatron
 ``dist_checkpointing`` folder ``dist/`` (reshardable between layouts). ``verify`` re-hashes a folder and names a
 corrupt file; ``resume_source_rank`` says which per-rank file a (possibly different) layout resumes from, or why it
-cannot.
+cannot. ``Writer`` writes step folders in a background thread (``stage.async_checkpoint``): ``save`` copies the state
+to CPU memory and returns; the files, the hashing and the rename follow in the thread, so a crash mid-write leaves a
+``.tmp-`` folder, never one that looks complete.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -51,40 +55,71 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dict[str, torch.Tensor]],
          ema_sd: Optional[Dict[str, torch.Tensor]], rank_state: Dict[str, Any], meta: Dict[str, Any],
          keep: int, barrier: Callable[[], None] = _barrier, dist_state: Optional[Dict[str, Any]] = None,
-         extra_sd: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
+         extra_sd: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, writer: Optional["Writer"] = None) -> Path:
     """Write step folder ``step`` (collective). ``model_sd``/``ema_sd`` are the full state dicts, needed on rank 0
     unless ``dist_state`` is given and both are None (then the weights are only in ``dist/``).
     ``dist_state``: a megatron sharded state dict every rank passes, saved with ``dist_checkpointing`` in ``dist/``.
-    ``extra_sd``: {file name: full state dict} that rank 0 also writes as safetensors (the LoRA adapters)."""
-    from safetensors.torch import save_file
-
+    ``extra_sd``: {file name: full state dict} that rank 0 also writes as safetensors (the LoRA adapters).
+    ``writer``: write in its background thread (after waiting for its previous write): the tensors are copied to
+    CPU memory here, ``dist/`` (collective over the training groups) is still written here, the rest there; the
+    returned folder exists once ``writer.wait()`` returns."""
     out = Path(output_dir)
     final, tmp = out / step_name(step), out / f".tmp-{step_name(step)}"
+    if rank == 0 and (model_sd is not None or ema_sd is not None or dist_state is None) and \
+            (model_sd is None or ema_sd is None):
+        raise ValueError("checkpoint.save: rank 0 needs the full model and EMA state dicts (both, or neither "
+                         "with a dist_state)")
+    if writer is not None:
+        writer.wait()   # one write in flight: its folder is complete before the next one starts
+    if dist_state is not None:
+        from megatron.core import dist_checkpointing
+
+        _open(out, tmp, rank, barrier, dist=True)
+        dist_checkpointing.save(dist_state, str(tmp / DIST))
+    files: Dict[str, Any] = {f"optim/rank{rank:05d}.pt": {**rank_state, "step": step}}
+    if rank == 0:
+        if model_sd is not None and ema_sd is not None:
+            files.update({"model.safetensors": model_sd, "ema.safetensors": ema_sd})
+        files.update(extra_sd or {})
+    if writer is None:
+        _write(out, step, rank, files, meta, keep, barrier, opened=dist_state is not None)
+    else:
+        writer.submit(functools.partial(_write, out, step, rank, cpu_copy(files), meta, keep, writer.barrier,
+                                        opened=dist_state is not None))
+    return final
+
+
+def _open(out: Path, tmp: Path, rank: int, barrier: Callable[[], None], dist: bool = False) -> None:
+    """Rank 0 makes the empty ``.tmp-step_XXXXXXXX/`` (a stale one from a crash is removed); all ranks wait."""
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "optim").mkdir(parents=True)
-        if dist_state is not None:
+        if dist:
             (tmp / DIST).mkdir()
     barrier()
-    if dist_state is not None:
-        from megatron.core import dist_checkpointing
-        dist_checkpointing.save(dist_state, str(tmp / DIST))
-    torch.save({**rank_state, "step": step}, tmp / "optim" / f"rank{rank:05d}.pt")
-    if rank == 0 and (model_sd is not None or ema_sd is not None or dist_state is None):
-        if model_sd is None or ema_sd is None:
-            raise ValueError("checkpoint.save: rank 0 needs the full model and EMA state dicts (both, or neither "
-                             "with a dist_state)")
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in ema_sd.items()}, str(tmp / "ema.safetensors"))
-    if rank == 0:
-        for name, sd in (extra_sd or {}).items():
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / name))
+
+
+def _write(out: Path, step: int, rank: int, files: Dict[str, Any], meta: Dict[str, Any], keep: int,
+           barrier: Callable[[], None], opened: bool) -> None:
+    """Every rank writes its ``files`` ({name: object} for ``optim/*.pt``, {name: state dict} for safetensors)
+    into the tmp folder; then rank 0 hashes them all into meta.json, renames the folder, points ``latest`` at it
+    and prunes. A crash before the rename leaves only ``.tmp-step_XXXXXXXX/`` (never looks complete)."""
+    from safetensors.torch import save_file
+
+    final, tmp = out / step_name(step), out / f".tmp-{step_name(step)}"
+    if not opened:
+        _open(out, tmp, rank, barrier)
+    for name, obj in files.items():
+        if name.endswith(".pt"):
+            torch.save(obj, tmp / name)
+        else:
+            save_file({k: v.contiguous() for k, v in obj.items()}, str(tmp / name))
     barrier()
     if rank == 0:
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        meta = {**meta, "step": step, "checksums": {f: sha256_file(tmp / f) for f in files}}
+        names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        meta = {**meta, "step": step, "checksums": {f: sha256_file(tmp / f) for f in names}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         if final.exists():   # a re-run of the same step replaces it
             shutil.rmtree(final)
@@ -92,7 +127,67 @@ def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dic
         _write_text_atomic(out / LATEST, final.name + "\n")
         _prune(out, keep)
     barrier()
-    return final
+
+
+def cpu_copy(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts / lists / tuples replaced by a CPU copy (a snapshot the training
+    thread can go on mutating)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class Writer:
+    """Writes step folders in a background thread, one at a time (``stage.async_checkpoint``).
+
+        writer = Writer(background_barrier())   # collective: every rank, at the same point
+        save(..., writer=writer)                # returns once the state is copied; the files follow
+        writer.wait()                           # before the process ends (and before the next save: save does it)
+
+    ``barrier``: the writer thread's barrier, on a process group of its own (``background_barrier``): the training
+    thread's collectives go on meanwhile and must not be interleaved with it on one group. An error in the thread
+    is raised by the next ``wait`` (or ``save``)."""
+
+    def __init__(self, barrier: Callable[[], None] = lambda: None):
+        self.barrier = barrier
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as e:   # noqa: BLE001 - handed to the training thread by wait()
+                self._error = e
+
+        # daemon: a rank that fails elsewhere exits without waiting; its unfinished folder stays .tmp-*
+        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint failed: {e!r}; its .tmp-step_* folder is incomplete and "
+                                  "is removed by the next save; fix the cause (disk space, permissions) and rerun to "
+                                  "resume from the previous step folder") from e
+
+
+def background_barrier() -> Callable[[], None]:
+    """A barrier on a new gloo process group of all ranks, for ``Writer``'s thread (collective: every rank calls
+    it at the same point of the program); a no-op without a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return lambda: None
+    group = torch.distributed.new_group(backend="gloo")
+    return lambda: torch.distributed.barrier(group=group)
 
 
 def _prune(out: Path, keep: int) -> None:

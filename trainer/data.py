@@ -28,15 +28,20 @@ so ranks holding different buckets do about the same work. The steps are shuffle
 2**32])``; step s is step ``s % n`` of epoch ``s // n`` (n steps per epoch, the same every epoch) and DP rank r
 takes micro-batch r of it. Every sample is seen once per epoch (plus the wrap-around repeats).
 
+Prefetch (``Prefetcher``): the trainer builds step s+1's micro-batches (reading their latents, drawing their
+flow-matching inputs) in one background thread while step s computes. The inputs are a pure function of (seed,
+step), so they are the same whichever thread makes them: the losses are bitwise those without prefetch.
+
 Streaming: each rank reads only the samples of its own micro-batches; shards are opened lazily (memory-mapped by
 ``safe_open``) the first time one of their samples is needed, so a rank never touches shards it does not use.
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Generic, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -266,3 +271,43 @@ class StepSampler:
         if not 0 <= dp_rank < self.dp:
             raise ValueError(f"dp_rank {dp_rank} out of range for data_parallel={self.dp}")
         return self._step(step)[dp_rank][1]
+
+
+T = TypeVar("T")
+
+
+class Prefetcher(Generic[T]):
+    """``make(step)`` for steps ``start, start+1, ... < end``, one step ahead in a background thread.
+
+        batches = Prefetcher(lambda step: build(step), start, end, enabled=stage.prefetch)
+        for step in range(start, end):
+            micro = batches.get(step)   # waits for step's (made while step-1 computed); starts step+1's
+        batches.close()
+
+    ``make`` must be a pure function of the step (it is: inputs depend on (seed, step)) and must not touch what
+    the training thread mutates. Its exceptions are raised by ``get``. ``enabled=False``: ``get`` calls ``make``
+    in the caller's thread, nothing runs ahead."""
+
+    def __init__(self, make: Callable[[int], T], start: int, end: int, enabled: bool = True):
+        self.make, self.end = make, end
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if enabled else None
+        self._ahead: Optional[Tuple[int, Future]] = None
+        if self._pool is not None and start < end:
+            self._ahead = (start, self._pool.submit(make, start))
+
+    def get(self, step: int) -> T:
+        if self._ahead is not None and self._ahead[0] == step:
+            item = self._ahead[1].result()
+        else:   # prefetch off, or a step out of order
+            item = self.make(step)
+        self._ahead = None
+        if self._pool is not None and step + 1 < self.end:
+            self._ahead = (step + 1, self._pool.submit(self.make, step + 1))
+        return item
+
+    def close(self) -> None:
+        """Drop the step made ahead (if any) and stop the thread."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._ahead = None

@@ -4,11 +4,17 @@
     lr = lr_at(step, stage.lr, stage.warmup_steps, stage.lr_schedule, stage.min_lr, stage.steps)
     ema_update(ema, model, EMA_DECAY)
 
-Precision: parameters, gradients and the Adam state are fp32 (the master weights; on GPU the forward runs under
-bf16 autocast). ``stage.distributed_optimizer``: megatron DDP (contiguous fp32 grad buffer, reduce-scatter over
-DP x CP) + ``DistributedOptimizer`` (Adam state sharded over DP; torch AdamW inside when Apex/TE are absent),
-clipping inside ``opt.step()``; its weight decay skips biases and 1-D parameters (megatron's default; torch AdamW
-here applies it to all; the default weight_decay is 0).
+Precision: parameters, gradients and the Adam state are fp32 (the master weights; on GPU the forward runs under bf16
+autocast, on bf16 copies of the weights with ``stage.bf16_weights``: ``trainer.precision``).
+``stage.distributed_optimizer``: megatron DDP (contiguous fp32 grad buffer, reduce-scatter over DP x CP) +
+``DistributedOptimizer`` (Adam state sharded over DP; torch AdamW inside when Apex/TE are absent), clipping inside
+``opt.step()``; its weight decay skips biases and 1-D parameters (megatron's default; torch AdamW here applies it to
+all; the default weight_decay is 0).
+
+Kernels (``stage.optimizer_impl``): torch AdamW's ``fused`` (one kernel for all parameters; CUDA's default here),
+``foreach`` (a few multi-tensor ops per step; the CPU default) or ``for_loop`` (a Python loop over the parameters,
+torch's own CPU default). All three are bitwise equal on CPU (tests/test_trainer.py); megatron's optimizer gets the
+same switch on the torch AdamW inside it.
 """
 from __future__ import annotations
 
@@ -27,9 +33,11 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-10   # MUG-V's released fine-tune settin
 def build_optimizer(stage: StageConfig, dit: DiTConfig, model: torch.nn.Module,
                     plan) -> Tuple[Any, Optional[Any]]:
     """(optimizer, megatron DDP wrapper or None) for the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    impl = adam_impl(stage.optimizer_impl, params[0].device if params else torch.device("cpu"))
     if not stage.distributed_optimizer:
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.lr, betas=ADAM_BETAS,
-                                eps=ADAM_EPS, weight_decay=stage.weight_decay)
+        opt = torch.optim.AdamW(params, lr=stage.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=stage.weight_decay,
+                                **adam_kernel_flags(impl))
         return opt, None
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -38,13 +46,32 @@ def build_optimizer(stage: StageConfig, dit: DiTConfig, model: torch.nn.Module,
     cfg = TransformerConfig(num_layers=1, hidden_size=dit.hidden_size, num_attention_heads=dit.num_heads,
                             tensor_model_parallel_size=plan.layout.tp, use_cpu_initialization=True)
     ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
-        use_distributed_optimizer=True, grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=True, grad_reduce_in_fp32=True,
+        overlap_grad_reduce=stage.overlap_grad_reduce and plan.layout.pp == 1,   # PP: see grads.sync_main_grads
         overlap_param_gather=False), model)
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=stage.lr, min_lr=stage.min_lr, weight_decay=stage.weight_decay,
         adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_eps=ADAM_EPS, clip_grad=stage.grad_clip,
         use_distributed_optimizer=True, bf16=False, fp16=False, params_dtype=torch.float32), [ddp])
+    for inner in inner_optimizers(opt):   # the torch AdamW megatron falls back to without Apex/TE
+        if isinstance(getattr(inner, "optimizer", None), torch.optim.AdamW):
+            for group in inner.optimizer.param_groups:
+                group.update(adam_kernel_flags(impl))
     return opt, ddp
+
+
+def adam_impl(name: str, on: torch.device) -> str:
+    """The AdamW kernel ``stage.optimizer_impl`` names: "auto" is "fused" on CUDA and "foreach" elsewhere."""
+    if name == "auto":
+        return "fused" if on.type == "cuda" else "foreach"
+    return name
+
+
+def adam_kernel_flags(impl: str) -> Dict[str, bool]:
+    """torch AdamW's keyword flags for a kernel choice ("fused", "foreach", "for_loop")."""
+    if impl not in ("fused", "foreach", "for_loop"):
+        raise ValueError(f"optimizer_impl must be 'auto', 'fused', 'foreach' or 'for_loop', got {impl!r}")
+    return {"fused": impl == "fused", "foreach": impl == "foreach"}
 
 
 def inner_optimizers(opt) -> List[Any]:

@@ -157,9 +157,12 @@ def _check_lora_resume(last: Path, meta: Dict[str, Any], job: StageJob, plan) ->
             "or use a new output_dir and pass this step folder as init_checkpoint (merged weights)")
 
 
-def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None) -> None:
+def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None,
+         writer: Optional[checkpoint.Writer] = None) -> None:
     """Write step folder ``step`` (collective). The full weights are gathered to rank 0 unless ``full_weights:
-    final`` and this is not the stage's last step; "dist" also saves the weights, EMA and optimizer state sharded."""
+    final`` and this is not the stage's last step; "dist" also saves the weights, EMA and optimizer state sharded.
+    ``writer``: the files are written in its thread (``checkpoint.save``); the folder is complete after
+    ``writer.wait()``."""
     st, layout = job.stage, plan.layout
     dist_fmt = st.checkpoint_format == "dist"
     write_full = not dist_fmt or st.full_weights == "every" or step >= st.steps
@@ -206,9 +209,10 @@ def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None)
     root = layout.rank == 0
     checkpoint.save(job.output_dir, step, rank=layout.rank, model_sd=full if root else None,
                     ema_sd=full_ema if root else None, rank_state=rank_state, meta=meta,
-                    keep=st.keep_checkpoints, dist_state=dist_state, extra_sd=full_extra if root else None)
+                    keep=st.keep_checkpoints, dist_state=dist_state, extra_sd=full_extra if root else None,
+                    writer=writer)
     if root:
-        print(f"saved {Path(job.output_dir) / checkpoint.step_name(step)}", flush=True)
+        print(f"{'saving' if writer else 'saved'} {Path(job.output_dir) / checkpoint.step_name(step)}", flush=True)
 
 
 def _trainable(model):

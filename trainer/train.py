@@ -21,6 +21,11 @@ build the optimizer (``trainer.optim``), restore (``trainer.state``), then per s
 ``stage.micro_batches`` micro-batches, rectified-flow inputs from a generator seeded by (seed, step, virtual rank),
 loss / M and backward per micro-batch (megatron's 1F1B schedule with pipeline parallelism), one gradient sync, clip,
 optimizer step at ``lr_at(step)``, EMA, metrics from rank 0 and a checkpoint every ``checkpoint_interval`` steps.
+What is not the model hides behind it (docs/parallelism.md, "A step without idle time"): the next step's
+micro-batches are built in a thread (``stage.prefetch``), the DP gradient reduce runs in buckets during the last
+micro-batch's backward (``stage.overlap_grad_reduce``), AdamW is fused / foreach (``stage.optimizer_impl``),
+checkpoints are written in a thread (``stage.async_checkpoint``) and on CUDA the forward uses bf16 weight copies
+refreshed once per step (``stage.bf16_weights``, ``trainer.precision``).
 Every input of a step is a function of (seed, step), so on CPU a run killed and rerun ends bitwise equal to an
 uninterrupted one. Bad input exits with status 2 and one message. docs/parallelism.md and docs/checkpoints.md say
 how each parallelism and the checkpoint state work and what was measured.
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -49,15 +55,17 @@ import torch
 
 from models import lora
 from models import rectified_flow as rf
-from trainer import checkpoint, device, metrics, optim, preference, state
-from trainer.data import Batch, LatentSplit, PairBatch, PairSplit, StepSampler
+from trainer import checkpoint, device, metrics, optim, precision, preference, state
+from trainer.data import Batch, LatentSplit, PairBatch, PairSplit, Prefetcher, StepSampler
 from trainer.job import StageJob
 from trainer.parallel import ParallelPlan, parallelize
-from trainer.parallel.grads import clip_grad_norm, group_sum, sync_gradients, sync_main_grads
+from trainer.parallel.grads import OverlappedGradReduce, clip_grad_norm, group_sum, sync_gradients, sync_main_grads
 from trainer.parallel.pipeline import PipelineStage, pipeline_config, pipeline_forward_backward
+from trainer.precision import Bf16Weights
 from trainer.tasks import check_task_shapes, draw_task, task_batch
 
 KILL_ENV = "VGEN_TEST_KILL_AFTER_STEP"   # tests: "RANK:STEP" makes that rank SIGKILL itself after that step
+                                         # (once that step's checkpoint, if any, is written: a known resume point)
 
 
 def train(job: StageJob) -> None:
@@ -83,13 +91,22 @@ def train(job: StageJob) -> None:
         reference = _reference(job, layout, rt, model, plan, pipe) if dpo else None
         log = metrics.MetricsLog(job, plan, start, metrics.param_count(plan, model),
                                  device.peak_flops_per_s(rt, stage.peak_tflops) * layout.world_size)
+        bf16 = Bf16Weights(model) if _bf16_weights(stage, rt) else None   # its hooks before the overlap's
+        if bf16 is not None:
+            rt = dataclasses.replace(rt, dtype=precision.DTYPE)   # the forward under bf16 autocast (CPU: "on")
+        overlap = OverlappedGradReduce(plan, model, n_micro, stage.grad_bucket_mb,
+                                       grad_of=bf16.grad_or_zero if bf16 is not None else None) \
+            if stage.overlap_grad_reduce and ddp is None else None
+        writer = checkpoint.Writer(checkpoint.background_barrier()) if stage.async_checkpoint else None
+        vranks = [layout.dp_rank * n_micro + m for m in range(n_micro)]
+        batches = Prefetcher(lambda step: [micro_batch(job, data.batch(sampler.indices(step, v)).to(rt.device), step,
+                                                       v, vae_factor) for v in vranks],
+                             start, stage.steps, enabled=stage.prefetch)
         kill_at = _test_kill_step(layout)
         for step in range(start, stage.steps):
             t0 = time.perf_counter()
-            vranks = [layout.dp_rank * n_micro + m for m in range(n_micro)]
-            micro = [micro_batch(job, data.batch(sampler.indices(step, v)).to(rt.device), step, v, vae_factor)
-                     for v in vranks]
-            res = train_step(job, plan, model, opt, micro, step, rt, ddp, pipe, reference)
+            micro = batches.get(step)   # made while the previous step computed (prefetch); starts the next one's
+            res = train_step(job, plan, model, opt, micro, step, rt, ddp, pipe, reference, overlap, bf16)
             optim.ema_update(ema, model, optim.EMA_DECAY)
             work = [sum(w) for w in zip(*(metrics.step_work(job.dit, m.batch, reference_forward=dpo)
                                           for m in micro))]   # tokens, FLOPs
@@ -99,12 +116,23 @@ def train(job: StageJob) -> None:
             log.write(step + 1, totals[0] / layout.dp, res.grad_norm, res.lr, totals[1:4], time.perf_counter() - t0,
                       extra=_step_metrics(dict(zip(sums, totals[4:]))))
             if (step + 1) % stage.checkpoint_interval == 0 or step + 1 == stage.steps:
-                state.save(job, plan, model, opt, ema, step + 1, totals[0] / layout.dp, ddp)
+                state.save(job, plan, model, opt, ema, step + 1, totals[0] / layout.dp, ddp, writer)
             if step + 1 == kill_at:
+                if writer is not None:
+                    writer.wait()   # the test's crash point is "after step N, its checkpoint on disk"
                 os.kill(os.getpid(), signal.SIGKILL)
+        batches.close()
+        if writer is not None:
+            writer.wait()   # the last step folder is complete before the stage reports success
         log.close()   # MLflow metrics still queued (a server outage) are sent now, or counted as lost
     finally:
         device.destroy()
+
+
+def _bf16_weights(stage, rt: device.Runtime) -> bool:
+    """``stage.bf16_weights`` resolved (``trainer.precision.bf16_weights_on``); "on" on CPU is for tests."""
+    return precision.bf16_weights_on(stage.bf16_weights, rt.dtype, stage.distributed_optimizer,
+                                     stage.pipeline_parallel)
 
 
 def _test_kill_step(layout: device.Layout) -> int:
@@ -254,11 +282,15 @@ def _dpo_loss(model, reference: Reference, m: MicroBatch, rt: device.Runtime, be
 
 
 def train_step(job: StageJob, plan: ParallelPlan, model, opt, micro: List[MicroBatch], step: int,
-               rt: device.Runtime, ddp=None, pipe=None, reference: Optional[Reference] = None) -> StepResult:
+               rt: device.Runtime, ddp=None, pipe=None, reference: Optional[Reference] = None,
+               overlap: Optional[OverlappedGradReduce] = None, bf16: Optional[Bf16Weights] = None) -> StepResult:
     """One optimizer step over this DP rank's micro-batches (``micro_batch``): each micro-batch's loss / M is
     backpropagated and the gradients accumulate, then they are synced once, clipped and applied. ``reference``:
-    Flow-DPO's (the objective is then flow_dpo). Returns the mean loss over the micro-batches (on every rank), the
-    grad norm, the LR and, for Flow-DPO, the summed ``preference.dpo_sums``."""
+    Flow-DPO's (the objective is then flow_dpo). ``overlap``: the torch path's DP reduce, started during the last
+    micro-batch's backward (megatron DDP's own overlap: ``ddp.ddp_config.overlap_grad_reduce``, micro-batches but
+    the last under ``ddp.no_sync()``). ``bf16``: the forward and backward run on the bf16 copies of the weights,
+    the optimizer on the fp32 masters (``trainer.precision``). Returns the mean loss over the micro-batches (on
+    every rank), the grad norm, the LR and, for Flow-DPO, the summed ``preference.dpo_sums``."""
     n_micro = len(micro)
     st = job.stage
     lr = optim.lr_at(step, st.lr, st.warmup_steps, st.lr_schedule, st.min_lr, st.steps)
@@ -268,32 +300,43 @@ def train_step(job: StageJob, plan: ParallelPlan, model, opt, micro: List[MicroB
     else:
         opt.zero_grad(set_to_none=True)
     dpo: Dict[str, float] = {}
+    if bf16 is not None:
+        bf16.begin()
     if pipe is not None and reference is not None:
         loss_value, dpo = _pipeline_dpo(pipe, reference, micro, plan, rt, st.dpo_beta)
     elif pipe is not None:
         loss_value = pipeline_forward_backward(pipe, micro, plan, lambda s, m: _forward(s, m, rt), _loss)
     else:
         losses = []
-        for m in micro:
-            if reference is not None:
-                loss, sums = _dpo_loss(model, reference, m, rt, st.dpo_beta)
-                dpo = {k: dpo.get(k, 0.0) + v for k, v in sums.items()}
-            else:
-                loss = _loss(_forward(model, m, rt), m)
-            (loss / n_micro if n_micro > 1 else loss).backward()   # accumulate: the gradient of the mean loss
+        for i, m in enumerate(micro):
+            with ddp.no_sync() if ddp is not None and i < n_micro - 1 else contextlib.nullcontext():
+                if reference is not None:
+                    loss, sums = _dpo_loss(model, reference, m, rt, st.dpo_beta)
+                    dpo = {k: dpo.get(k, 0.0) + v for k, v in sums.items()}
+                else:
+                    loss = _loss(_forward(model, m, rt), m)
+                (loss / n_micro if n_micro > 1 else loss).backward()   # accumulate: the gradient of the mean loss
             losses.append(float(loss.detach()))
         loss_value = losses[0] if n_micro == 1 else sum(losses) / n_micro
+    if bf16 is not None:
+        bf16.end()
     optim.set_lr(opt, lr)
     if ddp is not None:   # megatron DDP + DistributedOptimizer: grads in ddp's buffer, clipping inside opt.step()
-        sync_main_grads(plan, model, ddp)
-        ddp.finish_grad_sync()
+        if ddp.ddp_config.overlap_grad_reduce:   # reduce-scatter launched during the backward: wait, then TP / CP
+            ddp.finish_grad_sync()
+            sync_main_grads(plan, model, ddp, reduced=True)
+        else:
+            sync_main_grads(plan, model, ddp)
+            ddp.finish_grad_sync()
         ok, grad_norm, _ = opt.step()
         if not ok:
             raise RuntimeError(f"step {step + 1}: the distributed optimizer skipped the update (inf/nan gradients)")
         return StepResult(loss_value, float(grad_norm), lr, dpo)
-    sync_gradients(plan, model)
+    overlap.finish() if overlap is not None else sync_gradients(plan, model)
     grad_norm = clip_grad_norm(plan, model, job.stage.grad_clip)
     opt.step()
+    if bf16 is not None:
+        bf16.refresh()
     return StepResult(loss_value, grad_norm, lr, dpo)
 
 
