@@ -1,0 +1,200 @@
+"""Curation streams: the same results as the whole-array path, and memory that does not grow with the video.
+
+- golden rows: tests/golden/curate_rows.json holds the rows and output-file hashes that the whole-array path (before
+  streaming) produced on synthetic inputs with hard cuts, fades, dissolves, a long scene, burnt-in text, a
+  variable-rate stream and a PyAV-only width; the streaming path must reproduce them;
+- scenes: the streaming analysis of a file (decoder first pass) equals ``analyse`` on the decoded array, and finds
+  the known cuts; also on the shared fixture video when present;
+- decoder: ``read_frames``/``read_windows`` give the frames of ``read_video`` (decord, PyAV, variable rate);
+- memory: traced peak allocation of ``curate_video`` on a video 6x longer stays that of the short one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import tracemalloc
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from common.config import CaptionConfig, CurateConfig
+from common.hashing import sha256_bytes
+from common.storage import InputFile
+from tasks.curate.curate import Models, curate_input, curate_video
+from tasks.curate.decode import (
+    CHUNK_FRAMES,
+    PREFETCH_DEPTH,
+    prefetched,
+    read_frames,
+    read_video,
+    read_windows,
+    scan_video,
+    write_clip,
+)
+from tasks.curate.scenes import analyse, scan_scenes
+from tasks.curate.synthetic import SceneSpec, make_scenes_video, render_scene, render_video
+
+GOLDEN = Path(__file__).parent / "golden" / "curate_rows.json"
+SHARED_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "videos" / "mugv_i2v_sample.mp4"
+FOUR = [SceneSpec("texture", 30), SceneSpec("texture", 30, seed=1), SceneSpec("texture", 30, seed=2),
+        SceneSpec("shaky", 30, seed=3)]
+
+
+def _vfr_mp4(path: Path) -> None:
+    frames_THWC = render_scene(SceneSpec("texture", 24), 64, 64)
+    pts = [0, 1, 2, 4, 5, 8, 9, 10, 12, 13, 16, 17, 18, 20, 21, 24, 25, 26, 28, 29, 32, 33, 34, 36]   # 1/16 s ticks
+    with av.open(str(path), mode="w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=16)
+        s.width, s.height, s.pix_fmt, s.codec_context.time_base = 64, 64, "yuv420p", Fraction(1, 16)
+        for p, f in zip(pts, frames_THWC):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = p, Fraction(1, 16)
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+def _inputs(folder: Path) -> dict:
+    """The golden file's inputs, made exactly as when it was recorded."""
+    folder.mkdir(exist_ok=True)
+    frames_THWC, _, _ = render_video(FOUR, transitions=[("dissolve", 12), ("fade", 6), None])
+    write_clip(folder / "trans.mp4", frames_THWC, 8)
+    frames_THWC, _, _ = render_video(FOUR, width=112, height=80, transitions=[None, ("fade", 6), ("dissolve", 10)])
+    write_clip(folder / "trans112.mp4", frames_THWC, 8)
+    _vfr_mp4(folder / "vfr.mp4")
+    make_scenes_video(folder / "long.mp4", [SceneSpec("texture", 150, seed=5), SceneSpec("static", 25, seed=6),
+                                            SceneSpec("texture", 60, seed=7, text="HELLO")], fps=24)
+    make_scenes_video(folder / "missed.mp4", [SceneSpec("texture", 12), SceneSpec("texture", 12, seed=1)])
+    sidecar = CaptionConfig(backend="sidecar")
+    return {
+        "a": CurateConfig(motion_min=0.02, motion_height=96, keyframes=1, caption=sidecar),
+        "b": CurateConfig(motion_min=0.02, motion_height=96, keyframes=2, frame_stride=2, bucket_frames=[9],
+                          max_clips_per_scene=3, caption=sidecar),
+        "c": CurateConfig(scene_threshold=255.0, adaptive_threshold=0.0, gradual_min_change=1e9, motion_min=0.0,
+                          caption=sidecar),
+    }
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def test_streaming_reproduces_the_whole_array_rows_and_files(tmp_path):
+    golden = json.loads(GOLDEN.read_text())
+    cfgs = _inputs(tmp_path / "in")
+    for case, want in golden["cases"].items():
+        name, video = case.split("/")
+        path, out = tmp_path / "in" / video, tmp_path / case
+        out.mkdir(parents=True)
+        rows = curate_input(InputFile(uri=str(path), size=path.stat().st_size, name=video), cfgs[name],
+                            Models(cfgs[name]), out, path, "0" * 16, None)
+        got = [[r.get(f) for f in golden["fields"]] + [key] for r, key in rows]
+        assert len(got) == len(want["rows"]), case
+        for g, w in zip(got, want["rows"]):
+            assert all(_same(a, b) for a, b in zip(g, w)), (case, g, w)
+        files = {str(f.relative_to(out)): sha256_bytes(f.read_bytes(), n=16) for f in sorted(out.rglob("*"))
+                 if f.is_file()}
+        assert files == want["files"], case
+
+
+@pytest.mark.parametrize("width", [128, 112])   # decord, PyAV
+def test_streamed_scene_analysis_equals_the_array_one_and_finds_the_cuts(tmp_path, width):
+    scenes = [SceneSpec("texture", 30, seed=i) for i in range(4)] + [SceneSpec("flat", 20, seed=4)]
+    frames_THWC, cuts, ranges = render_video(scenes, width=width, height=80, transitions=[None, ("fade", 6)])
+    write_clip(tmp_path / "v.mp4", frames_THWC, 8)
+    cfg = CurateConfig()
+    info, streamed = scan_scenes(tmp_path / "v.mp4", cfg)
+    decoded_THWC, fps, meta = read_video(tmp_path / "v.mp4")
+    whole = analyse(decoded_THWC, fps, cfg)
+    assert info.meta["backend"] == ("decord" if width % 32 == 0 else "pyav") == meta["backend"]
+    assert (streamed.cuts, streamed.transitions, streamed.scenes) == (whole.cuts, whole.transitions, whole.scenes)
+    assert np.array_equal(streamed.changes, whole.changes)
+    assert len(streamed.cuts) == len(cuts) and all(abs(a - b) <= 1 for a, b in zip(streamed.cuts, cuts))
+    (ts, te), = streamed.transitions
+    assert ts <= ranges[0][0] + 1 and te >= ranges[0][1] - 1
+
+
+@pytest.mark.skipif(not SHARED_VIDEO.is_file(), reason=f"{SHARED_VIDEO} not present (shared fixtures)")
+def test_streamed_scene_analysis_of_the_shared_fixture():
+    cfg = CurateConfig()
+    _, streamed = scan_scenes(SHARED_VIDEO, cfg)
+    decoded_THWC, fps, _ = read_video(SHARED_VIDEO)
+    whole = analyse(decoded_THWC, fps, cfg)
+    assert (streamed.cuts, streamed.transitions, streamed.scenes) == (whole.cuts, whole.transitions, whole.scenes)
+    assert np.array_equal(streamed.changes, whole.changes)
+
+
+def test_later_passes_give_the_frames_of_read_video(tmp_path):
+    make_scenes_video(tmp_path / "d.mp4", [SceneSpec("texture", 30), SceneSpec("flat", 11)], width=128, height=96)
+    make_scenes_video(tmp_path / "p.mp4", [SceneSpec("texture", 30), SceneSpec("flat", 11)], width=112, height=80)
+    _vfr_mp4(tmp_path / "vfr.mp4")
+    for name, backend in (("d.mp4", "decord"), ("p.mp4", "pyav"), ("vfr.mp4", "decord")):
+        whole_THWC, _, meta = read_video(tmp_path / name)
+        info = scan_video(tmp_path / name, lambda fps: lambda frame_HWC: None)
+        assert info.meta["backend"] == backend and info.num_frames == len(whole_THWC)
+        assert np.array_equal(np.stack([f for _, f in read_frames(info)]), whole_THWC)
+        windows = [[0, 1, 2], [5, 7, 9], [len(whole_THWC) - 1]]
+        for w, frames_THWC in zip(windows, read_windows(info, windows)):
+            assert np.array_equal(frames_THWC, whole_THWC[w]), (name, w)
+    assert info.meta["vfr"] and len(set(info.source_index.tolist())) < info.num_frames   # repeats came back
+    with pytest.raises(ValueError, match="ascending"):
+        next(read_windows(info, [[3, 2]]))
+
+
+def test_prefetched_passes_errors_and_stops_its_thread_when_closed():
+    def items():
+        yield 1
+        yield 2
+        raise RuntimeError("decoder broke")
+
+    got = []
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        for x in prefetched(items()):
+            got.append(x)
+    assert got == [1, 2]
+    before = threading.active_count()
+    gen = prefetched(iter(range(10 ** 9)), depth=2)
+    assert next(gen) == 0
+    gen.close()
+    assert threading.active_count() == before
+
+
+def _traced_peak(path: Path, cfg: CurateConfig, models: Models, out: Path) -> tuple:
+    tracemalloc.start()
+    try:
+        rows = curate_video(path, "0" * 16, None, cfg, models, out)
+        return tracemalloc.get_traced_memory()[1], rows
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_video_length(tmp_path):
+    """Curating a video 6x longer (the same scenes repeated) allocates no more at its peak than a few decoded
+    chunks' worth of timing slack: the stream holds a window of frames and a few chunks, not the video (traced
+    numpy/Python allocations)."""
+    w, h = 256, 192
+    scene_THWC = np.concatenate([render_scene(SceneSpec(k, 24, seed=i), w, h, i)
+                                 for i, k in enumerate(("texture", "shaky", "texture"))])
+    write_clip(tmp_path / "short.mp4", scene_THWC, 24, crf=30)
+    write_clip(tmp_path / "long.mp4", np.concatenate([scene_THWC] * 6), 24, crf=30)
+    # one caption per batch: a batch holds its clips' frames until it is captioned (caption.batch_size windows)
+    cfg = CurateConfig(motion_min=0.02, motion_height=96, caption=CaptionConfig(backend="sidecar", batch_size=1))
+    models = Models(cfg)
+    _ = models.scorer   # built before tracing: the model is the same for both videos
+    peak_short, rows_short = _traced_peak(tmp_path / "short.mp4", cfg, models, tmp_path / "o1")
+    peak_long, rows_long = _traced_peak(tmp_path / "long.mp4", cfg, models, tmp_path / "o2")
+    long_bytes = 6 * scene_THWC.nbytes   # what holding the decoded long video would take (~64 MB)
+    assert len(rows_long) == 6 * len(rows_short) and sum(r["status"] == "kept" for r, _ in rows_long) >= 6
+    # the first pass's decoder may run up to PREFETCH_DEPTH chunks ahead (+ one being handed over, one analysed):
+    # how far it gets depends on thread timing, so that much may differ between the runs, and no more
+    in_flight = (PREFETCH_DEPTH + 2) * CHUNK_FRAMES * scene_THWC[0].nbytes
+    assert peak_long <= peak_short + in_flight + 2 ** 20, (peak_short, peak_long, in_flight)
+    assert peak_long < long_bytes / 4, (peak_long, long_bytes)
+    assert not math.isnan(float(rows_long[0][0]["sharpness"]))
