@@ -313,6 +313,8 @@ class StageConfig:
     lr_schedule: str = "constant"   # after warmup: "constant" (MUG-V fine-tune), "cosine" or "linear" to min_lr
     min_lr: float = 0.0             # the LR at the stage's last step ("cosine"/"linear" only)
     recompute: bool = False         # activation recomputation: torch.utils.checkpoint around every DiT block
+    compile: str = "none"           # "blocks": torch.compile each DiT block (models/compile.py; eager is the
+                                    # reference); needs tensor_parallel = context_parallel = 1
     tokens_per_micro_batch: int = 0   # > 0: per-bucket micro-batch size = this // video tokens per clip (min 1)
     peak_tflops: float = 0.0        # per-process peak for MFU; 0 = $VGEN_PEAK_TFLOPS, else the device default
     checkpoint_format: str = "full"   # "full": unsharded safetensors + per-rank optimizer files; "dist": also a
@@ -391,6 +393,12 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': bf16_weights 'on' is not supported with distributed_optimizer "
                              "(megatron's optimizer would keep bf16 weights in the checkpoint) or pipeline_parallel "
                              "> 1 (the stages exchange fp32 activations): set bf16_weights 'auto' (off there)")
+        if self.compile not in ("none", "blocks"):
+            raise ValueError(f"stage '{self.name}': compile must be 'none' or 'blocks', got '{self.compile}'")
+        if self.compile == "blocks" and (self.tensor_parallel > 1 or self.context_parallel > 1):
+            raise ValueError(f"stage '{self.name}': compile 'blocks' needs tensor_parallel=1 and context_parallel=1 "
+                             f"(got {self.tensor_parallel} and {self.context_parallel}: their collectives inside "
+                             "the blocks are not traced by torch.compile here); set compile: none for this stage")
         if self.full_weights not in ("every", "final"):
             raise ValueError(f"stage '{self.name}': full_weights must be 'every' or 'final', got '{self.full_weights}'")
         if not self.task_mix:
