@@ -98,7 +98,8 @@ class CurateConfig:
     text_area_max: float = 0.05           # choice (the report uses an MLLM): fraction of the frame covered by text
     dedup_max_distance: int = 8           # choice: mean Hamming distance (of 64) of frame pHashes for a near-duplicate
     max_pixels: int = 4096 * 2304         # larger frames are a failed input ("resolution too large"), never an OOM
-    max_frames: int = 20000               # longer inputs are decoded up to this many frames (memory bound)
+    max_frames: int = 20000               # longer inputs are decoded up to this many frames (a time bound:
+                                          # decoding streams, memory does not grow with length)
     default_caption: str = "a video"      # used when no sidecar <video>.txt exists and the backend is "sidecar"
     aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
