@@ -1,7 +1,8 @@
 """One MUGDiT training step (forward + backward), timed against this machine's measured matmul peak.
 
-    python bench/dit_step.py                 # CPU: fp32 and bf16-autocast steps -> bench/results/dit_step_cpu.json
-    python bench/dit_step.py --cuda          # GPU: 10B layer shapes in bf16 -> bench/results/dit_step_cuda.json
+    python bench/dit_step.py                 # CPU: fp32 and bf16 autocast, eager and compiled -> dit_step_cpu.json
+    python bench/dit_step.py --cuda          # GPU: 10B layer shapes in bf16, eager and compiled -> dit_step_cuda.json
+    python bench/dit_step.py --no-compile    # eager only (the fast path is models/compile.py's compile_blocks)
 
 CPU config (``cpu_config``): the 1B variant's layer shape (hidden 1152 = 16 heads x 72, docs/mugv.md §3.1), depth 2, a
 (1, 24, 4, 32, 32) latent = 1,024 video tokens, and 300 T5-width (4096) text tokens, the formula's fixed C. At this
@@ -21,6 +22,7 @@ the H100/H200 SXM datasheet dense bf16 peak (989 TFLOP/s).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -37,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from models.compile import compile_blocks  # noqa: E402
 from models.config import DiTConfig  # noqa: E402
 from models.dit import MUGDiT  # noqa: E402
 from models.flops import dit_train_flops, flop_counter  # noqa: E402
@@ -130,11 +133,7 @@ def counted_flops(step: Callable[[], None]) -> int:
     return fc.get_total_flops()
 
 
-def run_mode(name: str, model: MUGDiT, inputs, autocast_dtype, analytic: float, peak: float, repeats: int,
-             device) -> Dict[str, Any]:
-    step = make_step(model, inputs, autocast_dtype)
-    counted = counted_flops(step)                       # also the warm-up step
-    times = timed(step, device, repeats, warmup=0)
+def _mode_result(name: str, times: List[float], analytic: float, counted: int, peak: float) -> Dict[str, Any]:
     best, median = min(times), statistics.median(times)
     res: Dict[str, Any] = {
         "step_s_best": best, "step_s_median": median, "step_s_all": times,
@@ -142,10 +141,42 @@ def run_mode(name: str, model: MUGDiT, inputs, autocast_dtype, analytic: float, 
         "achieved_flops_per_s_analytic": analytic / best, "achieved_flops_per_s_counted": counted / best,
         "peak_flops_per_s": peak, "fraction_of_peak": analytic / best / peak,
         "fraction_of_peak_counted": counted / best / peak}
-    print(f"[{name}] step {best:.3f} s (median {median:.3f} s of {repeats}); analytic {analytic / 1e9:.1f} GFLOP, "
+    print(f"[{name}] step {best:.3f} s (median {median:.3f} s of {len(times)}); analytic {analytic / 1e9:.1f} GFLOP, "
           f"counted {counted / 1e9:.1f} GFLOP; achieved {res['achieved_flops_per_s_analytic'] / 1e9:.1f} GFLOP/s "
-          f"(counted {res['achieved_flops_per_s_counted'] / 1e9:.1f})")
+          f"(counted {res['achieved_flops_per_s_counted'] / 1e9:.1f})", flush=True)
     return res
+
+
+def run_mode(name: str, model: MUGDiT, inputs, autocast_dtype, analytic: float, peak: float, repeats: int,
+             device, fast_model: MUGDiT | None = None) -> Dict[str, Dict[str, Any]]:
+    """{name: eager result} and, with ``fast_model``, {name + "_compiled": result with compile_s and speedup}:
+    eager and compiled steps alternate, one of each per repeat."""
+    step = make_step(model, inputs, autocast_dtype)
+    counted = counted_flops(step)                       # also the eager warm-up step
+    if fast_model is None:
+        return {name: _mode_result(name, timed(step, device, repeats, warmup=0), analytic, counted, peak)}
+    fast = make_step(fast_model, inputs, autocast_dtype)
+    first = timed(fast, device, 1, warmup=0)[0]         # compiles (inductor's on-disk cache may shorten it)
+    eager_t: List[float] = []
+    fast_t: List[float] = []
+    for _ in range(repeats):
+        eager_t += timed(step, device, 1, warmup=0)
+        fast_t += timed(fast, device, 1, warmup=0)
+    out = {name: _mode_result(name, eager_t, analytic, counted, peak),
+           f"{name}_compiled": _mode_result(f"{name}_compiled", fast_t, analytic, counted, peak)}
+    res = out[f"{name}_compiled"]
+    res.update(first_step_s=first, compile_s=first - min(fast_t), speedup=min(eager_t) / min(fast_t),
+               speedup_median=statistics.median(eager_t) / statistics.median(fast_t))
+    print(f"[{name}_compiled] compile {res['compile_s']:.1f} s (first step {first:.1f} s); speedup {name} "
+          f"{res['speedup']:.3f} (medians {res['speedup_median']:.3f})", flush=True)
+    return out
+
+
+def compiled_copy(model: MUGDiT, mode: str | None) -> MUGDiT:
+    """The same weights with every block compiled (models/compile.py): the fast path next to its eager reference."""
+    fast = copy.deepcopy(model)
+    compile_blocks(fast, mode=mode)
+    return fast
 
 
 def bench_cpu(args) -> Dict[str, object]:
@@ -163,9 +194,10 @@ def bench_cpu(args) -> Dict[str, object]:
     inputs = make_inputs(cfg, shape, text_len, device)
     analytic = dit_train_flops(cfg, shape, context_len=text_len)
     steps = {"fp32": (None, "fp32"), "bf16_autocast": (torch.bfloat16, "bf16")}
-    modes = {}
+    fast_model = None if args.no_compile else compiled_copy(model, args.compile_mode)
+    modes: Dict[str, Dict[str, Any]] = {}
     for name, (autocast_dtype, _peak_key) in steps.items():
-        modes[name] = run_mode(name, model, inputs, autocast_dtype, analytic, 1.0, args.repeats, device)
+        modes.update(run_mode(name, model, inputs, autocast_dtype, analytic, 1.0, args.repeats, device, fast_model))
     # peaks again after the steps (best of both): a busy neighbour on shared cores only ever lowers a measurement
     for key in peaks:
         again = matmul_peak(torch.float32 if key == "fp32" else torch.bfloat16, device, args.peak_n,
@@ -175,12 +207,15 @@ def bench_cpu(args) -> Dict[str, object]:
         peaks[key]["best_s"] = min(peaks[key]["best_s"], again["best_s"])
         print(f"matmul peak {key}: {peaks[key]['flops_per_s'] / 1e9:.1f} GFLOP/s ({args.peak_n}^3, best of "
               f"{2 * args.peak_repeats}, before and after the steps)")
-    for name, (_, peak_key) in steps.items():
-        m, peak = modes[name], peaks[peak_key]["flops_per_s"]
+    for name, m in modes.items():
+        peak = peaks[steps[name.removesuffix("_compiled")][1]]["flops_per_s"]
         m.update(peak_flops_per_s=peak, fraction_of_peak=m["achieved_flops_per_s_analytic"] / peak,
                  fraction_of_peak_counted=m["achieved_flops_per_s_counted"] / peak)
     for name, m in modes.items():
-        print(f"fraction_of_peak {name} {m['fraction_of_peak']:.3f}")
+        print(f"fraction_of_peak {name} {m['fraction_of_peak']:.3f} (counted {m['fraction_of_peak_counted']:.3f})")
+    for name in steps:
+        if f"{name}_compiled" in modes:
+            print(f"speedup {name} {modes[f'{name}_compiled']['speedup']:.3f}")
     load_after = os.getloadavg()
     if max(load_before[0], load_after[0]) > cpus + 0.5:
         print(f"note: load average {load_before[0]:.1f} -> {load_after[0]:.1f} on {cpus} CPUs: other "
@@ -191,8 +226,27 @@ def bench_cpu(args) -> Dict[str, object]:
             "config": {"hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "depth": cfg.depth,
                        "caption_channels": cfg.caption_channels, "latent_BCTHW": list(shape), "text_len": text_len,
                        "video_tokens": shape[2] * shape[3] * shape[4] // 4},
+            "attention_backends": attention_backends(model, inputs),
             "matmul_peak": peaks, "modes": modes, "target_fraction_fp32": 0.40,
-            "meets_target": modes["fp32"]["fraction_of_peak"] >= 0.40}
+            "meets_target": modes["fp32"]["fraction_of_peak"] >= 0.40,
+            "compile_mode": None if args.no_compile else (args.compile_mode or "default"),
+            "target_speedup": 1.1, "speedup": {n: modes[f"{n}_compiled"]["speedup"] for n in steps
+                                               if f"{n}_compiled" in modes}}
+
+
+def attention_backends(model: MUGDiT, inputs) -> Dict[str, str]:
+    """Which kernel models/attention.py runs for block 0's self- and cross-attention at these shapes (eager)."""
+    from models.attention import attention_backend
+
+    x, t, text, mask, _ = inputs
+    hd = model.cfg.head_dim
+    with torch.no_grad():
+        ctx = model.condition(x, t, text, mask)
+        l_tok, s_tok = ctx["cos_LK"].shape[0], text.shape[1]
+        b, heads = x.shape[0], model.cfg.num_heads
+        q = torch.empty(b, heads, l_tok, hd, device=x.device, dtype=ctx["dtype"])
+        k = torch.empty(b, heads, s_tok, hd, device=x.device, dtype=ctx["dtype"])
+        return {"self": attention_backend(q, q, q), "cross": attention_backend(q, k, k, mask[:, None, None, :])}
 
 
 def bench_cuda(args) -> Dict[str, object]:
@@ -214,17 +268,23 @@ def bench_cuda(args) -> Dict[str, object]:
         model = MUGDiT(cfg).to(torch.bfloat16).train()
     inputs = make_inputs(cfg, shape, text_len, device, torch.bfloat16)
     analytic = dit_train_flops(cfg, shape, context_len=text_len)
-    res = run_mode("cuda_bf16", model, inputs, None, analytic, peak["flops_per_s"], args.repeats, device)
-    res["mfu_vs_measured_peak"] = res["fraction_of_peak"]
-    res["mfu_vs_datasheet"] = None if datasheet is None else analytic / res["step_s_best"] / datasheet
-    vs_sheet = "n/a" if datasheet is None else f"{res['mfu_vs_datasheet']:.3f}"
-    print(f"MFU vs measured bf16 peak {res['mfu_vs_measured_peak']:.3f}; vs datasheet {vs_sheet}")
+    backends = attention_backends(model, inputs)
+    print(f"attention backends: {backends}")
+    fast_model = None if args.no_compile else compiled_copy(model, args.compile_mode)
+    modes = run_mode("bf16", model, inputs, None, analytic, peak["flops_per_s"], args.repeats, device, fast_model)
+    for mode_name, res in modes.items():
+        res["mfu_vs_measured_peak"] = res["fraction_of_peak"]
+        res["mfu_vs_datasheet"] = None if datasheet is None else analytic / res["step_s_best"] / datasheet
+        vs_sheet = "n/a" if datasheet is None else f"{res['mfu_vs_datasheet']:.3f}"
+        print(f"[{mode_name}] MFU vs measured bf16 peak {res['mfu_vs_measured_peak']:.3f}; vs datasheet {vs_sheet}")
     return {"device": name, "torch": torch.__version__, "flash_attn": flash_attn_func is not None,
+            "attention_backends": backends,
+            "compile_mode": None if args.no_compile else (args.compile_mode or "default"),
             "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
             "config": {"hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "depth": cfg.depth,
                        "latent_BCTHW": list(shape), "text_len": text_len,
                        "video_tokens": shape[2] * shape[3] * shape[4] // 4},
-            "matmul_peak_bf16": peak, "datasheet_bf16_dense": datasheet, "modes": {"bf16": res}}
+            "matmul_peak_bf16": peak, "datasheet_bf16_dense": datasheet, "modes": modes}
 
 
 def main(argv=None) -> None:
@@ -234,6 +294,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per mode (after one warm-up step)")
     ap.add_argument("--peak-n", type=int, default=4096, help="CPU: square matmul size for the peak")
     ap.add_argument("--peak-repeats", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true", help="eager only: skip the compiled fast path")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the fast path (default: inductor's default; e.g. "
+                         "max-autotune-no-cudagraphs)")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/dit_step_{cpu,cuda}.json)")
     args = ap.parse_args(argv)
     result = bench_cuda(args) if args.cuda else bench_cpu(args)
