@@ -1,6 +1,8 @@
-"""Weak scaling of the trainer on this machine: 1 vs 2 data-parallel processes (gloo), same per-process batch.
+"""Weak scaling and overhead of the trainer on this machine: 1 vs 2 data-parallel processes (gloo), same
+per-process batch, and the trainer's step against the bare model step.
 
-    python bench/scaling.py                 # CPU -> bench/results/scaling_cpu.json, prints `efficiency <x>`
+    python bench/scaling.py                 # CPU -> bench/results/scaling_cpu.json, prints `overhead`, `efficiency`
+    python bench/scaling.py --quick         # smoke run: 6 steps, no switches-off run (~1.5 min)
     python bench/scaling.py --cuda          # 1 GPU, 10B layer shapes, bf16 -> bench/results/scaling_cuda.json
 
 Both modes run the real launch path (``trainer.launch.run_stage`` -> TorchX local_cwd -> torchrun ->
@@ -8,16 +10,24 @@ Both modes run the real launch path (``trainer.launch.run_stage`` -> TorchX loca
 and MFU the trainer logs to ``metrics.jsonl`` over the steps after ``--warmup``: the best step (the figure used for
 ``efficiency``, since on shared cores a busy neighbour can only slow a step down) and the median.
 
-CPU: each process gets one thread (``LaunchConfig.cpu`` = processes, so ``OMP_NUM_THREADS`` = 1) and the same
-micro-batch, so perfect weak scaling keeps the step time: ``efficiency = t(1 process) / t(2 processes)`` (=
-throughput(2) / (2 x throughput(1))). The DiT (hidden 288, 4 heads, depth 4, latent (24, 5, 32, 32) = 1,280 video
-tokens, 2 clips per process) keeps the gradient all-reduce (4.6 M fp32 parameters) small next to the compute, as
-at scale.
+CPU: each process gets one thread (``LaunchConfig.cpu`` = processes, so ``OMP_NUM_THREADS`` = 1) and the same micro-
+batch, so perfect weak scaling keeps the step time: ``efficiency = t(1 process) / t(2 processes)`` (= throughput(2)
+/ (2 x throughput(1))). ``overhead = t(trainer, 1 process) / t(bare)`` on the median steps: t(bare) is forward +
+backward + AdamW step of the same model (same seed, micro-batch, inputs from ``trainer.train.micro_batch``, the same
+AdamW kernel) timed in this process on one thread, before and after each 1-process trainer run, so the trainer's data,
+gradient sync, EMA, metrics and checkpoints are what the ratio adds (target <= 1.1; ``overhead_best`` on the best
+steps). A third trainer run with every
+overhead-hiding switch off (``StageConfig.overlap_grad_reduce``, ``prefetch``, ``async_checkpoint``,
+``optimizer_impl`` "for_loop") gives ``overhead_switches_off``. Each figure is stored with the load average around
+it: on shared cores the ratios measured side by side in one run are what count. The DiT (hidden 288, 4 heads, depth
+4, latent (24, 5, 32, 32) = 1,280 video tokens, 2 clips per process) keeps the gradient all-reduce (4.6 M fp32
+parameters) small next to the compute, as at scale.
 
 ``--cuda`` (not run on the development machine, which has no GPU): one process, the 10B layer (hidden 3456,
 48 heads) with ``--depth`` blocks over a (24, 4, 90, 160) latent (14,400 tokens) and 300 T5-width text tokens,
-bf16 autocast with fp32 master weights (the trainer's GPU path), and prints the trainer's per-step MFU
-(docs/mugv.md §6.5 FLOPs over the device peak, ``trainer.device.PEAK_FLOPS_GPU_BF16``).
+bf16 autocast on bf16 copies of the weights with fp32 masters (the trainer's GPU path, ``stage.bf16_weights``
+"auto"), and prints the trainer's per-step MFU (docs/mugv.md §6.5 FLOPs over the device peak,
+``trainer.device.PEAK_FLOPS_GPU_BF16``).
 """
 from __future__ import annotations
 
@@ -60,13 +70,20 @@ def write_dataset(root: Path, n: int, latent_shape: tuple, text_shape: tuple, se
     return root
 
 
+SWITCHES_OFF = dict(overlap_grad_reduce=False, prefetch=False, async_checkpoint=False, optimizer_impl="for_loop")
+
+
+def _stage(name: str, dp: int, steps: int, mbs: int, **kw) -> StageConfig:
+    return StageConfig(name=name, steps=steps, lr=1e-4, warmup_steps=0, micro_batch_size=mbs, data_parallel=dp,
+                       tensor_parallel=1, checkpoint_interval=max(1, steps // 2), keep_checkpoints=1, **kw)
+
+
 def run(tmp: Path, name: str, dit: DiTConfig, latents: Path, dp: int, steps: int, mbs: int, cpu: int,
-        gpu: int = 0) -> list:
+        gpu: int = 0, **switches) -> list:
     from trainer.job import StageJob
     from trainer.launch import run_stage
 
-    stage = StageConfig(name=name, steps=steps, lr=1e-4, warmup_steps=0, micro_batch_size=mbs, data_parallel=dp,
-                        tensor_parallel=1, checkpoint_interval=steps, keep_checkpoints=1)
+    stage = _stage(name, dp, steps, mbs, **switches)   # a checkpoint mid-run and at the end: the trainer's cost
     job = StageJob(stage=stage, dit=dit, latents_dir=str(latents), output_dir=str(tmp / name), config_hash=name)
     launch = LaunchConfig(scheduler="local_cwd", cpu=cpu, gpu=gpu, timeout_s=1200)
     run_stage(job, job.write(tmp / f"{name}.json"), launch, log_dir=tmp / f"{name}-logs", progress=lambda m: None)
@@ -77,28 +94,86 @@ def _median(rows: list, key: str, warmup: int) -> float:
     return statistics.median(r[key] for r in rows[warmup:])
 
 
+def bare_step_times(dit: DiTConfig, latents: Path, mbs: int, steps: int) -> list:
+    """Seconds of forward + backward + AdamW step of the trainer's model on one thread in this process: the same
+    seeded MUGDiT, a micro-batch built by ``trainer.train.micro_batch`` from the dataset (outside the timing), the
+    trainer's AdamW kernel and deterministic algorithms; no data loading, sync, EMA, metrics or checkpoints."""
+    import time
+
+    import torch
+
+    from models.dit import MUGDiT
+    from trainer import device, optim
+    from trainer.data import LatentSplit
+    from trainer.job import StageJob
+    from trainer.train import _forward, _loss, micro_batch
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    rt = device.Runtime(torch.device("cpu"), "gloo", torch.float32)
+    stage = _stage("bare", 1, steps, mbs)
+    job = StageJob(stage=stage, dit=dit, latents_dir=str(latents), output_dir="unused")
+    torch.manual_seed(stage.seed)
+    model = MUGDiT(dit)
+    model.y_embedder.dropout_prob = 0.0
+    model.train()
+    opt, _ = optim.build_optimizer(stage, dit, model, None)
+    m = micro_batch(job, LatentSplit(latents).batch(list(range(mbs))), 0, 0, vae_factor=8)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        _loss(_forward(model, m, rt), m).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def cpu_main(args) -> dict:
     dit = DiTConfig(hidden_size=288, num_heads=4, depth=4, caption_channels=64, max_text_len=32,
                     caption_dropout_prob=0.0)
     load_before = os.getloadavg()
+    loads = {}
+
+    def bare(tag: str) -> list:
+        t = bare_step_times(dit, latents, args.mbs, args.steps)[args.warmup:]
+        loads[f"bare_{tag}"] = os.getloadavg()
+        print(f"bare fwd+bwd+adam (this process, 1 thread) median_step_s={statistics.median(t):.4f} "
+              f"load={loads[f'bare_{tag}']}", flush=True)
+        return t
+
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         latents = write_dataset(tmp / "latents", 8, (24, 5, 32, 32), (32, 64))
+        bare_times = bare("0")
         times, best = {}, {}
-        for dp in (1, 2):
-            rows = run(tmp, f"weak-dp{dp}", dit, latents, dp, args.steps, args.mbs, cpu=dp)
-            times[dp] = _median(rows, "step_time_s", args.warmup)
-            best[dp] = min(r["step_time_s"] for r in rows[args.warmup:])
-            print(f"dp={dp} processes={dp} threads_per_process=1 best_step_s={best[dp]:.4f} "
-                  f"median_step_s={times[dp]:.4f} samples_per_s={dp * args.mbs / best[dp]:.2f}", flush=True)
-    eff = best[1] / best[2]
-    return {"mode": "cpu", "dit": {"hidden_size": 288, "num_heads": 4, "depth": 4}, "latent": [24, 5, 32, 32],
-            "micro_batch_per_process": args.mbs, "steps": args.steps, "warmup_steps_dropped": args.warmup,
-            "best_step_s": {str(k): v for k, v in best.items()},
-            "median_step_s": {str(k): v for k, v in times.items()}, "efficiency": eff,
-            "efficiency_median": times[1] / times[2], "target": 0.85,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count(),
-            "machine": platform.processor() or platform.machine()}
+        runs: list = [("dp1", 1, {})] + ([] if args.quick else [("dp1_switches_off", 1, SWITCHES_OFF)]) + \
+            [("dp2", 2, {})]
+        for name, dp, switches in runs:   # the bare step is timed between the runs (the load drifts)
+            rows = run(tmp, f"weak-{name}", dit, latents, dp, args.steps, args.mbs, cpu=dp, **switches)
+            times[name] = _median(rows, "step_time_s", args.warmup)
+            best[name] = min(r["step_time_s"] for r in rows[args.warmup:])
+            loads[name] = os.getloadavg()
+            print(f"{name} processes={dp} threads_per_process=1 best_step_s={best[name]:.4f} "
+                  f"median_step_s={times[name]:.4f} samples_per_s={dp * args.mbs / best[name]:.2f} "
+                  f"load={loads[name]}", flush=True)
+            if dp == 1:
+                bare_times += bare(f"after_{name}")
+    bare_median, bare_best = statistics.median(bare_times), min(bare_times)
+    out = {"mode": "cpu", "quick": args.quick, "dit": {"hidden_size": 288, "num_heads": 4, "depth": 4},
+           "latent": [24, 5, 32, 32], "micro_batch_per_process": args.mbs, "steps": args.steps,
+           "warmup_steps_dropped": args.warmup, "checkpoint_interval": max(1, args.steps // 2),
+           "best_step_s": best, "median_step_s": times, "bare_median_step_s": bare_median,
+           "bare_best_step_s": bare_best, "overhead": times["dp1"] / bare_median, "overhead_target": 1.1,
+           "overhead_best": best["dp1"] / bare_best,
+           "efficiency": best["dp1"] / best["dp2"], "efficiency_median": times["dp1"] / times["dp2"],
+           "efficiency_target": 0.95,
+           "loadavg_before": load_before, "loadavg_after_each": loads, "cpu_count": os.cpu_count(),
+           "machine": platform.processor() or platform.machine()}
+    if "dp1_switches_off" in times:
+        out["overhead_switches_off"] = times["dp1_switches_off"] / bare_median
+        out["overhead_switches_off_best"] = best["dp1_switches_off"] / bare_best
+    return out
 
 
 def cuda_main(args) -> dict:
@@ -124,15 +199,19 @@ def main(argv=None) -> int:
     parser.add_argument("--cuda", action="store_true", help="single-GPU MFU at the 10B layer shapes")
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=4, help="first steps left out of the medians")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 6 steps, 2 warm-up, no switches-off run")
     parser.add_argument("--mbs", type=int, default=2, help="micro-batch per process (CPU)")
     parser.add_argument("--depth", type=int, default=4, help="DiT blocks (--cuda)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 6, 2
     result = cuda_main(args) if args.cuda else cpu_main(args)
     out = Path(args.out or REPO / "bench" / "results" / f"scaling_{result['mode']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     if not args.cuda:
+        print(f"overhead {result['overhead']:.3f}", flush=True)
         print(f"efficiency {result['efficiency']:.3f}", flush=True)
     return 0
 
