@@ -94,3 +94,17 @@ def test_mask_kind_decides_varlen():
     assert attn._mask_kind(q, k, keep()[:, None, None]) == "key_padding"
     assert attn._mask_kind(q, k, torch.ones(B, 1, L, S, dtype=torch.bool)) == "other"
     assert attn._mask_kind(q, k, None) == "none"
+
+
+def test_sdpa_priority_traces_under_compile():
+    """The CUDA path's ``sdpa_kernel(SDPA_PRIORITY, set_priority=True)`` is what a compiled block runs around SDPA:
+    dynamo must trace it in one graph (fullgraph). Checked on CPU, where SDPA then picks its CPU kernel."""
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        with sdpa_kernel(list(attn.SDPA_PRIORITY), set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep()[:, None, None])
+
+    q, k, v = (t.detach() for t in qkv())
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v), rtol=1e-6, atol=1e-6)
