@@ -4,7 +4,8 @@
   streaming) produced on synthetic inputs with hard cuts, fades, dissolves, a long scene, burnt-in text, a
   variable-rate stream and a PyAV-only width; the streaming path must reproduce them;
 - scenes: the streaming analysis of a file (decoder first pass) equals ``analyse`` on the decoded array, and finds
-  the known cuts; also on the shared fixture video when present;
+  the known cuts; also on the shared fixture video when present; the score shared by both cut detectors is the one
+  PySceneDetect's own detectors compute, and they find the same cuts with it;
 - decoder: ``read_frames``/``read_windows`` give the frames of ``read_video`` (decord, PyAV, variable rate);
 - memory: traced peak allocation of ``curate_video`` on a video 6x longer stays that of the short one.
 """
@@ -18,6 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -35,7 +37,7 @@ from tasks.curate.decode import (
     scan_video,
     write_clip,
 )
-from tasks.curate.scenes import analyse, scan_scenes
+from tasks.curate.scenes import SceneStream, analyse, content_score, scan_scenes
 from tasks.curate.synthetic import SceneSpec, make_scenes_video, render_scene, render_video
 
 GOLDEN = Path(__file__).parent / "golden" / "curate_rows.json"
@@ -119,6 +121,34 @@ def test_streamed_scene_analysis_equals_the_array_one_and_finds_the_cuts(tmp_pat
     assert len(streamed.cuts) == len(cuts) and all(abs(a - b) <= 1 for a, b in zip(streamed.cuts, cuts))
     (ts, te), = streamed.transitions
     assert ts <= ranges[0][0] + 1 and te >= ranges[0][1] - 1
+
+
+def test_shared_content_score_is_pyscenedetects_and_finds_the_same_cuts():
+    """One HSV conversion and score per frame for both detectors: the same floats as ``ContentDetector`` computes
+    from the BGR frame, and the same (unmerged) cuts as the stock ContentDetector + AdaptiveDetector."""
+    from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
+    from scenedetect.detector import FlashFilter
+
+    rng = np.random.default_rng(0)
+    scenes = [SceneSpec(k, 14, seed=i) for i, k in enumerate(("texture", "shaky", "flat", "texture", "static"))]
+    frames_THWC = np.concatenate([render_video(scenes, width=96, height=64)[0],
+                                  rng.integers(0, 256, (6, 64, 96, 3), dtype=np.uint8)])   # noise: large scores
+    cfg = CurateConfig(adaptive_threshold=2.0)
+    stock = [ContentDetector(threshold=cfg.scene_threshold, min_scene_len=8, filter_mode=FlashFilter.Mode.SUPPRESS),
+             AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold, min_scene_len=8)]
+    stream, found = SceneStream(8.0, cfg, min_scene_len=8), []
+    for i, frame_HWC in enumerate(frames_THWC):
+        bgr_HWC = np.ascontiguousarray(frame_HWC[..., ::-1])
+        if i:   # PySceneDetect's score of frame i after frame i - 1
+            reference = ContentDetector()
+            reference._calculate_frame_score(FrameTimecode(0, fps=8.0),
+                                             np.ascontiguousarray(frames_THWC[i - 1, ..., ::-1]))
+            want = reference._calculate_frame_score(FrameTimecode(1, fps=8.0), bgr_HWC)
+            hsv_HWC, prev_HWC = (cv2.cvtColor(f, cv2.COLOR_RGB2HSV) for f in (frame_HWC, frames_THWC[i - 1]))
+            assert content_score(hsv_HWC, prev_HWC) == want, i
+        found += [int(tc.frame_num) for det in stock for tc in det.process_frame(FrameTimecode(i, fps=8.0), bgr_HWC)]
+        stream.push(frame_HWC)
+    assert stream.found == found and len(set(found)) >= 4, (stream.found, found)
 
 
 @pytest.mark.skipif(not SHARED_VIDEO.is_file(), reason=f"{SHARED_VIDEO} not present (shared fixtures)")

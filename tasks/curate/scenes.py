@@ -7,10 +7,14 @@ transitions (fades, dissolves), holding a bounded window of small analysis frame
     result = stream.finish()          # SceneAnalysis: cuts, transitions, scenes, changes
     result = analyse(frames_THWC, fps, cfg)   # the same, for frames already in one array
 
-Each frame is first downscaled to at most ``analysis_width`` columns (as PySceneDetect's own ``downscale`` does).
-- Hard cuts: every small frame goes (RGB -> BGR) to ``ContentDetector`` and ``AdaptiveDetector`` ``process_frame``
-  (SUPPRESS flash filter, so no end-of-stream flush is needed); a cut is the first frame of the new scene, the union
-  of both detectors' cuts is used, and cuts closer than ``min_scene_len`` frames are merged.
+Each frame is first downscaled to at most ``analysis_width`` columns (as PySceneDetect's own ``downscale`` does);
+every colour conversion runs on the small frame.
+- Hard cuts: PySceneDetect's ``ContentDetector`` and ``AdaptiveDetector`` (SUPPRESS flash filter, so no
+  end-of-stream flush is needed); a cut is the first frame of the new scene, the union of both detectors' cuts is
+  used, and cuts closer than ``min_scene_len`` frames are merged. Both detectors score a frame the same way (the mean
+  HSV change from the previous frame, default weights): the score is computed once per frame here
+  (``content_score``, one RGB -> HSV conversion, the numbers PySceneDetect 0.7 computes) and given to both, which
+  keep their own thresholds, flash filter and rolling average.
 - Gradual transitions (the report pairs PySceneDetect with a Color-Struct SVM for these; this is a model-free test):
   over a window [a, b] of ``gradual_window`` frames, a fade or dissolve makes every middle frame a blend
   ``alpha * F(a) + (1 - alpha) * F(b)`` with alpha falling steadily from 1 to 0. A window is a transition when
@@ -43,6 +47,9 @@ if TYPE_CHECKING:
 # of being merged into the neighbouring shot.
 MIN_SCENE_LEN = 8
 GRADUAL_SIZE = 48     # columns of the frames the blend test runs on
+# the content score's weights (hue, saturation, luma, edges): PySceneDetect's defaults, without edges (so no Canny)
+WEIGHTS = ContentDetector.DEFAULT_COMPONENT_WEIGHTS
+assert WEIGHTS.delta_edges == 0.0, "content_score does not compute edges"
 
 
 @dataclass
@@ -76,6 +83,33 @@ def _hsv_N(tiny_HWC: np.ndarray) -> np.ndarray:
     return hsv
 
 
+def content_score(hsv_HWC: np.ndarray, prev_hsv_HWC: np.ndarray) -> float:
+    """PySceneDetect's content score of a frame: the weighted mean of the mean absolute hue, saturation and luma
+    changes (uint8 HSV [H,W,3] of this frame and of the previous one), with the same arithmetic (exact integer sums,
+    one division each, then the weighted sum in the same order), so the same float."""
+    num_pixels = float(hsv_HWC.shape[0] * hsv_HWC.shape[1])
+    sums = cv2.sumElems(cv2.absdiff(hsv_HWC, prev_hsv_HWC))   # (hue, sat, lum, 0): integers, exact in float64
+    components = (sums[0] / num_pixels, sums[1] / num_pixels, sums[2] / num_pixels, 0.0)
+    return sum(c * w for c, w in zip(components, WEIGHTS)) / sum(abs(w) for w in WEIGHTS)
+
+
+class _GivenScore:
+    """A PySceneDetect content detector whose frame score is set from outside (``score``) before each
+    ``process_frame`` instead of being computed from the frame (``ContentDetector._calculate_frame_score``)."""
+    score = 0.0
+
+    def _calculate_frame_score(self, timecode: FrameTimecode, frame_img: np.ndarray) -> float:
+        return self.score
+
+
+class _ScoredContentDetector(_GivenScore, ContentDetector):
+    pass
+
+
+class _ScoredAdaptiveDetector(_GivenScore, AdaptiveDetector):
+    pass
+
+
 def _is_blend(window_xN: Deque[np.ndarray], min_change: float, max_residual: float) -> bool:
     """Whether the window of flattened tiny frames [window+1 of (N,)] is a fade/dissolve (module docstring)."""
     d = window_xN[0] - window_xN[-1]
@@ -96,26 +130,31 @@ class SceneStream:
         if fps <= 0:
             raise ValueError(f"SceneStream: fps must be > 0, got {fps}")
         self.fps, self.cfg, self.min_scene_len = fps, cfg, min_scene_len
-        self.detectors = [ContentDetector(threshold=cfg.scene_threshold, min_scene_len=min_scene_len,
-                                          filter_mode=FlashFilter.Mode.SUPPRESS)]
+        self.detectors: List[_ScoredContentDetector | _ScoredAdaptiveDetector] = [_ScoredContentDetector(
+            threshold=cfg.scene_threshold, min_scene_len=min_scene_len, filter_mode=FlashFilter.Mode.SUPPRESS)]
         if cfg.adaptive_threshold > 0:
-            self.detectors.append(AdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold,
-                                                   min_scene_len=min_scene_len))
+            self.detectors.append(_ScoredAdaptiveDetector(adaptive_threshold=cfg.adaptive_threshold,
+                                                          min_scene_len=min_scene_len))
         self.num_frames = 0
         self.found: List[int] = []                           # detector cuts, unmerged
         self.flagged: List[Tuple[int, int]] = []             # gradual windows [a, b + 1), merged as they come
         self.window_xN: Deque[np.ndarray] = deque(maxlen=cfg.gradual_window + 1)   # last tiny frames, flattened
         self.changes: List[float] = []
-        self.prev_hsv: Optional[np.ndarray] = None
+        self.prev_hsv: Optional[np.ndarray] = None          # float HSV of the previous tiny frame
+        self.prev_small_hsv: Optional[np.ndarray] = None    # uint8 HSV of the previous analysis frame
 
     def push(self, frame_HWC: np.ndarray) -> None:
         """Analyse the next frame, uint8 RGB [H,W,3]."""
         i = self.num_frames
-        # 1. hard cuts on the analysis-size frame
-        small_HWC = _downscale_frame(frame_HWC, self.cfg.analysis_width)
-        bgr_HWC = np.ascontiguousarray(small_HWC[..., ::-1])
+        # 1. hard cuts on the analysis-size frame: one HSV conversion, one score for both detectors
+        small_HWC = np.ascontiguousarray(_downscale_frame(frame_HWC, self.cfg.analysis_width))
+        small_hsv_HWC = cv2.cvtColor(small_HWC, cv2.COLOR_RGB2HSV)
+        score = 0.0 if self.prev_small_hsv is None else content_score(small_hsv_HWC, self.prev_small_hsv)
+        self.prev_small_hsv = small_hsv_HWC
         for det in self.detectors:
-            self.found += [int(tc.frame_num) for tc in det.process_frame(FrameTimecode(i, fps=self.fps), bgr_HWC)]
+            det.score = score
+            self.found += [int(tc.frame_num) for tc in det.process_frame(FrameTimecode(i, fps=self.fps),
+                                                                         small_hsv_HWC)]
         # 2. per-frame change and the gradual window on the tiny frame
         tiny_HWC = _downscale_frame(small_HWC, GRADUAL_SIZE)
         hsv = _hsv_N(tiny_HWC)
