@@ -1,14 +1,16 @@
 """Captions in batches: Qwen2-VL ``caption_batch`` (left-padded prompts, concatenated video patches, greedy) gives
-the tiny random model's captions one by one, and curation's rows do not depend on ``curate.caption.batch_size``."""
+the tiny random model's captions one by one, and curation's rows do not depend on ``curate.caption.batch_size``;
+the frames a captioner reads (what curation holds until a batch is captioned) give the clip's caption."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.config import CaptionConfig, CurateConfig
-from tasks.curate.captioner import QwenVLCaptioner
+from tasks.curate.captioner import QwenVLCaptioner, SidecarCaptioner
 from tasks.curate.curate import Models, curate_video
 from tasks.curate.synthetic import SceneSpec, make_scenes_video, render_scene
 
@@ -29,6 +31,19 @@ def test_batched_captions_equal_one_by_one(captioner: QwenVLCaptioner) -> None:
     assert captioner.caption_batch(items) == one
     assert captioner.caption_batch(items[2:5]) == one[2:5] and captioner.caption_batch([]) == []
     assert len(set(one)) == len(one) and all(c.endswith(f" aesthetic score: {5.0 + i:.1f}.") for i, c in enumerate(one))
+
+
+def test_the_frames_read_give_the_same_caption(captioner: QwenVLCaptioner) -> None:
+    """Qwen2-VL reads ``caption.num_frames`` of a clip (a copy, not a view that would hold the clip); a sidecar
+    caption reads none."""
+    for n in (17, 8, 3, 1):
+        frames_THWC = render_scene(SceneSpec("shaky", n, seed=n), 128, 96)
+        read_THWC = captioner.frames_read(frames_THWC)
+        assert len(read_THWC) == min(n, captioner.cfg.num_frames) and not np.shares_memory(read_THWC, frames_THWC)
+        assert captioner.caption(read_THWC, 5.0) == captioner.caption(frames_THWC, 5.0)
+    sidecar = SidecarCaptioner("a text")
+    assert sidecar.frames_read(frames_THWC).shape == (0, 96, 128, 3)
+    assert sidecar.caption(sidecar.frames_read(frames_THWC), 5.0) == sidecar.caption(frames_THWC, 5.0)
 
 
 def test_curation_rows_do_not_depend_on_the_batch_size(tmp_path: Path, captioner: QwenVLCaptioner,

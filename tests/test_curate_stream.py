@@ -214,8 +214,8 @@ def test_memory_does_not_grow_with_the_video_length(tmp_path):
                                  for i, k in enumerate(("texture", "shaky", "texture"))])
     write_clip(tmp_path / "short.mp4", scene_THWC, 24, crf=30)
     write_clip(tmp_path / "long.mp4", np.concatenate([scene_THWC] * 6), 24, crf=30)
-    # one caption per batch: a batch holds its clips' frames until it is captioned (caption.batch_size windows)
-    cfg = CurateConfig(motion_min=0.02, motion_height=96, caption=CaptionConfig(backend="sidecar", batch_size=1))
+    # the default caption batch: until captioned, a batch holds only the frames its captioner reads (sidecar: none)
+    cfg = CurateConfig(motion_min=0.02, motion_height=96, caption=CaptionConfig(backend="sidecar"))
     models = Models(cfg)
     _ = models.scorer   # built before tracing: the model is the same for both videos
     peak_short, rows_short = _traced_peak(tmp_path / "short.mp4", cfg, models, tmp_path / "o1")

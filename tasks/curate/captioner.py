@@ -52,6 +52,11 @@ class Captioner:
         """Captions of several (frames_THWC, aesthetic) items; the same strings as ``caption`` one by one."""
         return [self.caption(frames_THWC, aesthetic) for frames_THWC, aesthetic in items]
 
+    def frames_read(self, frames_THWC: np.ndarray) -> np.ndarray:
+        """The frames of a clip that ``caption`` reads, as a new array (no view of the clip) that gives the same
+        caption: what a caller holds until the clip's batch is captioned. All of them unless a subclass knows."""
+        return frames_THWC
+
 
 class SidecarCaptioner(Captioner):
     source = "sidecar"
@@ -61,6 +66,9 @@ class SidecarCaptioner(Captioner):
 
     def caption(self, frames_THWC: np.ndarray, aesthetic: Optional[float]) -> str:
         return with_aesthetic(self.text, aesthetic)
+
+    def frames_read(self, frames_THWC: np.ndarray) -> np.ndarray:
+        return np.empty((0, *frames_THWC.shape[1:]), frames_THWC.dtype)   # the text does not depend on them
 
 
 def tiny_tokenizer():
@@ -156,6 +164,14 @@ class QwenVLCaptioner(Captioner):
     def caption(self, frames_THWC: np.ndarray, aesthetic: Optional[float]) -> str:
         return self.caption_batch([(frames_THWC, aesthetic)])[0]
 
+    def _sampled(self, num_frames: int) -> np.ndarray:
+        """Indices of the ``cfg.num_frames`` frames (or all, when fewer) given to the model, spread evenly; on its
+        own output it is the identity (``linspace(0, m - 1, m)`` is exact), so ``frames_read`` keeps the caption."""
+        return np.linspace(0, num_frames - 1, min(self.cfg.num_frames, num_frames)).round().astype(int)
+
+    def frames_read(self, frames_THWC: np.ndarray) -> np.ndarray:
+        return frames_THWC[self._sampled(len(frames_THWC))]   # fancy indexing: a copy
+
     def caption_batch(self, items: Sequence[Tuple[np.ndarray, Optional[float]]]) -> List[str]:
         """One ``generate`` call for all ``items``: prompts left-padded to the longest (attention mask 0 on the pads,
         so Qwen2-VL's rope index and attention skip them), the videos' patches concatenated in order, greedy."""
@@ -165,9 +181,8 @@ class QwenVLCaptioner(Captioner):
             return []
         prompts, pixels, grids = [], [], []
         for frames_THWC, _ in items:
-            idx = np.linspace(0, len(frames_THWC) - 1, min(self.cfg.num_frames, len(frames_THWC))).round().astype(int)
-            p, grid = video_patches(frames_THWC[idx], self.patch, self.merge, self.tps, self.cfg.min_pixels,
-                                    self.cfg.max_pixels)
+            p, grid = video_patches(frames_THWC[self._sampled(len(frames_THWC))], self.patch, self.merge, self.tps,
+                                    self.cfg.min_pixels, self.cfg.max_pixels)
             pixels.append(p)
             grids.append(grid)
             prompts.append(self.prompt(grid[0] * grid[1] * grid[2] // self.merge ** 2))

@@ -9,8 +9,9 @@ frames are scored by every filter (``filters.assess``: brightness, sharpness, mo
 that still contain a cut (max frame change > ``cut_check_threshold``) are dropped; kept clips are center-cropped +
 resized to the bucket and written at once, and captioned with their key frames ``caption.batch_size`` per captioner
 call as the batches fill (``captioner``: sidecar or Qwen2-VL, aesthetic score appended). Every candidate gets a
-pHash (for the run-wide near-duplicate check at merge) and a thumbnail. Memory is bounded by one window (plus a
-caption batch) of source frames, whatever the video's length.
+pHash (for the run-wide near-duplicate check at merge) and a thumbnail. Memory is bounded by one window of source
+frames (plus, per clip of a caption batch, the frames the captioner reads: ``caption.num_frames``, none with sidecar
+captions), whatever the video's length.
 
 Settings reach every step the same way: each helper that applies a curation setting takes the whole ``cfg`` (the
 CurateConfig) and reads its fields itself (``scenes.scan_scenes``, ``buckets.*``, ``window_starts``,
@@ -215,16 +216,17 @@ def _curate_windows(frames: Iterator[np.ndarray], plan: List[Tuple[int, int, int
                                scored_by=f"aesthetic {scorer.identity}", kind="clip",
                                variants="" if reason else json.dumps(buckets.variants(out_h, out_w, n, cfg, fps)),
                                **common)
-            if not reason:
+            if not reason:   # hold only the frames the captioner reads (none for sidecar captions) until then
+                captioner = models.captioner(sidecar) if captioner is None else captioner
                 to_caption.insert(mark, (row, src_THWC, report.aesthetic))   # before its key frames
+                to_caption[mark:] = [(r, captioner.frames_read(f), a) for r, f, a in to_caption[mark:]]
             out += [(row, key), *images]
             full = len(to_caption) // cfg.caption.batch_size * cfg.caption.batch_size
             if full:   # the same batches as captioning every row at the end, without holding their frames
-                captioner = models.captioner(sidecar) if captioner is None else captioner
                 _caption_rows(to_caption[:full], captioner, cfg.caption.batch_size)
                 del to_caption[:full]
     if to_caption:
-        _caption_rows(to_caption, models.captioner(sidecar) if captioner is None else captioner, cfg.caption.batch_size)
+        _caption_rows(to_caption, captioner, cfg.caption.batch_size)
     return out
 
 
