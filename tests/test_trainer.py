@@ -142,6 +142,16 @@ def test_peak_flops_default_env_and_override(monkeypatch):
     assert device.peak_flops_per_s(rt, tflops=7.0) == 7e12
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as the trainer's workers have (OMP_NUM_THREADS): on shared cores two threads make the tiny
+    model's steps ~30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny_model(seed: int = 0):
     from models.dit import MUGDiT
 
@@ -151,7 +161,7 @@ def _tiny_model(seed: int = 0):
     return model
 
 
-def test_adam_kernels_are_bitwise_equal_on_cpu():
+def test_adam_kernels_are_bitwise_equal_on_cpu(one_thread):
     """stage.optimizer_impl: fused, foreach and the per-tensor loop give the same weights and Adam state after 3
     steps (weight decay on); "auto" is foreach on CPU, fused on CUDA."""
     from trainer.optim import adam_impl, build_optimizer
@@ -179,7 +189,7 @@ def test_adam_kernels_are_bitwise_equal_on_cpu():
         StageConfig(optimizer_impl="apex")
 
 
-def test_bf16_weights_train_on_fp32_masters(tmp_path):
+def test_bf16_weights_train_on_fp32_masters(tmp_path, one_thread):
     """stage.bf16_weights on CPU (bf16 autocast; the path CUDA takes by default, not run on a GPU here): during the
     step the parameters are bf16, the gradients of 2 micro-batches are summed in fp32, the optimizer updates fp32
     masters and the bf16 copies follow them; the losses track plain bf16 autocast (fp32 weights re-cast by every
