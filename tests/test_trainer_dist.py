@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,9 @@ def test_dp2_stage_learns_and_writes_checkpoints(tiny):
     assert last < 0.7 * first, (first, last)
     assert sum(line.startswith("step=") for line in lines) == 30             # streamed while it ran
     assert any(line.startswith("step=30 loss=") for line in lines)
+    buckets = [line for line in lines if line.startswith("overlap_grad_reduce:")]
+    assert len(buckets) == 1 and re.match(r"overlap_grad_reduce: (\d+) of \1 gradient buckets", buckets[0]), buckets
+    assert int(buckets[0].split()[1]) > 10, buckets
     assert sorted(p.name for p in out.glob("step_*")) == ["step_00000010", "step_00000020", "step_00000030"]
     meta = checkpoint.verify(checkpoint.latest(out))
     assert (meta["step"], meta["tensor_parallel"], meta["data_parallel"]) == (30, 1, 2)

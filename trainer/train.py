@@ -124,6 +124,9 @@ def train(job: StageJob) -> None:
         batches.close()
         if writer is not None:
             writer.wait()   # the last step folder is complete before the stage reports success
+        if overlap is not None and overlap.active and layout.rank == 0:
+            print(f"overlap_grad_reduce: {overlap.overlapped} of {len(overlap.buckets)} gradient buckets were "
+                  "all-reduced during the last step's backward", flush=True)
         log.close()   # MLflow metrics still queued (a server outage) are sent now, or counted as lost
     finally:
         device.destroy()

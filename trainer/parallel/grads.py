@@ -172,6 +172,7 @@ class OverlappedGradReduce:
         self._count: Dict[torch.Tensor, int] = {}
         self._missing = [len(ps) for ps in self.buckets]   # params of each bucket still without their final grad
         self._next = 0                                      # the next bucket to launch (strictly in order)
+        self.overlapped = 0   # buckets the last finished step had started during its backward
         self._inflight: List[Tuple[torch.Tensor, List[torch.Tensor], object]] = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self._bucket_of] \
             if self.active else []
@@ -204,6 +205,7 @@ class OverlappedGradReduce:
         if not self.active:
             sync_gradients(self.plan, self.model)
             return
+        self.overlapped = self._next
         while self._next < len(self.buckets):
             self._launch(self._next)
         dp = self.plan.layout.dp
