@@ -80,7 +80,7 @@ def measure_step(latent_thw, batch: int, recompute: bool) -> int:
 def predict(latent_thw, batch: int, recompute: bool) -> float:
     t, h, w = latent_thw
     tokens = t * h * w // 4
-    lay = plan.Layout(recompute=recompute, autocast=False, foreach=False)   # the CPU trainer: fp32, per-tensor AdamW
+    lay = plan.Layout(recompute=recompute, autocast=False, optimizer="foreach")   # the CPU trainer: fp32, foreach AdamW
     return plan.peak_memory(DIT, lay, plan.Sample(tokens, batch, DIT.max_text_len), workspace=0).total
 
 
@@ -173,11 +173,15 @@ GPU_TOLERANCE = 0.10                   # the issue's target: prediction within 1
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by bench/gpu_checks.sh)")
 @pytest.mark.parametrize("recompute", [False, True])
-def test_memory_model_at_10b_shapes_on_gpu(recompute):
-    """One training step as the GPU trainer runs it (fp32 master weights on the GPU, bf16 autocast, torch AdamW's
-    foreach path, grad clipping, EMA) after a warm-up step: torch.cuda.max_memory_allocated against the planner's
-    prediction without the workspace (the caching allocator's own allocations are not in max_memory_allocated)."""
+@pytest.mark.parametrize("bf16_weights", [True, False])
+def test_memory_model_at_10b_shapes_on_gpu(recompute, bf16_weights):
+    """One training step as the GPU trainer runs it (fp32 master weights, bf16 autocast with or without the bf16
+    weight copies of trainer.precision, torch AdamW's fused kernel, grad clipping, EMA) after a warm-up step:
+    torch.cuda.max_memory_allocated against the planner's prediction without the workspace (the caching allocator's
+    reserve and the CUDA context are not in max_memory_allocated)."""
     import dataclasses
+
+    from trainer.precision import Bf16Weights
 
     dit = dataclasses.replace(load_config("configs/mugv_10b.yaml").train.dit, depth=GPU_DEPTH)
     dev = torch.device("cuda")
@@ -187,6 +191,7 @@ def test_memory_model_at_10b_shapes_on_gpu(recompute):
         apply_activation_checkpointing(model)
     opt, _ = build_optimizer(StageConfig(name="m", lr=1e-4, data_parallel=1), dit, model, None)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bf16 = Bf16Weights(model) if bf16_weights else None
     x0 = torch.randn(1, dit.in_channels, *GPU_LATENT_THW, device=dev)
     text = torch.randn(1, dit.max_text_len, dit.caption_channels, device=dev)
     mask = torch.ones(1, dit.max_text_len, dtype=torch.bool, device=dev)
@@ -194,11 +199,17 @@ def test_memory_model_at_10b_shapes_on_gpu(recompute):
 
     def step() -> None:
         x_t, t, noise = rf.training_step_inputs(x0, g, 0.0, 1.0, True)
+        if bf16:
+            bf16.begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             pred = model(x_t, t, text, mask)
         rf.flow_loss(pred.float(), x0, noise).mean().backward()
+        if bf16:
+            bf16.end()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if bf16:
+            bf16.refresh()
         ema_update(ema, model, EMA_DECAY)
         opt.zero_grad(set_to_none=True)
 
@@ -209,12 +220,28 @@ def test_memory_model_at_10b_shapes_on_gpu(recompute):
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated()
     t, h, w = GPU_LATENT_THW
-    foreach = bool(opt.defaults.get("foreach") in (None, True))      # torch's default on CUDA: foreach
-    lay = plan.Layout(recompute=recompute, autocast=True, foreach=foreach)
+    kernel = "fused" if opt.defaults.get("fused") else "foreach" if opt.defaults.get("foreach") else "for_loop"
+    lay = plan.Layout(recompute=recompute, autocast=True, optimizer=kernel, bf16_weights=bf16_weights)
     mem = plan.peak_memory(dit, lay, plan.Sample(t * h * w // 4, 1, dit.max_text_len), workspace=0)
     err = mem.total / measured - 1
     parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in mem.parts().items())
-    print(f"10B width, depth {GPU_DEPTH}, {t * h * w // 4} tokens, recompute={recompute}: measured "
+    print(f"10B width, depth {GPU_DEPTH}, {t * h * w // 4} tokens, recompute={recompute}, bf16_weights="
+          f"{bf16_weights}, AdamW {kernel}: measured "
           f"{measured / 2**30:.2f} GiB, predicted {mem.total / 2**30:.2f} GiB ({err:+.1%}); predicted parts (GiB): "
           f"{parts}")
     assert abs(err) <= GPU_TOLERANCE
+
+
+@pytest.mark.parametrize("setting", ["auto", "on", "off"])
+@pytest.mark.parametrize("distributed_optimizer, pp", [(False, 1), (False, 2), (True, 1)])
+def test_stage_kernels_follow_the_trainer(setting, distributed_optimizer, pp):
+    """The planner's (torch-free) copy of the trainer's rules: the AdamW kernel on CUDA and bf16_weights."""
+    from trainer.optim import adam_impl
+    from trainer.precision import bf16_weights_on
+
+    stage = StageConfig(name="s", optimizer_impl="auto", bf16_weights="auto", checkpoint_format="dist",
+                        distributed_optimizer=distributed_optimizer)
+    stage.bf16_weights = setting     # set after the checks: "on" with PP is refused at load, asked here anyway
+    kernel, bf16 = plan.stage_kernels(stage, pp)
+    assert kernel == adam_impl("auto", torch.device("cuda"))
+    assert bf16 == bf16_weights_on(setting, torch.bfloat16, distributed_optimizer, pp)

@@ -11,16 +11,19 @@
 Pure functions of the model's shapes and a layout; torch is not imported. What is counted is what this trainer
 stores (trainer/optim.py, trainer/device.py, trainer/state.py, docs/parallelism.md), per GPU:
 
-- weights: fp32 (the master weights are the model's parameters); gradients: fp32 (``param.grad``, or megatron DDP's
-  contiguous fp32 grad buffer with the distributed optimizer); AdamW's exp_avg and exp_avg_sq: fp32, sharded over
-  DP x CP with ``distributed_optimizer``; the EMA: a fp32 copy of this rank's state dict (never sharded);
-- on GPU the forward runs under bf16 autocast: autocast caches a bf16 copy of every weight a matmul reads until the
-  forward ends (and the backward keeps them when nothing is recomputed);
+- weights: fp32 masters; with ``bf16_weights`` (the GPU default) also a bf16 copy the forward reads (megatron's
+  distributed optimizer: the parameters are bf16 and its fp32 main params are sharded over DP x CP); gradients: fp32
+  (``param.grad`` or the bf16 path's fp32 sums, or megatron DDP's contiguous fp32 grad buffer); AdamW's exp_avg and
+  exp_avg_sq: fp32, sharded over DP x CP with ``distributed_optimizer``; the EMA: a fp32 copy of this rank's state
+  dict (never sharded);
+- on GPU the forward runs under bf16 autocast: without ``bf16_weights`` autocast caches a bf16 copy of every weight a
+  matmul reads until the forward ends (and the backward keeps them when nothing is recomputed);
 - activations: the tensors autograd saves, term by term (``BLOCK_TERMS``, ``TEXT_TERMS``, ``OUTSIDE_TERMS``), from
   the block's code (models/dit.py) with their dtype under autocast (fp32 on CPU) and how TP, SP and CP split them;
   with recomputation only each block's input is kept and one block's activations exist at a time; with PP the first
   stage holds min(pp, micro-batches) micro-batches in flight (1F1B);
-- the optimizer step's temporaries (torch AdamW's foreach path: one fp32 copy of the optimised parameters);
+- the optimizer step's temporaries (``optimizer``: torch AdamW's foreach path one fp32 copy of the optimised
+  parameters, the per-tensor path two of the largest tensor, the fused kernel none);
 - a fixed workspace (``WORKSPACE_BYTES``).
 
 Checked against measured peaks on CPU at tiny sizes (tests/test_planner.py); not checked on a GPU at the 10B shapes
@@ -163,6 +166,9 @@ TEXT_OUTSIDE: Tuple[Term, ...] = (               # caption embedder per text tok
 )
 
 
+OPTIMIZERS = ("fused", "foreach", "for_loop")
+
+
 @dataclass(frozen=True)
 class Layout:
     """One candidate layout of a stage (the StageConfig fields of the same names)."""
@@ -175,7 +181,15 @@ class Layout:
     micro_batches: int = 1            # per DP rank per step (1F1B's m with PP)
     distributed_optimizer: bool = False
     autocast: bool = True             # GPU: bf16 autocast; False: the CPU trainer (all fp32)
-    foreach: bool = True              # torch AdamW's default on CUDA; CPU uses the per-tensor path
+    optimizer: str = "fused"          # torch AdamW's kernel (stage.optimizer_impl; "auto" is "fused" on CUDA):
+    #                                   "fused" | "foreach" | "for_loop" (trainer/optim.py)
+    bf16_weights: bool = False        # stage.bf16_weights: bf16 parameters for the forward, fp32 masters
+    overlap_grad_reduce: bool = True  # stage.overlap_grad_reduce: the DP reduce runs during the last backward
+    #                                   (trainer/precision.py; megatron's bf16 main params with the dist. optimizer)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Layout.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     @property
     def world(self) -> int:
@@ -309,7 +323,8 @@ def peak_memory(dit: DiTConfig, lay: Layout, s: Sample, workspace: float = WORKS
     head = total(HEAD_TERMS, L) if lay.pp == 1 else 0.0      # the first stage holds the head only without PP
     blocks = dit.depth // lay.pp
     work = backward_working_bytes(dit, lay, s)
-    cast = BF16 * mm if lay.autocast else 0.0   # autocast's bf16 weight copies, cached until the forward ends
+    # autocast's bf16 weight copies, cached until the forward ends; none when the parameters already are bf16
+    cast = BF16 * mm if lay.autocast and not lay.bf16_weights else 0.0
     if lay.recompute:   # every micro-batch in flight keeps its block inputs and conditioning; one block rebuilt
         kept = inflight * (total(BLOCK_TERMS[:1], L) * blocks + fwd_alive + outside)
         acts = kept + max(head + cast, block + work)
@@ -319,11 +334,17 @@ def peak_memory(dit: DiTConfig, lay: Layout, s: Sample, workspace: float = WORKS
         acts = saved + max(fwd_alive + cast, work)
         what = f"{inflight} x {blocks} blocks saved"
     # the optimizer step: torch AdamW's foreach path makes one fp32 temporary per optimised parameter (the sqrt of
-    # exp_avg_sq); the per-tensor path (CPU) two of the largest tensor (sqrt, then the division)
+    # exp_avg_sq); the per-tensor path two of the largest tensor (sqrt, then the division); the fused kernel none
     largest = max(dit.hidden_size * int(dit.hidden_size * dit.mlp_ratio) / lay.tp, dit.caption_channels
                   * dit.hidden_size, 6 * dit.hidden_size ** 2)
-    step_temp = FP32 * n / shard if lay.foreach else 2 * FP32 * largest
-    return Memory(weights=FP32 * n, grads=FP32 * n, adam=2 * FP32 * n / shard, ema=FP32 * n, activations=acts,
+    step_temp = {"fused": 0.0, "foreach": FP32 * n / shard, "for_loop": 2 * FP32 * largest}[lay.optimizer]
+    # the weights: fp32 masters, plus their bf16 forward copies with bf16_weights (the torch AdamW path keeps whole
+    # masters; megatron's distributed optimizer keeps the parameters in bf16 and its fp32 main params sharded)
+    if lay.bf16_weights:
+        weights = BF16 * n + FP32 * n / shard
+    else:
+        weights = FP32 * n
+    return Memory(weights=weights, grads=FP32 * n, adam=2 * FP32 * n / shard, ema=FP32 * n, activations=acts,
                   autocast_weights=cast, step_temp=step_temp, workspace=workspace, what=what,
                   detail=dict(block=block, outside=outside, forward=fwd_alive, head=head, backward_work=work))
 
@@ -348,13 +369,15 @@ class StepTime:
     tp_comm: float     # ... and of TP/SP collectives
     cp_comm: float     # ... CP K/V all-gathers
     pp_comm: float     # ... stage-to-stage sends
-    dp_comm: float     # the gradient reduce (and the distributed optimizer's parameter all-gather)
+    dp_comm: float     # the gradient reduce not hidden by the backward (+ the distributed optimizer's all-gather)
     optimizer: float   # AdamW + EMA over HBM
+    casts: float       # bf16 weight casts over HBM: autocast's in every forward, or bf16_weights' one refresh
     bubble: float      # (pp - 1) / (m + pp - 1)
 
     def parts(self) -> Dict[str, float]:
         return dict(compute=self.compute, tp_comm=self.tp_comm, cp_comm=self.cp_comm, pp_comm=self.pp_comm,
-                    dp_comm=self.dp_comm, optimizer=self.optimizer, bubble=self.bubble, seconds=self.seconds,
+                    dp_comm=self.dp_comm, optimizer=self.optimizer, casts=self.casts, bubble=self.bubble,
+                    seconds=self.seconds,
                     mfu=self.mfu)
 
 
@@ -374,9 +397,13 @@ def step_time(dit: DiTConfig, lay: Layout, s: Sample, latent_shape: Sequence[int
     CP: all-gather of K and V forward, reduce-scatter of their gradients backward (+ forward again with recompute);
     PP: the fp32 residual stream to the next stage and its gradient back, per micro-batch, and the 1F1B bubble:
     every per-micro-batch term runs m + pp - 1 times;
-    DP: one fp32 all-reduce of the gradients over DP x CP (the distributed optimizer: reduce-scatter of the fp32
-    gradients + all-gather of the fp32 parameters, the same bytes), after the backward (not overlapped here);
-    the optimizer and the EMA: bytes read and written over HBM."""
+    DP: one fp32 all-reduce of the gradients over DP x CP (the distributed optimizer: a reduce-scatter of the fp32
+    gradients, then an all-gather of the updated parameters, bf16 with ``bf16_weights``, never overlapped); with
+    ``overlap_grad_reduce`` the reduce runs in buckets during the last micro-batch's backward (2/3 of its compute),
+    so only what exceeds that backward shows (megatron turns the overlap off with PP, trainer/optim.py);
+    the optimizer and the EMA: bytes read and written over HBM; the weight casts: autocast reads the fp32 and writes
+    the bf16 copy of every matmul weight in every forward (twice per micro-batch with recomputation), bf16_weights
+    once per step after the optimizer."""
     eff, _ = measured_efficiency() if efficiency is None else (efficiency, "")
     b, t, hh, ww = latent_shape
     latent = (s.batch, t, hh, ww)
@@ -402,15 +429,26 @@ def step_time(dit: DiTConfig, lay: Layout, s: Sample, latent_shape: Sequence[int
         stream = L / (lay.cp * (lay.tp if lay.sp else 1)) * dit.hidden_size * FP32
         pp_comm = 2 * stream / _bw(lay.world, gpus_per_node)   # PP is outermost: stages sit on different nodes
     slots = m + lay.pp - 1
-    n, _ = param_counts(dit, lay)
+    n, mm = param_counts(dit, lay)
     g = lay.dp * lay.cp
-    dp_comm = 2 * (g - 1) / g * FP32 * n / _bw(lay.tp * lay.cp * lay.dp, gpus_per_node) if g > 1 else 0.0
+    dp_comm = 0.0
+    if g > 1:
+        bw, ring = _bw(lay.tp * lay.cp * lay.dp, gpus_per_node), (g - 1) / g
+        reduce = (1 if lay.distributed_optimizer else 2) * ring * FP32 * n / bw    # reduce-scatter | all-reduce
+        if lay.overlap_grad_reduce and not (lay.distributed_optimizer and lay.pp > 1):
+            reduce = max(0.0, reduce - compute * 2 / 3)
+        gather = ring * (BF16 if lay.bf16_weights else FP32) * n / bw if lay.distributed_optimizer else 0.0
+        dp_comm = reduce + gather
     shard = g if lay.distributed_optimizer else 1
     optimizer = (28 * n / shard + 12 * n) / HBM_BYTES_PER_S   # AdamW: read p, g, m, v, write p, m, v; EMA r/w
-    seconds = slots * (compute + tp_comm + cp_comm + pp_comm) + dp_comm + optimizer
+    if lay.bf16_weights:
+        casts = (FP32 + BF16) * n / shard / HBM_BYTES_PER_S
+    else:
+        casts = (m * (2 if lay.recompute else 1) * (FP32 + BF16) * mm / HBM_BYTES_PER_S) if lay.autocast else 0.0
+    seconds = slots * (compute + tp_comm + cp_comm + pp_comm) + dp_comm + optimizer + casts
     mfu = model_flops * m * lay.dp / (seconds * lay.world * peak)
     return StepTime(seconds, mfu, slots * compute, slots * tp_comm, slots * cp_comm, slots * pp_comm, dp_comm,
-                    optimizer, (lay.pp - 1) / slots)
+                    optimizer, casts, (lay.pp - 1) / slots)
 
 
 # --- a stage's samples ---------------------------------------------------------------------------------------------
@@ -467,6 +505,15 @@ def _micro(stage, budget: int, mbs_fixed: int, b: Bucket) -> int:
     return max(1, budget // b.tokens) if budget else mbs_fixed
 
 
+def stage_kernels(stage, pp: int) -> Tuple[str, bool]:
+    """(AdamW kernel, bf16 weights) of ``stage`` on a GPU at pipeline size ``pp``: trainer.optim.adam_impl ("auto" =
+    "fused" on CUDA) and trainer.precision.bf16_weights_on under bf16 autocast (the same rule, without torch)."""
+    kernel = "fused" if stage.optimizer_impl == "auto" else stage.optimizer_impl
+    if stage.bf16_weights == "auto":
+        return kernel, pp == 1 and not stage.distributed_optimizer
+    return kernel, stage.bf16_weights == "on"
+
+
 def plan_stage(cfg, stage, gpus: int, gpu_memory_gb: float, gpus_per_node: int = GPUS_PER_NODE,
                efficiency: Optional[float] = None, peak: float = PEAK_FLOPS,
                workspace: float = WORKSPACE_BYTES) -> List[Candidate]:
@@ -505,7 +552,9 @@ def plan_stage(cfg, stage, gpus: int, gpu_memory_gb: float, gpus_per_node: int =
                     m = k * global_mb // dp
                     for sp in ((False, True) if tp > 1 else (False,)):
                         for rc in (False, True):
-                            lay = Layout(tp, cp, pp, dp, sp, rc, m, stage.distributed_optimizer)
+                            kernel, bf16 = stage_kernels(stage, pp)
+                            lay = Layout(tp, cp, pp, dp, sp, rc, m, stage.distributed_optimizer, optimizer=kernel,
+                                         bf16_weights=bf16, overlap_grad_reduce=stage.overlap_grad_reduce)
                             mems = [(peak_memory(dit, lay, Sample(b.tokens, _micro(stage, budget, mbs_fixed, b),
                                                                   text), workspace), b) for b in buckets]
                             mem, worst = max(mems, key=lambda x: x[0].total)
