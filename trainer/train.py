@@ -53,6 +53,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from models import compile as dit_compile
 from models import lora
 from models import rectified_flow as rf
 from trainer import checkpoint, device, metrics, optim, precision, preference, state
@@ -176,6 +177,9 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
     plan = parallelize(model, layout, sequence_parallel=job.stage.sequence_parallel, recompute=job.stage.recompute,
                        lora_rank=job.stage.lora_rank, lora_alpha=job.stage.lora_alpha)
     model.train()
+    compiled = dit_compile.apply(model, job.stage.compile)   # stage.compile "blocks": each block via torch.compile
+    if compiled and layout.rank == 0:
+        print(f"compile: {compiled} blocks through torch.compile (the first step of each shape compiles)", flush=True)
     pipe = PipelineStage(model, plan, pipeline_config(job.dit, layout.pp, layout.tp)) if layout.pp > 1 else None
     opt, ddp = optim.build_optimizer(job.stage, job.dit, model, plan)
     return model, plan, opt, ddp, pipe
