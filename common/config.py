@@ -333,7 +333,8 @@ class StageConfig:
                                    # and the end of the stage wait for it)
     bf16_weights: str = "auto"     # a bf16 copy of the weights for the forward, refreshed from the fp32 masters after
                                    # each step (no autocast re-cast): "auto" (on where the forward runs under bf16
-                                   # autocast, i.e. CUDA), "on", "off"; not with distributed_optimizer or PP
+                                   # autocast, i.e. CUDA), "on", "off"; not with PP. With distributed_optimizer
+                                   # the parameters are bf16, megatron's optimizer keeps fp32 masters (saved)
     full_weights: str = "every"   # when rank 0 gathers and writes the full model/ema.safetensors: "every" checkpoint,
                                   # or only at the stage's "final" step (needs "dist"; export others from dist/)
     task_mix: List[TaskShare] = field(default_factory=lambda: [TaskShare()])   # which tasks, how often, loss weights
@@ -390,10 +391,10 @@ class StageConfig:
         if self.bf16_weights not in ("auto", "on", "off"):
             raise ValueError(f"stage '{self.name}': bf16_weights must be 'auto', 'on' or 'off', "
                              f"got '{self.bf16_weights}'")
-        if self.bf16_weights == "on" and (self.distributed_optimizer or self.pipeline_parallel > 1):
-            raise ValueError(f"stage '{self.name}': bf16_weights 'on' is not supported with distributed_optimizer "
-                             "(megatron's optimizer would keep bf16 weights in the checkpoint) or pipeline_parallel "
-                             "> 1 (the stages exchange fp32 activations): set bf16_weights 'auto' (off there)")
+        if self.bf16_weights == "on" and self.pipeline_parallel > 1:
+            raise ValueError(f"stage '{self.name}': bf16_weights 'on' is not supported with pipeline_parallel > 1 "
+                             "(the stages exchange fp32 activations; bf16 weights are untested there): set "
+                             "bf16_weights 'auto' (off there)")
         if self.compile not in ("none", "blocks"):
             raise ValueError(f"stage '{self.name}': compile must be 'none' or 'blocks', got '{self.compile}'")
         if self.compile == "blocks" and (self.tensor_parallel > 1 or self.context_parallel > 1):

@@ -200,11 +200,11 @@ def test_bf16_weights_train_on_fp32_masters(tmp_path, one_thread):
     from trainer.precision import Bf16Weights, bf16_weights_on
     from trainer.train import micro_batch, train_step
 
-    assert bf16_weights_on("auto", torch.bfloat16, False, 1) and not bf16_weights_on("auto", torch.float32, False, 1)
-    assert not bf16_weights_on("auto", torch.bfloat16, True, 1)
-    assert not bf16_weights_on("auto", torch.bfloat16, False, 2)
-    with pytest.raises(ValueError, match="bf16_weights 'on' is not supported with distributed_optimizer"):
-        StageConfig(bf16_weights="on", checkpoint_format="dist", distributed_optimizer=True)
+    assert bf16_weights_on("auto", torch.bfloat16, 1) and not bf16_weights_on("auto", torch.float32, 1)
+    assert not bf16_weights_on("auto", torch.bfloat16, 2)
+    with pytest.raises(ValueError, match="bf16_weights 'on' is not supported with pipeline_parallel > 1"):
+        StageConfig(bf16_weights="on", pipeline_parallel=2, data_parallel=1)
+    StageConfig(bf16_weights="on", checkpoint_format="dist", distributed_optimizer=True)   # megatron's fp32 masters
     lat = write_latent_dataset(tmp_path / "lat")
     stage = StageConfig(name="bf16", data_parallel=1, micro_batches=2, lr=3e-3, warmup_steps=0)
     job = StageJob(stage=stage, dit=DiTConfig(**TINY_DIT), latents_dir=str(lat), output_dir=str(tmp_path / "o"))

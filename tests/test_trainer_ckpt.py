@@ -83,20 +83,55 @@ def test_dist_tp2_resume_bitwise_and_reshard_to_tp1(latents, monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_distributed_optimizer_resume_bitwise(latents, monkeypatch):
+    """With bf16 weights (the forward on bf16 parameters, megatron's fp32 main params sharded over DP, the path
+    ``bf16_weights: auto`` takes on CUDA): it learns; model.safetensors holds the fp32 masters (values no bf16 can
+    hold), each one of the optimizer's main params in dist/; the EMA is of the masters; resume is bitwise."""
     tmp, lat = latents
     stage = _stage(name="dopt", steps=4, checkpoint_interval=2, tensor_parallel=1, data_parallel=2,
-                   checkpoint_format="dist", distributed_optimizer=True)
-    straight, _ = _run(tmp, "dopt", stage, lat)
+                   checkpoint_format="dist", distributed_optimizer=True, bf16_weights="on")
+    straight, lines = _run(tmp, "dopt", stage, lat)
+    assert any("bf16_weights: the forward runs on bf16 weights" in line and "distributed optimizer" in line
+               for line in lines)
     rows = _metrics(straight)
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert all(r["grad_norm"] > 0 for r in rows) and last < first
     meta = checkpoint.verify(checkpoint.latest(straight))
     assert meta["distributed_optimizer"] is True
-    resumed = _killed_and_rerun(tmp, "dopt-resume", stage, lat, monkeypatch,   # rerun: every switch off
-                                rerun_stage=dataclasses.replace(stage, **NO_OVERLAP))
+    _assert_fp32_masters_saved(checkpoint.latest(straight), straight / "step_00000002", tmp / "dopt-main.pt")
+    resumed = _killed_and_rerun(tmp, "dopt-resume", stage, lat, monkeypatch,   # rerun: every other switch off
+                                rerun_stage=dataclasses.replace(stage, **{**NO_OVERLAP, "bf16_weights": "on"}))
     assert [r["loss"] for r in _metrics(resumed)] == [r["loss"] for r in rows]
     assert [r["grad_norm"] for r in _metrics(resumed)] == [r["grad_norm"] for r in rows]
     _equal_step_folders(resumed / "step_00000004", checkpoint.latest(straight))
+
+
+def _assert_fp32_masters_saved(step_dir: Path, before: Path, scratch: Path) -> None:
+    """model/ema.safetensors are fp32; every trained parameter is not bf16-rounded and each of its values is among
+    the fp32 main params of dist/'s optimizer state (megatron's bucket layout, so compared as a set); the EMA moved
+    since the ``before`` step folder wherever the weights did, up to fp32 resolution (each rank updates its own
+    shard of it: the save gathered both ranks' shards)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from helpers import TINY_DIT, load_weights
+    from models.config import DiTConfig
+    from models.dit import MUGDiT
+
+    params = {n for n, _ in MUGDiT(DiTConfig(**TINY_DIT)).named_parameters()}
+    model, ema = load_weights(step_dir), load_weights(step_dir, "ema.safetensors")
+    model0, ema0 = load_weights(before), load_weights(before, "ema.safetensors")
+    assert {v.dtype for v in model.values()} == {v.dtype for v in ema.values()} == {torch.float32}
+    dcp_to_torch_save(str(step_dir / "dist"), str(scratch))
+    main = torch.cat([v.reshape(-1) for k, v in torch.load(scratch).items()
+                      if k.startswith("optimizer.") and k.endswith(".param")])
+    assert main.dtype == torch.float32
+    trained = [k for k in params if not torch.equal(model[k], model0[k])]
+    assert len(trained) > len(params) // 2, trained
+    for k in trained:
+        moved = model[k] != model0[k]
+        assert (ema[k] != ema0[k])[moved].float().mean() > 0.99, k   # a stale rank's shard would be ~half
+        assert torch.isin(model[k], main).all(), k
+        if model[k].numel() >= 16:
+            assert not torch.equal(model[k], model[k].bfloat16().float()), k   # not bf16 roundings
 
 
 @pytest.mark.timeout(60)

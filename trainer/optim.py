@@ -9,7 +9,9 @@ autocast, on bf16 copies of the weights with ``stage.bf16_weights``: ``trainer.p
 ``stage.distributed_optimizer``: megatron DDP (contiguous fp32 grad buffer, reduce-scatter over DP x CP) +
 ``DistributedOptimizer`` (Adam state sharded over DP; torch AdamW inside when Apex/TE are absent), clipping inside
 ``opt.step()``; its weight decay skips biases and 1-D parameters (megatron's default; torch AdamW here applies it to
-all; the default weight_decay is 0).
+all; the default weight_decay is 0). With ``bf16_params`` (``stage.bf16_weights`` on) the trainable parameters are
+bf16 and the optimizer is megatron's bf16 one: fp32 main params sharded over DP, copied into the bf16 parameters
+after each step (``trainer.precision.MegatronMasters``); the gradient buffer and its reduce stay fp32.
 
 Kernels (``stage.optimizer_impl``): torch AdamW's ``fused`` (one kernel for all parameters; CUDA's default here),
 ``foreach`` (a few multi-tensor ops per step; the CPU default) or ``for_loop`` (a Python loop over the parameters,
@@ -31,17 +33,27 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-10   # MUG-V's released fine-tune settin
 
 
 def build_optimizer(stage: StageConfig, dit: DiTConfig, model: torch.nn.Module,
-                    plan) -> Tuple[Any, Optional[Any]]:
-    """(optimizer, megatron DDP wrapper or None) for the model's trainable parameters."""
+                    plan, bf16_params: bool = False) -> Tuple[Any, Optional[Any]]:
+    """(optimizer, megatron DDP wrapper or None) for the model's trainable parameters. ``bf16_params`` (with
+    ``stage.distributed_optimizer`` only): the trainable parameters become bf16, the optimizer keeps their fp32
+    values as its main params (not their bf16 roundings: ``MegatronMasters.load``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     impl = adam_impl(stage.optimizer_impl, params[0].device if params else torch.device("cpu"))
     if not stage.distributed_optimizer:
+        if bf16_params:
+            raise ValueError("build_optimizer: bf16_params needs stage.distributed_optimizer (the torch AdamW path "
+                             "keeps fp32 parameters and bf16 copies: trainer.precision.Bf16Weights)")
         opt = torch.optim.AdamW(params, lr=stage.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=stage.weight_decay,
                                 **adam_kernel_flags(impl))
         return opt, None
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer import TransformerConfig
+
+    from trainer.precision import DTYPE, MegatronMasters, cast_trainable
+
+    fp32 = cast_trainable(model) if bf16_params else {}
+    dtype = DTYPE if bf16_params else torch.float32
 
     cfg = TransformerConfig(num_layers=1, hidden_size=dit.hidden_size, num_attention_heads=dit.num_heads,
                             tensor_model_parallel_size=plan.layout.tp, use_cpu_initialization=True)
@@ -52,11 +64,17 @@ def build_optimizer(stage: StageConfig, dit: DiTConfig, model: torch.nn.Module,
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=stage.lr, min_lr=stage.min_lr, weight_decay=stage.weight_decay,
         adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_eps=ADAM_EPS, clip_grad=stage.grad_clip,
-        use_distributed_optimizer=True, bf16=False, fp16=False, params_dtype=torch.float32), [ddp])
+        use_distributed_optimizer=True, bf16=bf16_params, fp16=False, params_dtype=dtype), [ddp])
     for inner in inner_optimizers(opt):   # the torch AdamW megatron falls back to without Apex/TE
         if isinstance(getattr(inner, "optimizer", None), torch.optim.AdamW):
             for group in inner.optimizer.param_groups:
                 group.update(adam_kernel_flags(impl))
+    if bf16_params:
+        masters = MegatronMasters.of(opt, model)
+        if masters is None:
+            raise RuntimeError("build_optimizer: megatron's optimizer was built with bf16=True but keeps no fp32 "
+                               "main params (check the installed megatron-core's get_megatron_optimizer)")
+        masters.load(fp32)   # megatron made its masters from the bf16 parameters: the fp32 init instead
     return opt, ddp
 
 

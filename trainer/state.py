@@ -8,7 +8,9 @@ decides what goes in it. ``checkpoint_format: full``: rank 0 writes the full ``m
 rank its optimizer + RNG file. ``dist``: also a megatron ``dist_checkpointing`` folder with the sharded weights,
 EMA and optimizer state (torch AdamW's moments, whose step counts and param groups stay in the per-rank file, or the
 distributed optimizer's state), from which resume and ``init_checkpoint`` load, resharding between TP and CP sizes.
-With ``full_weights: final`` the full weights are only gathered at the stage's last step. Exact resume of the
+With ``full_weights: final`` the full weights are only gathered at the stage's last step. With bf16 parameters
+(the distributed optimizer and ``bf16_weights``: ``trainer.precision.MegatronMasters``) every saved weight and EMA
+is the fp32 master's, gathered over DP, and loads go through fp32 into the masters. Exact resume of the
 distributed optimizer needs the Adam-step fix below (``_restore_adam_step``; docs/checkpoints.md says why).
 
 LoRA (``plan.lora_rank`` > 0): the base weights are frozen, so they are never saved: a resume rebuilds them as the
@@ -20,8 +22,9 @@ holds the adapters only (the base's EMA is the base).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ContextManager, Dict, Optional, Tuple
 
 import torch
 
@@ -37,6 +40,7 @@ from trainer.parallel.state_dict import (
     load_full_state_dict,
     shard_full_state_dict,
 )
+from trainer.precision import MegatronMasters
 
 DISTOPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -68,7 +72,8 @@ def restore(job: StageJob, plan, model, opt, ddp=None) -> Tuple[int, Dict[str, t
     layout, stage = plan.layout, job.stage
     last, start = checkpoint.latest(job.output_dir), 0
     fmt, lora = stage.checkpoint_format, plan.lora_rank > 0
-    ema = _ema_init(plan, model)
+    masters = MegatronMasters.of(opt, model) if ddp is not None else None   # bf16 params: loads go through fp32
+    ema = _ema_init(plan, model, masters)
     if last is not None:
         meta = checkpoint.read_meta(last)
         saved = (meta.get("checkpoint_format", "full"), bool(meta.get("distributed_optimizer", False)))
@@ -86,7 +91,9 @@ def restore(job: StageJob, plan, model, opt, ddp=None) -> Tuple[int, Dict[str, t
         if lora:   # the frozen base is never saved: rebuilt as the stage started
             load_init_weights(job, plan, model)
         if fmt == "dist":
-            _load_dist(last, plan, model, ema, opt, state, distopt=ddp is not None, adapters=lora)
+            with _loading(masters, model) as weights:   # the saved masters (the optimizer's copy: the same values)
+                _load_dist(last, plan, model, ema, opt, state, distopt=ddp is not None, adapters=lora,
+                           weights=weights)
         elif lora:
             adapters = adapter_state_dict(model.state_dict())
             for target, name in ((adapters, LORA_FILE), (ema, LORA_EMA_FILE)):
@@ -103,31 +110,44 @@ def restore(job: StageJob, plan, model, opt, ddp=None) -> Tuple[int, Dict[str, t
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
     elif job.init_checkpoint:
-        load_init_weights(job, plan, model)
-        ema = _ema_init(plan, model)
+        with _loading(masters, model) as weights:   # bf16 params: the init's fp32 values become the masters
+            load_init_weights(job, plan, model, weights)
+        ema = _ema_init(plan, model, masters)
     return start, ema
 
 
-def _ema_init(plan, model) -> Dict[str, torch.Tensor]:
-    """A copy of what the EMA tracks: every state-dict entry, or with LoRA the adapters only."""
-    sd = model.state_dict()
+def _loading(masters: Optional[MegatronMasters], model) -> ContextManager[Optional[Dict[str, torch.Tensor]]]:
+    """``masters.loading``: a state dict to load into whose values then become the masters; None (load into the
+    model) without masters."""
+    return masters.loading(model) if masters is not None else contextlib.nullcontext()
+
+
+def _ema_init(plan, model, masters: Optional[MegatronMasters] = None) -> Dict[str, torch.Tensor]:
+    """A copy of what the EMA tracks: every state-dict entry, or with LoRA the adapters only; with ``masters``
+    (bf16 parameters) of the fp32 masters (collective over DP)."""
+    sd = model.state_dict() if masters is None else masters.local_state_dict(model)
     return {k: v.detach().clone() for k, v in (adapter_state_dict(sd) if plan.lora_rank > 0 else sd).items()}
 
 
-def load_init_weights(job: StageJob, plan, model) -> None:
+def load_init_weights(job: StageJob, plan, model, weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """The stage's starting weights (its ``init_checkpoint``: the full ``model.safetensors``, or ``dist/`` when the
     stage reads it) into the model, LoRA adapters excepted (they start fresh); nothing without an init_checkpoint
-    (the seeded init). The Flow-DPO reference copy is loaded with it too."""
+    (the seeded init). The Flow-DPO reference copy is loaded with it too. ``weights``: load into this state dict of
+    the model's keys instead (``MegatronMasters.loading``'s fp32 one)."""
     if not job.init_checkpoint:
         return
     if _init_from_dist(job):
-        _load_dist(job.init_checkpoint, plan, model)
+        _load_dist(job.init_checkpoint, plan, model, weights=weights)
     elif plan.lora_rank > 0:
         base = base_state_dict(model.state_dict())
         with torch.no_grad():
             for k, v in shard_full_state_dict(plan, model, checkpoint.load_weights(job.init_checkpoint),
                                               own=base).items():
                 base[k].copy_(v)
+    elif weights is not None:
+        with torch.no_grad():
+            for k, v in shard_full_state_dict(plan, model, checkpoint.load_weights(job.init_checkpoint)).items():
+                weights[k].copy_(v)
     else:
         load_full_state_dict(plan, model, checkpoint.load_weights(job.init_checkpoint))
 
@@ -167,9 +187,13 @@ def save(job: StageJob, plan, model, opt, ema, step: int, loss: float, ddp=None,
     dist_fmt = st.checkpoint_format == "dist"
     write_full = not dist_fmt or st.full_weights == "every" or step >= st.steps
     weights: Optional[Dict[str, torch.Tensor]] = None   # None: the model's state dict
+    masters = MegatronMasters.of(opt, model) if ddp is not None else None
+    if masters is not None:   # bf16 parameters: the fp32 masters are the weights, the EMA's slices their owners'
+        weights = masters.local_state_dict(model)
+        masters.gather(ema)
     ema_weights, extra = ema, {}
     if plan.lora_rank > 0:   # readers get MUGDiT's keys: the adapters (and their EMA) merged into the base
-        sd = model.state_dict()
+        sd = model.state_dict() if weights is None else weights
         weights = merge_adapters(sd, plan.lora_alpha)
         ema_weights = merge_adapters({**base_state_dict(sd), **ema}, plan.lora_alpha)
         extra = {LORA_FILE: adapter_state_dict(sd), LORA_EMA_FILE: ema}
@@ -235,16 +259,17 @@ def _optimizer_without_moments(opt) -> dict:
             "state": {i: {k: v for k, v in s.items() if k not in ADAM_MOMENTS} for i, s in sd["state"].items()}}
 
 
-def _load_dist(step_dir, plan, model, ema=None, opt=None, rank_state=None, distopt=False, adapters=False) -> None:
+def _load_dist(step_dir, plan, model, ema=None, opt=None, rank_state=None, distopt=False, adapters=False,
+               weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Load ``dist/`` into the model (and the EMA and the optimizer when given), resharding over TP and CP.
     ``adapters``: only the LoRA adapters and their EMA ("lora.", "lora_ema."); else the weights ("model.", "ema."),
     with LoRA only the base's.
 
     ``opt``: the distributed optimizer (``distopt``: its state is in ``dist/``), or torch AdamW, whose moments are in
     ``dist/`` when ``rank_state["optimizer"]`` was saved without them (else, older checkpoints, all of its state is
-    in ``rank_state``)."""
+    in ``rank_state``). ``weights``: load into this state dict of the model's keys instead of the model's."""
     rank_state = rank_state or {}
-    sd = model.state_dict()
+    sd = model.state_dict() if weights is None else weights
     if adapters:   # resume of a LoRA stage: the adapters and their EMA (the base is the init's)
         targets = {"lora": adapter_state_dict(sd)}
         if ema is not None:

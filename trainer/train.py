@@ -25,7 +25,8 @@ What is not the model hides behind it (docs/parallelism.md, "A step without idle
 micro-batches are built in a thread (``stage.prefetch``), the DP gradient reduce runs in buckets during the last
 micro-batch's backward (``stage.overlap_grad_reduce``), AdamW is fused / foreach (``stage.optimizer_impl``),
 checkpoints are written in a thread (``stage.async_checkpoint``) and on CUDA the forward uses bf16 weight copies
-refreshed once per step (``stage.bf16_weights``, ``trainer.precision``).
+refreshed once per step (``stage.bf16_weights``, ``trainer.precision``; with ``distributed_optimizer`` the
+parameters are bf16 and megatron's optimizer keeps the fp32 masters).
 Every input of a step is a function of (seed, step), so on CPU a run killed and rerun ends bitwise equal to an
 uninterrupted one. Bad input exits with status 2 and one message. docs/parallelism.md and docs/checkpoints.md say
 how each parallelism and the checkpoint state work and what was measured.
@@ -87,14 +88,19 @@ def train(job: StageJob) -> None:
         sampler = StepSampler(data.shapes, stage.micro_batch_size, layout.dp * n_micro, stage.seed,
                               patch_size=tuple(job.dit.patch_size),
                               tokens_per_micro_batch=max(1, budget // 2) if dpo and budget else budget)
-        model, plan, opt, ddp, pipe = _build(job, layout, rt)
+        bf16_on = _bf16_weights(stage, rt)
+        model, plan, opt, ddp, pipe = _build(job, layout, rt, bf16_params=bf16_on and stage.distributed_optimizer)
         start, ema = state.restore(job, plan, model, opt, ddp)
+        masters = precision.MegatronMasters.of(opt, model) if ddp is not None else None   # bf16 params, fp32 masters
         reference = _reference(job, layout, rt, model, plan, pipe) if dpo else None
         log = metrics.MetricsLog(job, plan, start, metrics.param_count(plan, model),
                                  device.peak_flops_per_s(rt, stage.peak_tflops) * layout.world_size)
-        bf16 = Bf16Weights(model) if _bf16_weights(stage, rt) else None   # its hooks before the overlap's
-        if bf16 is not None:
+        bf16 = Bf16Weights(model) if bf16_on and ddp is None else None   # its hooks before the overlap's
+        if bf16_on:
             rt = dataclasses.replace(rt, dtype=precision.DTYPE)   # the forward under bf16 autocast (CPU: "on")
+            if layout.rank == 0:
+                print("bf16_weights: the forward runs on bf16 weights, the optimizer on fp32 masters "
+                      f"({'sharded in the distributed optimizer' if masters else 'torch AdamW'})", flush=True)
         overlap = OverlappedGradReduce(plan, model, n_micro, stage.grad_bucket_mb,
                                        grad_of=bf16.grad_or_zero if bf16 is not None else None) \
             if stage.overlap_grad_reduce and ddp is None else None
@@ -108,7 +114,10 @@ def train(job: StageJob) -> None:
             t0 = time.perf_counter()
             micro = batches.get(step)   # made while the previous step computed (prefetch); starts the next one's
             res = train_step(job, plan, model, opt, micro, step, rt, ddp, pipe, reference, overlap, bf16)
-            optim.ema_update(ema, model, optim.EMA_DECAY)
+            if masters is not None:   # the EMA of the fp32 masters, not of their bf16 roundings
+                masters.ema_update(ema, model, optim.EMA_DECAY)
+            else:
+                optim.ema_update(ema, model, optim.EMA_DECAY)
             work = [sum(w) for w in zip(*(metrics.step_work(job.dit, m.batch, reference_forward=dpo)
                                           for m in micro))]   # tokens, FLOPs
             sums = _step_sums(stage, micro, res, data)   # per-task/-resolution samples or Flow-DPO sums
@@ -135,8 +144,7 @@ def train(job: StageJob) -> None:
 
 def _bf16_weights(stage, rt: device.Runtime) -> bool:
     """``stage.bf16_weights`` resolved (``trainer.precision.bf16_weights_on``); "on" on CPU is for tests."""
-    return precision.bf16_weights_on(stage.bf16_weights, rt.dtype, stage.distributed_optimizer,
-                                     stage.pipeline_parallel)
+    return precision.bf16_weights_on(stage.bf16_weights, rt.dtype, stage.pipeline_parallel)
 
 
 def _test_kill_step(layout: device.Layout) -> int:
@@ -164,8 +172,9 @@ def _check_inputs(job: StageJob) -> Tuple[LatentSplit | PairSplit, int]:
     return data, data.reader.vae_spatial_downsample
 
 
-def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
-    """(model, plan, optimizer, megatron DDP or None, pipeline stage or None) of this rank."""
+def _build(job: StageJob, layout: device.Layout, rt: device.Runtime, bf16_params: bool = False):
+    """(model, plan, optimizer, megatron DDP or None, pipeline stage or None) of this rank. ``bf16_params``: the
+    distributed optimizer's bf16 parameters with fp32 masters (``trainer.optim.build_optimizer``)."""
     from models.dit import MUGDiT
 
     torch.manual_seed(job.stage.seed)              # the same full weights on every rank, then each keeps its shard
@@ -181,7 +190,7 @@ def _build(job: StageJob, layout: device.Layout, rt: device.Runtime):
     if compiled and layout.rank == 0:
         print(f"compile: {compiled} blocks through torch.compile (the first step of each shape compiles)", flush=True)
     pipe = PipelineStage(model, plan, pipeline_config(job.dit, layout.pp, layout.tp)) if layout.pp > 1 else None
-    opt, ddp = optim.build_optimizer(job.stage, job.dit, model, plan)
+    opt, ddp = optim.build_optimizer(job.stage, job.dit, model, plan, bf16_params=bf16_params)
     return model, plan, opt, ddp, pipe
 
 
