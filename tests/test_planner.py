@@ -244,4 +244,4 @@ def test_stage_kernels_follow_the_trainer(setting, distributed_optimizer, pp):
     stage.bf16_weights = setting     # set after the checks: "on" with PP is refused at load, asked here anyway
     kernel, bf16 = plan.stage_kernels(stage, pp)
     assert kernel == adam_impl("auto", torch.device("cuda"))
-    assert bf16 == bf16_weights_on(setting, torch.bfloat16, distributed_optimizer, pp)
+    assert bf16 == bf16_weights_on(setting, torch.bfloat16, pp)

@@ -510,7 +510,7 @@ def stage_kernels(stage, pp: int) -> Tuple[str, bool]:
     "fused" on CUDA) and trainer.precision.bf16_weights_on under bf16 autocast (the same rule, without torch)."""
     kernel = "fused" if stage.optimizer_impl == "auto" else stage.optimizer_impl
     if stage.bf16_weights == "auto":
-        return kernel, pp == 1 and not stage.distributed_optimizer
+        return kernel, pp == 1
     return kernel, stage.bf16_weights == "on"
 
 
