@@ -3,7 +3,8 @@ stage.distributed_optimizer), through the real launch path (run_stage -> TorchX 
 
 Checked: a TP=2 "dist" stage stopped after step 2 resumes from dist/ and ends bitwise equal to an uninterrupted
 run; its dist/ checkpoint loads into a TP=1 model (resharding) with
-the gathered TP=2 weights bitwise; with megatron's DistributedOptimizer (DP=2), a stage whose rank 1 SIGKILLs
+the gathered TP=2 weights bitwise; with megatron's DistributedOptimizer (DP=2) and bf16 weights (bf16 parameters,
+fp32 main params; the saved weights are those fp32 masters), a stage whose rank 1 SIGKILLs
 itself after step 3 (checkpoints every
 2) resumes and ends bitwise equal to an uninterrupted run
 (needs the Adam-step fix in trainer/train.py), the rerun with the overlapped reduce-scatter, the foreach AdamW,
