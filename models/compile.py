@@ -28,6 +28,7 @@ bitwise. Measured speed: bench/README.md (``bench/dit_step.py`` prints eager / c
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -61,6 +62,23 @@ def _run_block(block: nn.Module, *args, **kwargs):
     return block._eager_forward(*args, **kwargs)
 
 
+def _outside_function_modes(fn):
+    """``fn`` called with the torch-function-mode stack empty (restored after). Dynamo cannot trace through a
+    process-wide ``TorchFunctionMode`` such as the trainer's CPU shim for megatron (``trainer.device``'s
+    ``install_heavy_cpu_shim``: it redirects ``device="cuda"``, which no block uses); the backward runs outside."""
+    import torch
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not torch._C._len_torch_function_stack():
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as modes:
+            while torch._C._len_torch_function_stack():
+                modes.enter_context(torch.overrides._pop_mode_temporarily())
+            return fn(*args, **kwargs)
+    return call
+
+
 def compile_blocks(model: nn.Module, mode: Optional[str] = None, fullgraph: bool = True,
                    backend: str = "inductor") -> int:
     """Compile every MUGDiTBlock of ``model.blocks`` in place (dynamic=False) and return how many were compiled now;
@@ -83,7 +101,8 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None, fullgraph: bool
     if getattr(model, "blocks", None) is None:
         raise TypeError("compile_blocks: the model has no .blocks; is this a MUGDiT?")
     check_compilable(model)
-    compiled = torch.compile(_run_block, dynamic=False, fullgraph=fullgraph, mode=mode, backend=backend)
+    compiled = _outside_function_modes(torch.compile(_run_block, dynamic=False, fullgraph=fullgraph, mode=mode,
+                                                     backend=backend))
     n = 0
     for block in model.blocks:
         if not isinstance(block, MUGDiTBlock) or hasattr(block, "_eager_forward"):

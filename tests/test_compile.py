@@ -68,6 +68,25 @@ def test_compiled_blocks_equal_eager():
     assert_same_step(step(model, inputs, target), step(fast, inputs, target))   # the cached graph, second step
 
 
+def test_runs_under_a_process_wide_torch_function_mode():
+    """The trainer's CPU shim for megatron (trainer.device.install_heavy_cpu_shim) is a TorchFunctionMode entered for
+    the life of the process; dynamo cannot trace through one, so the compiled blocks run with the mode stack empty
+    (and it is back afterwards). A pass-through mode stands in for it here (the shim itself never leaves)."""
+    from torch.overrides import TorchFunctionMode
+
+    class PassThrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model, inputs, target = model_and_inputs()
+    eager = step(model, inputs, target)
+    compile_blocks(model, backend="aot_eager")
+    with PassThrough():
+        fast = step(model, inputs, target)
+        assert torch._C._len_torch_function_stack() == 1
+    assert_same_step(eager, fast)
+
+
 def test_composes_with_recompute_and_lora():
     model, inputs, target = model_and_inputs()
     apply_lora(model, rank=4, alpha=8.0)
