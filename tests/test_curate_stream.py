@@ -4,7 +4,7 @@
   streaming) produced on synthetic inputs with hard cuts, fades, dissolves, a long scene, burnt-in text, a
   variable-rate stream and a PyAV-only width; the streaming path must reproduce them;
 - scenes: the streaming analysis of a file (decoder first pass) equals ``analyse`` on the decoded array, and finds
-  the known cuts; also on the shared fixture video when present; the score shared by both cut detectors is the one
+  the known cuts; also on a real video (the demo's MUG-V sample); the score shared by both cut detectors is the one
   PySceneDetect's own detectors compute, and they find the same cuts with it;
 - decoder: ``read_frames``/``read_windows`` give the frames of ``read_video`` (decord, PyAV, variable rate);
 - memory: traced peak allocation of ``curate_video`` on a video 6x longer stays that of the short one.
@@ -41,7 +41,7 @@ from tasks.curate.scenes import SceneStream, analyse, content_score, scan_scenes
 from tasks.curate.synthetic import SceneSpec, make_scenes_video, render_scene, render_video
 
 GOLDEN = Path(__file__).parent / "golden" / "curate_rows.json"
-SHARED_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "videos" / "mugv_i2v_sample.mp4"
+REAL_VIDEO = Path(__file__).resolve().parents[1] / "data" / "demo" / "mugv_i2v_sample.mp4"   # MUG-V's I2V sample
 FOUR = [SceneSpec("texture", 30), SceneSpec("texture", 30, seed=1), SceneSpec("texture", 30, seed=2),
         SceneSpec("shaky", 30, seed=3)]
 
@@ -151,11 +151,10 @@ def test_shared_content_score_is_pyscenedetects_and_finds_the_same_cuts():
     assert stream.found == found and len(set(found)) >= 4, (stream.found, found)
 
 
-@pytest.mark.skipif(not SHARED_VIDEO.is_file(), reason=f"{SHARED_VIDEO} not present (shared fixtures)")
-def test_streamed_scene_analysis_of_the_shared_fixture():
+def test_streamed_scene_analysis_of_a_real_video():
     cfg = CurateConfig()
-    _, streamed = scan_scenes(SHARED_VIDEO, cfg)
-    decoded_THWC, fps, _ = read_video(SHARED_VIDEO)
+    _, streamed = scan_scenes(REAL_VIDEO, cfg)
+    decoded_THWC, fps, _ = read_video(REAL_VIDEO)
     whole = analyse(decoded_THWC, fps, cfg)
     assert (streamed.cuts, streamed.transitions, streamed.scenes) == (whole.cuts, whole.transitions, whole.scenes)
     assert np.array_equal(streamed.changes, whole.changes)
