@@ -33,3 +33,10 @@ def pytest_collection_modifyitems(config, items):
         return FIRST.index(name) if name in FIRST else len(FIRST)
 
     items.sort(key=rank)   # stable: the order inside a module and among the others is kept
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop inductor's compile-worker processes (tests/test_compile.py compiles in this process): an xdist worker
+    leaves without running atexit handlers, and the pool's processes would outlive it."""
+    if "torch._inductor.async_compile" in sys.modules:
+        sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()

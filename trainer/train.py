@@ -139,6 +139,9 @@ def train(job: StageJob) -> None:
                   "all-reduced during the last step's backward", flush=True)
         log.close()   # MLflow metrics still queued (a server outage) are sent now, or counted as lost
     finally:
+        if stage.compile != "none":   # inductor's compile-worker pool: its processes outlive a torchrun worker
+            from torch._inductor.async_compile import shutdown_compile_workers
+            shutdown_compile_workers()
         device.destroy()
 
 
