@@ -148,7 +148,7 @@ def cpu_main(args) -> dict:
         bare_times = bare("0")
         times, best = {}, {}
         runs: list = [("dp1", 1, {})] + ([] if args.quick else [("dp1_switches_off", 1, SWITCHES_OFF)]) + \
-            [("dp2", 2, {})]
+            [("dp2", 2, {})] + ([] if args.quick else [("dp2_switches_off", 2, SWITCHES_OFF)])
         for name, dp, switches in runs:   # the bare step is timed between the runs (the load drifts)
             rows = run(tmp, f"weak-{name}", dit, latents, dp, args.steps, args.mbs, cpu=dp, **switches)
             times[name] = _median(rows, "step_time_s", args.warmup)
@@ -173,6 +173,9 @@ def cpu_main(args) -> dict:
     if "dp1_switches_off" in times:
         out["overhead_switches_off"] = times["dp1_switches_off"] / bare_median
         out["overhead_switches_off_best"] = best["dp1_switches_off"] / bare_best
+    if "dp2_switches_off" in times:   # the same 1 -> 2 processes without the trainer's threads (prefetch, writer)
+        out["efficiency_switches_off"] = best["dp1_switches_off"] / best["dp2_switches_off"]
+        out["efficiency_switches_off_median"] = times["dp1_switches_off"] / times["dp2_switches_off"]
     return out
 
 
@@ -213,6 +216,8 @@ def main(argv=None) -> int:
     if not args.cuda:
         print(f"overhead {result['overhead']:.3f}", flush=True)
         print(f"efficiency {result['efficiency']:.3f}", flush=True)
+        if "efficiency_switches_off" in result:
+            print(f"efficiency_switches_off {result['efficiency_switches_off']:.3f}", flush=True)
     return 0
 
 
