@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from fractions import Fraction
 from pathlib import Path
 from typing import List
 
@@ -21,7 +20,7 @@ from tasks.curate.dedup import clip_phash, distance, find_duplicates
 from tasks.curate.driver import run_curation
 from tasks.curate.filters import assess
 from tasks.curate.scenes import analyse
-from tasks.curate.synthetic import SceneSpec, make_scenes_video, render_scene, render_video
+from tasks.curate.synthetic import SceneSpec, make_scenes_video, make_vfr_video, render_scene, render_video
 from tasks.curate.task import ShardResult, curate_shards, plan_curation
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,24 +116,8 @@ def _zero_frame_mp4(path: Path) -> None:
         c.start_encoding()
 
 
-def _vfr_mp4(path: Path) -> list:
-    frames_THWC = render_scene(SceneSpec("texture", 24), 64, 64)
-    pts = [0, 1, 2, 4, 5, 8, 9, 10, 12, 13, 16, 17, 18, 20, 21, 24, 25, 26, 28, 29, 32, 33, 34, 36]   # 1/16 s ticks
-    with av.open(str(path), mode="w", format="mp4") as c:
-        s = c.add_stream("libx264", rate=16)
-        s.width, s.height, s.pix_fmt, s.codec_context.time_base = 64, 64, "yuv420p", Fraction(1, 16)
-        for p, f in zip(pts, frames_THWC):
-            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
-            frame.pts, frame.time_base = p, Fraction(1, 16)
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
-    return pts
-
-
 def test_vfr_is_resampled_to_constant_rate(tmp_path):
-    pts = _vfr_mp4(tmp_path / "vfr.mp4")
+    pts = make_vfr_video(tmp_path / "vfr.mp4")
     frames_THWC, fps, meta = read_video(tmp_path / "vfr.mp4")
     steps = np.diff(meta["timestamps"])
     assert meta["vfr"] and len(frames_THWC) == len(meta["timestamps"])

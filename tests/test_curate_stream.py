@@ -15,10 +15,8 @@ import json
 import math
 import threading
 import tracemalloc
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import pytest
@@ -38,27 +36,13 @@ from tasks.curate.decode import (
     write_clip,
 )
 from tasks.curate.scenes import SceneStream, analyse, content_score, scan_scenes
-from tasks.curate.synthetic import SceneSpec, make_scenes_video, render_scene, render_video
+from tasks.curate.synthetic import SceneSpec, make_scenes_video, make_vfr_video, render_scene, render_video
 
 GOLDEN = Path(__file__).parent / "golden" / "curate_rows.json"
 REAL_VIDEO = Path(__file__).resolve().parents[1] / "data" / "demo" / "mugv_i2v_sample.mp4"   # MUG-V's I2V sample
 FOUR = [SceneSpec("texture", 30), SceneSpec("texture", 30, seed=1), SceneSpec("texture", 30, seed=2),
         SceneSpec("shaky", 30, seed=3)]
 
-
-def _vfr_mp4(path: Path) -> None:
-    frames_THWC = render_scene(SceneSpec("texture", 24), 64, 64)
-    pts = [0, 1, 2, 4, 5, 8, 9, 10, 12, 13, 16, 17, 18, 20, 21, 24, 25, 26, 28, 29, 32, 33, 34, 36]   # 1/16 s ticks
-    with av.open(str(path), mode="w", format="mp4") as c:
-        s = c.add_stream("libx264", rate=16)
-        s.width, s.height, s.pix_fmt, s.codec_context.time_base = 64, 64, "yuv420p", Fraction(1, 16)
-        for p, f in zip(pts, frames_THWC):
-            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
-            frame.pts, frame.time_base = p, Fraction(1, 16)
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
 
 
 def _inputs(folder: Path) -> dict:
@@ -68,7 +52,7 @@ def _inputs(folder: Path) -> dict:
     write_clip(folder / "trans.mp4", frames_THWC, 8)
     frames_THWC, _, _ = render_video(FOUR, width=112, height=80, transitions=[None, ("fade", 6), ("dissolve", 10)])
     write_clip(folder / "trans112.mp4", frames_THWC, 8)
-    _vfr_mp4(folder / "vfr.mp4")
+    make_vfr_video(folder / "vfr.mp4")
     make_scenes_video(folder / "long.mp4", [SceneSpec("texture", 150, seed=5), SceneSpec("static", 25, seed=6),
                                             SceneSpec("texture", 60, seed=7, text="HELLO")], fps=24)
     make_scenes_video(folder / "missed.mp4", [SceneSpec("texture", 12), SceneSpec("texture", 12, seed=1)])
@@ -163,7 +147,7 @@ def test_streamed_scene_analysis_of_a_real_video():
 def test_later_passes_give_the_frames_of_read_video(tmp_path):
     make_scenes_video(tmp_path / "d.mp4", [SceneSpec("texture", 30), SceneSpec("flat", 11)], width=128, height=96)
     make_scenes_video(tmp_path / "p.mp4", [SceneSpec("texture", 30), SceneSpec("flat", 11)], width=112, height=80)
-    _vfr_mp4(tmp_path / "vfr.mp4")
+    make_vfr_video(tmp_path / "vfr.mp4")
     for name, backend in (("d.mp4", "decord"), ("p.mp4", "pyav"), ("vfr.mp4", "decord")):
         whole_THWC, _, meta = read_video(tmp_path / name)
         info = scan_video(tmp_path / name, lambda fps: lambda frame_HWC: None)
