@@ -1,7 +1,7 @@
 """The two images of the platform, as flytekit ImageSpecs with the same packages: ``cpu_image`` (orchestration,
 curation, the TorchX launcher of a training stage, and every task the config gives no GPU) and ``cuda_image`` (the
 torchrun workers of a training stage, and the tasks the config gives a GPU: compress, evaluate, register on the
-10B config; ``resources.<task>.image`` in common/config.py).
+10B config; ``resources.<task>.image`` in common/config/cluster.py).
 
     from containers.images import cpu_image, cuda_image, image_for
     cuda_image.image_name()     # ghcr.io/video-gen/video-gen-cuda:<tag>, the tag a hash of the spec
