@@ -28,6 +28,7 @@ from tasks.curate.curate import Models, curate_input, curate_video
 from tasks.curate.decode import (
     CHUNK_FRAMES,
     PREFETCH_DEPTH,
+    DecodeError,
     prefetched,
     read_frames,
     read_video,
@@ -159,6 +160,12 @@ def test_later_passes_give_the_frames_of_read_video(tmp_path):
     assert info.meta["vfr"] and len(set(info.source_index.tolist())) < info.num_frames   # repeats came back
     with pytest.raises(ValueError, match="ascending"):
         next(read_windows(info, [[3, 2]]))
+    # a later pass that finds fewer frames than the first (the file changed in between): a DecodeError, as any
+    # unusable input, not the generator's StopIteration as a RuntimeError
+    info = scan_video(tmp_path / "p.mp4", lambda fps: lambda frame_HWC: None)
+    make_scenes_video(tmp_path / "p.mp4", [SceneSpec("texture", 12)], width=112, height=80)
+    with pytest.raises(DecodeError, match="a later pass ended before source frame"):
+        list(read_windows(info, [[0, 1], [info.num_frames - 1]]))
 
 
 def test_prefetched_passes_errors_and_stops_its_thread_when_closed():
@@ -173,10 +180,19 @@ def test_prefetched_passes_errors_and_stops_its_thread_when_closed():
             got.append(x)
     assert got == [1, 2]
     before = threading.active_count()
-    gen = prefetched(iter(range(10 ** 9)), depth=2)
+    closed = threading.Event()
+
+    def decoder():   # stands for a decoder generator holding a reader: closed when the consumer stops early
+        try:
+            yield from range(10 ** 9)
+        finally:
+            closed.set()
+
+    dec = decoder()   # referenced here too: only an explicit close ends it, not garbage collection
+    gen = prefetched(dec, depth=2)
     assert next(gen) == 0
     gen.close()
-    assert threading.active_count() == before
+    assert threading.active_count() == before and closed.is_set()
 
 
 def _traced_peak(path: Path, cfg: CurateConfig, models: Models, out: Path) -> tuple:

@@ -77,6 +77,7 @@ def train(job: StageJob) -> None:
                                 or stage.pipeline_parallel > 1)
     layout = device.init_distributed(stage.tensor_parallel, seed=stage.seed, runtime=rt, cp=stage.context_parallel,
                                      pp=stage.pipeline_parallel)
+    batches: Optional[Prefetcher] = None
     try:
         if layout.world_size != stage.world_size:
             raise ValueError(f"stage '{stage.name}' needs tensor_parallel*context_parallel*pipeline_parallel*"
@@ -139,6 +140,8 @@ def train(job: StageJob) -> None:
                   "all-reduced during the last step's backward", flush=True)
         log.close()   # MLflow metrics still queued (a server outage) are sent now, or counted as lost
     finally:
+        if batches is not None:   # a failed step: stop making the next one (a checkpoint being written is left to
+            batches.close()       # its daemon thread: its folder stays .tmp-, never taken for a checkpoint)
         if stage.compile != "none":   # inductor's compile-worker pool: its processes outlive a torchrun worker
             from torch._inductor.async_compile import shutdown_compile_workers
             shutdown_compile_workers()

@@ -161,6 +161,10 @@ def prefetched(items: Iterator[T], depth: int = PREFETCH_DEPTH) -> Generator[T, 
             put(("end", None))
         except BaseException as e:  # handed to the consumer, which raises it
             put(("error", e))
+        finally:   # the decoder behind a generator (its reader, file, buffers) closes now, not at garbage collection
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=produce, name="decode-prefetch", daemon=True)
     thread.start()
@@ -324,7 +328,10 @@ def _windows(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndarray]:
         out = []
         for i in w:
             while at < i:
-                at, frame_HWC = next(frames)
+                step = next(frames, None)
+                if step is None:   # the first pass decoded further: the file changed, or the decoder disagrees
+                    raise DecodeError(DecodeError.CORRUPT, f"a later pass ended before source frame {i} (at {at})")
+                at, frame_HWC = step
             out.append(frame_HWC)
         yield np.stack(out)
 
