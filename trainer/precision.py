@@ -176,12 +176,12 @@ class MegatronMasters:
 
     @contextlib.contextmanager
     def loading(self, model: nn.Module) -> Iterator[Dict[str, torch.Tensor]]:
-        """Yields ``model.state_dict()`` with fp32 copies in place of the bf16 parameters, for a checkpoint load to
-        write; on exit its values become the masters and (rounded) the parameters (``load``). The parameters' own
-        dtype never changes: that would reset their autograd accumulators and with them megatron DDP's hooks."""
-        sd = dict(model.state_dict())
-        for name, p, *_ in self.entries:
-            sd[name] = p.detach().float()
+        """Yields ``model.state_dict()`` with the fp32 masters in place of the bf16 parameters (``local_state_dict``,
+        collective over DP), for a checkpoint load to write; on exit its values become the masters and (rounded) the
+        parameters (``load``): an entry the load does not write (LoRA adapters, which start fresh) keeps its fp32
+        master, not its bf16 rounding. The parameters' own dtype never changes: that would reset their autograd
+        accumulators and with them megatron DDP's hooks."""
+        sd = self.local_state_dict(model)
         yield sd
         self.load(sd)
 
