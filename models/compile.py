@@ -11,10 +11,10 @@ Why per block (torch's "regional compilation" recipe): the blocks are identical,
 them (parameters are graph inputs; compile time does not grow with the depth), and everything around the blocks —
 conditioning, embedding, head, the context/sequence-parallel hooks, the pipeline schedule — stays eager. Each block
 is compiled with ``dynamic=False`` (one graph per token count L and pad: a new bucket shape compiles once more; past
-``torch._dynamo.config.recompile_limit`` shapes, 8 by default, dynamo runs the block eagerly with a warning) and
-``fullgraph=True`` (a graph break is an error, not a silent slow path). Only ``block.forward`` is replaced: the module
-tree, parameter names and state-dict keys are unchanged, so checkpoints, EMA, LoRA and the optimizer see the same
-model.
+``torch._dynamo.config.recompile_limit`` shapes, which ``compile_blocks`` raises to ``RECOMPILE_LIMIT``, dynamo runs
+the block eagerly with a warning) and ``fullgraph=True`` (a graph break is an error, not a silent slow path). Only
+``block.forward`` is replaced: the module tree, parameter names and state-dict keys are unchanged, so checkpoints,
+EMA, LoRA and the optimizer see the same model.
 
 What composes (tests/test_compile.py, CPU, one process): activation recomputation (``trainer.parallel.recompute``
 wraps ``block.forward`` in ``checkpoint``; compile after it and dynamo traces the checkpoint as one region), LoRA
@@ -37,6 +37,10 @@ from torch import nn
 from models.dit import MUGDiTBlock, _identity
 
 COMPILE_MODES = ("none", "blocks")   # StageConfig.compile: eager, or every DiT block compiled (compile_blocks)
+# graphs per compiled block function before dynamo gives up and runs it eagerly: one per (token count, pad) a stage
+# meets. torch's default (8) is easily passed by a bucketed curriculum stage (resolutions x aspect buckets x
+# lengths, images included); each graph compiles once (tens of seconds on CPU, cached on disk by inductor)
+RECOMPILE_LIMIT = 64
 _COLLECTIVE_MODULES = ("megatron", "transformer_engine")   # packages whose layers run TP collectives in forward
 
 
@@ -101,6 +105,7 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None, fullgraph: bool
     if getattr(model, "blocks", None) is None:
         raise TypeError("compile_blocks: the model has no .blocks; is this a MUGDiT?")
     check_compilable(model)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled = _outside_function_modes(torch.compile(_run_block, dynamic=False, fullgraph=fullgraph, mode=mode,
                                                      backend=backend))
     n = 0

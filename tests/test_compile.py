@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from common.config import StageConfig
-from models.compile import apply, check_compilable, compile_blocks, is_compiled
+from models.compile import RECOMPILE_LIMIT, apply, check_compilable, compile_blocks, is_compiled
 from models.dit import tiny
 from models.lora import adapters, adapters_off, apply_lora
 from trainer.parallel.pipeline import apply_pipeline_parallel
@@ -81,6 +81,7 @@ def test_runs_under_a_process_wide_torch_function_mode():
     model, inputs, target = model_and_inputs()
     eager = step(model, inputs, target)
     compile_blocks(model, backend="aot_eager")
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT > 8   # a bucketed stage's shapes stay compiled
     with PassThrough():
         fast = step(model, inputs, target)
         assert torch._C._len_torch_function_stack() == 1
