@@ -247,7 +247,7 @@ def world(tmp_path_factory):
     def step_folder(name: str, model_sd, ema_sd) -> Path:
         out = root / name
         folder = checkpoint.save(out, 4, rank=0, model_sd=model_sd, ema_sd=ema_sd, rank_state={"rng": 0},
-                                 meta=meta, keep=1, barrier=lambda: None)
+                                 meta=meta, keep=1, barrier=lambda ok: ok)
         (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n"
                                                    for s in range(1, 5)))
         return folder

@@ -69,7 +69,7 @@ def write_init_checkpoint(out: Path, seed: int = 7) -> Path:
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.05)
     sd = model.state_dict()
     return checkpoint.save(out, 1, rank=0, model_sd=sd, ema_sd=sd, rank_state={}, meta={"stage": "init"}, keep=1,
-                           barrier=lambda: None)
+                           barrier=lambda ok: ok)
 
 
 @pytest.fixture(scope="module")

@@ -270,7 +270,7 @@ def _save(out: Path, step: int, keep: int = 2):
     return checkpoint.save(out, step, rank=0, model_sd=sd, ema_sd={"w": sd["w"] * 0.5},
                            rank_state={"optimizer": {"state": {}, "param_groups": []}, "rng": torch.get_rng_state()},
                            meta={"stage": "s", "tensor_parallel": 1, "data_parallel": 1, "loss": 1.0}, keep=keep,
-                           barrier=lambda: None)
+                           barrier=lambda ok: ok)
 
 
 def test_checkpoint_atomic_layout_keep_n_and_resume_state(tmp_path):
@@ -319,7 +319,7 @@ def test_async_checkpoint_writes_in_the_background_and_a_failed_write_never_look
     rank_state = {"optimizer": {"state": {0: {"exp_avg": w.clone()}}, "param_groups": []}, "rng": torch.get_rng_state()}
     meta = {"stage": "s", "tensor_parallel": 1, "data_parallel": 1, "loss": 1.0}
     checkpoint.save(out, 3, rank=0, model_sd={"w": w}, ema_sd={"w": w * 0.5}, rank_state=rank_state, meta=meta,
-                    keep=2, barrier=lambda: None, writer=writer)
+                    keep=2, barrier=lambda ok: ok, writer=writer)
     w.add_(100.0)                                                       # the training thread goes on
     rank_state["optimizer"]["state"][0]["exp_avg"].add_(100.0)
     writer.wait()
@@ -334,12 +334,42 @@ def test_async_checkpoint_writes_in_the_background_and_a_failed_write_never_look
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     checkpoint.save(out, 6, rank=0, model_sd={"w": w}, ema_sd={"w": w}, rank_state=rank_state, meta=meta, keep=2,
-                    barrier=lambda: None, writer=writer)
+                    barrier=lambda ok: ok, writer=writer)
     with pytest.raises(checkpoint.CheckpointError, match="writing a checkpoint failed.*No space left on device"):
         writer.wait()
     assert checkpoint.latest(out).name == "step_00000003" and (out / ".tmp-step_00000006" / "optim").is_dir()
     assert not (out / "step_00000006").exists()
     writer.wait()                                                       # the error was reported once
+
+
+def test_a_rank_that_fails_its_part_of_a_save_stops_every_rank_at_the_next_barrier(tmp_path, monkeypatch):
+    """The save's barriers carry each rank's status (checkpoint._all_ok): a rank whose write fails still reaches the
+    barrier (with False) and raises its own error; the others learn of it there and raise a CheckpointError, instead
+    of waiting in the barrier for the collective timeout; no folder looks complete either way."""
+    import safetensors.torch
+
+    out, seen = tmp_path / "ckpt", []
+    rank_state = {"optimizer": {"state": {}, "param_groups": []}, "rng": torch.get_rng_state()}
+    meta = {"stage": "s", "tensor_parallel": 1, "data_parallel": 2, "loss": 1.0}
+
+    def peers_fail_at_write(ok: bool) -> bool:   # the other rank's file write failed (the second barrier)
+        seen.append(ok)
+        return ok and len(seen) != 2
+
+    (out / ".tmp-step_00000004" / "optim").mkdir(parents=True)      # as rank 0 made it
+    with pytest.raises(checkpoint.CheckpointError, match="another rank failed while writing its files"):
+        checkpoint.save(out, 4, rank=1, model_sd=None, ema_sd=None, rank_state=rank_state, meta=meta, keep=2,
+                        barrier=peers_fail_at_write)
+    assert seen == [True, True] and checkpoint.latest(out) is None
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    seen.clear()
+    with pytest.raises(OSError, match="No space left on device"):   # this rank's own error, after the barrier
+        checkpoint.save(out, 4, rank=0, model_sd={"w": torch.ones(2)}, ema_sd={"w": torch.ones(2)},
+                        rank_state=rank_state, meta=meta, keep=2, barrier=lambda ok: seen.append(ok) or ok)
+    assert seen == [True, False] and checkpoint.latest(out) is None and not (out / "step_00000004").exists()
 
 
 # ------------------------------------------------------------------------------------------------ job

@@ -41,9 +41,38 @@ def step_name(step: int) -> str:
 
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+Barrier = Callable[[bool], bool]   # every rank calls it with whether its part went well; True when all did
+
+
+def _all_ok(ok: bool, group=None) -> bool:
+    """A barrier that carries each rank's status: True when every rank of ``group`` passed ok=True (a rank whose
+    write failed still reaches it, so the others fail at once instead of waiting for the collective timeout)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ok
+    on = torch.device("cuda", torch.cuda.current_device()) \
+        if torch.distributed.get_backend(group) == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=on)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def _barrier(ok: bool = True) -> bool:
+    return _all_ok(ok)
+
+
+def _step(barrier: Barrier, what: str, work: Callable[[], None]) -> None:
+    """Run this rank's ``work`` of a save, then agree with the other ranks at ``barrier``: this rank's error, or a
+    CheckpointError naming ``what`` when another rank's part failed."""
+    error: Optional[BaseException] = None
+    try:
+        work()
+    except Exception as e:   # noqa: BLE001 - reported after the barrier, which every rank must reach
+        error = e
+    if not barrier(error is None):
+        if error is not None:
+            raise error
+        raise CheckpointError(f"another rank failed while {what}; this rank stops too (that rank's log has the "
+                              "cause: disk space, permissions)")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -54,7 +83,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dict[str, torch.Tensor]],
          ema_sd: Optional[Dict[str, torch.Tensor]], rank_state: Dict[str, Any], meta: Dict[str, Any],
-         keep: int, barrier: Callable[[], None] = _barrier, dist_state: Optional[Dict[str, Any]] = None,
+         keep: int, barrier: Barrier = _barrier, dist_state: Optional[Dict[str, Any]] = None,
          extra_sd: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, writer: Optional["Writer"] = None) -> Path:
     """Write step folder ``step`` (collective). ``model_sd``/``ema_sd`` are the full state dicts, needed on rank 0
     unless ``dist_state`` is given and both are None (then the weights are only in ``dist/``).
@@ -89,20 +118,21 @@ def save(output_dir: str | Path, step: int, *, rank: int, model_sd: Optional[Dic
     return final
 
 
-def _open(out: Path, tmp: Path, rank: int, barrier: Callable[[], None], dist: bool = False) -> None:
+def _open(out: Path, tmp: Path, rank: int, barrier: Barrier, dist: bool = False) -> None:
     """Rank 0 makes the empty ``.tmp-step_XXXXXXXX/`` (a stale one from a crash is removed); all ranks wait."""
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "optim").mkdir(parents=True)
-        if dist:
-            (tmp / DIST).mkdir()
-    barrier()
+    def make() -> None:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "optim").mkdir(parents=True)
+            if dist:
+                (tmp / DIST).mkdir()
+    _step(barrier, f"making {tmp}", make)
 
 
 def _write(out: Path, step: int, rank: int, files: Dict[str, Any], meta: Dict[str, Any], keep: int,
-           barrier: Callable[[], None], opened: bool) -> None:
+           barrier: Barrier, opened: bool) -> None:
     """Every rank writes its ``files`` ({name: object} for ``optim/*.pt``, {name: state dict} for safetensors)
     into the tmp folder; then rank 0 hashes them all into meta.json, renames the folder, points ``latest`` at it
     and prunes. A crash before the rename leaves only ``.tmp-step_XXXXXXXX/`` (never looks complete)."""
@@ -111,22 +141,28 @@ def _write(out: Path, step: int, rank: int, files: Dict[str, Any], meta: Dict[st
     final, tmp = out / step_name(step), out / f".tmp-{step_name(step)}"
     if not opened:
         _open(out, tmp, rank, barrier)
-    for name, obj in files.items():
-        if name.endswith(".pt"):
-            torch.save(obj, tmp / name)
-        else:
-            save_file({k: v.contiguous() for k, v in obj.items()}, str(tmp / name))
-    barrier()
-    if rank == 0:
-        names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        meta = {**meta, "step": step, "checksums": {f: sha256_file(tmp / f) for f in names}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if final.exists():   # a re-run of the same step replaces it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _write_text_atomic(out / LATEST, final.name + "\n")
-        _prune(out, keep)
-    barrier()
+
+    def write_files() -> None:
+        for name, obj in files.items():
+            if name.endswith(".pt"):
+                torch.save(obj, tmp / name)
+            else:
+                save_file({k: v.contiguous() for k, v in obj.items()}, str(tmp / name))
+
+    def complete() -> None:
+        if rank == 0:
+            names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+            (tmp / "meta.json").write_text(json.dumps(
+                {**meta, "step": step, "checksums": {f: sha256_file(tmp / f) for f in names}}, indent=2,
+                sort_keys=True))
+            if final.exists():   # a re-run of the same step replaces it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _write_text_atomic(out / LATEST, final.name + "\n")
+            _prune(out, keep)
+
+    _step(barrier, f"writing its files into {tmp}", write_files)
+    _step(barrier, f"completing {final.name} (rank 0: checksums, rename, {LATEST})", complete)
 
 
 def cpu_copy(obj: Any) -> Any:
@@ -152,7 +188,7 @@ class Writer:
     thread's collectives go on meanwhile and must not be interleaved with it on one group. An error in the thread
     is raised by the next ``wait`` (or ``save``)."""
 
-    def __init__(self, barrier: Callable[[], None] = lambda: None):
+    def __init__(self, barrier: Barrier = lambda ok: ok):
         self.barrier = barrier
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -181,13 +217,14 @@ class Writer:
                                   "resume from the previous step folder") from e
 
 
-def background_barrier() -> Callable[[], None]:
-    """A barrier on a new gloo process group of all ranks, for ``Writer``'s thread (collective: every rank calls
-    it at the same point of the program); a no-op without a process group."""
+def background_barrier() -> Barrier:
+    """A status barrier (``_all_ok``) on a new gloo process group of all ranks, for ``Writer``'s thread
+    (collective: every rank calls it at the same point of the program); passes ``ok`` through without a process
+    group."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return lambda: None
+        return lambda ok: ok
     group = torch.distributed.new_group(backend="gloo")
-    return lambda: torch.distributed.barrier(group=group)
+    return functools.partial(_all_ok, group=group)
 
 
 def _prune(out: Path, keep: int) -> None:
