@@ -6,6 +6,9 @@ explicit CUDA backend priority (cuDNN fused attention first, as MUG-V trains wit
     out_BHLD = attention(q_BHLD, k_BHSD, v_BHSD, mask=keep_B11S)       # cross-attention with key padding
     attention_backend(q_BHLD, k_BHSD, v_BHSD, mask=keep_B11S)          # "sdpa:CUDNN_ATTENTION", for logs/MLflow tags
 
+The trainer prints what it runs with and tags the stage's MLflow run with it (``attention_backend``,
+``trainer.train.attention_backends``).
+
 The choice, in order (``attention_backend`` returns it without running anything):
 
 1. ``flash_attn``: flash-attn's ``flash_attn_func`` for unmasked CUDA fp16/bf16 attention (the DiT's self-attention)
@@ -75,9 +78,12 @@ def _mask_kind(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, mask: Optional[torch.
     return "key_padding" if mask.dtype == torch.bool and tuple(mask.shape) == (b, 1, 1, s) else "other"
 
 
-def _choose(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, mask: Optional[torch.Tensor]) -> str:
+def _choose(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, mask: Optional[torch.Tensor],
+            compiling: Optional[bool] = None) -> str:
+    """``choose_backend`` for these tensors; compiling None = whether this call is inside ``torch.compile``."""
+    compiling = torch.compiler.is_compiling() if compiling is None else compiling
     return choose_backend(q_BHLD.device.type, q_BHLD.dtype, _mask_kind(q_BHLD, k_BHSD, mask),
-                          torch.compiler.is_compiling(), flash_attn_func is not None,
+                          compiling, flash_attn_func is not None,
                           flash_attn_varlen_func is not None)
 
 
@@ -87,12 +93,20 @@ def flash_available(q: torch.Tensor, mask: Optional[torch.Tensor] = None) -> boo
 
 
 def attention_backend(q_BHLD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
-                      mask: Optional[torch.Tensor] = None) -> str:
+                      mask: Optional[torch.Tensor] = None, compiling: Optional[bool] = None) -> str:
     """The kernel `attention` runs for these tensors: "flash_attn", "flash_attn_varlen" or "sdpa:<SDPBackend name>"
-    (SDPA's own choice, under the CUDA priority on CUDA; "sdpa:ERROR" when no backend accepts the inputs)."""
-    choice = _choose(q_BHLD, k_BHSD, mask)
+    (SDPA's own choice, under the CUDA priority on CUDA; "sdpa:ERROR" when no backend accepts the inputs).
+
+    compiling: answer as for a call inside ``torch.compile`` (True) or eager (False); None = whether this call is.
+    Under an enabled autocast SDPA's choice is made for the autocast dtype, as autocast casts SDPA's inputs to it
+    (the flash-attn rule still reads the tensors' own dtype, as ``attention`` does)."""
+    choice = _choose(q_BHLD, k_BHSD, mask, compiling)
     if choice != "sdpa":
         return choice
+    kind = q_BHLD.device.type
+    if torch.is_autocast_enabled(kind):   # torch._fused_sdp_choice has no autocast kernel: cast as SDPA's has
+        low = torch.get_autocast_dtype(kind)
+        q_BHLD, k_BHSD, v_BHSD = (t.to(low) if t.is_floating_point() else t for t in (q_BHLD, k_BHSD, v_BHSD))
     with _sdpa_priority(q_BHLD):
         sdpa = torch._fused_sdp_choice(q_BHLD, k_BHSD, v_BHSD, mask)
     return f"sdpa:{SDPBackend(sdpa).name}"

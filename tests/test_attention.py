@@ -60,6 +60,16 @@ def test_cpu_reports_sdpa_backend():
     assert attention_backend(q, k, v, keep()[:, None, None]) == "sdpa:FLASH_ATTENTION"
 
 
+def test_backend_under_autocast_is_the_one_sdpa_runs():
+    """The DiT under autocast with fp32 weights hands SDPA fp32 q, k (QK-norm) and a bf16 v: autocast casts them to
+    bf16 before SDPA picks a kernel, so attention_backend answers for the bf16 tensors (uncast: MATH)."""
+    q, k, _ = qkv()
+    v = torch.zeros(B, H, S, D, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention_backend(q, k, v) == "sdpa:FLASH_ATTENTION"
+        assert attention(q, k, v).dtype == torch.bfloat16
+
+
 def test_packed_key_attention_equals_masked_sdpa():
     mask = keep()
     q, k, v = qkv()
@@ -80,7 +90,7 @@ def test_dispatch_through_flash_attn_layouts(monkeypatch, choice):
     stood in by SDPA, the rule forced to the CUDA choice."""
     monkeypatch.setattr(attn, "flash_attn_func", flash_dense)
     monkeypatch.setattr(attn, "flash_attn_varlen_func", sdpa_varlen)
-    monkeypatch.setattr(attn, "_choose", lambda q, k, mask: choice)
+    monkeypatch.setattr(attn, "_choose", lambda q, k, mask, compiling=None: choice)
     q, k, v = qkv(1)
     mask = keep()[:, None, None] if choice == "flash_attn_varlen" else None
     out = attention(q, k, v, mask=mask)

@@ -238,6 +238,49 @@ def test_bf16_weights_train_on_fp32_masters(tmp_path, one_thread):
     assert d_off.norm() > 1e-2 and cos > 0.9, cos   # the same updates up to bf16 rounding
 
 
+@pytest.mark.parametrize("autocast,bf16_copies,compile_mode", [(False, False, "none"), (True, False, "blocks"),
+                                                                (True, True, "none")])
+def test_attention_probe_asks_about_the_forwards_tensors(monkeypatch, autocast, bf16_copies, compile_mode):
+    """trainer.train.attention_backends (the stage's MLflow tag ``attention_backend`` and its startup line) asks
+    models.attention about q, k, v of the dtypes a real forward hands ``attention`` (recorded here): fp32; fp32 q, k
+    and bf16 v under bf16 autocast with fp32 weights (QK-norm); all bf16 with bf16 weight copies; under the forward's
+    autocast, as compiled blocks do with compile "blocks"."""
+    import models.attention as attn
+    import models.dit as dit
+    from trainer.precision import Bf16Weights
+    from trainer.train import attention_backends
+
+    rt = device.Runtime(torch.device("cpu"), "gloo", torch.bfloat16 if autocast else torch.float32)
+    model = _tiny_model()
+    bf16 = Bf16Weights(model) if bf16_copies else None
+    forward: set = set()
+    real = dit.attention
+    monkeypatch.setattr(dit, "attention", lambda q, k, v, mask=None: (
+        forward.add((q.dtype, k.dtype, v.dtype, mask is not None)), real(q, k, v, mask=mask))[1])
+    g = torch.Generator().manual_seed(1)
+    if bf16 is not None:
+        bf16.begin()
+    with torch.no_grad(), torch.autocast("cpu", dtype=rt.dtype, enabled=rt.autocast):
+        model(torch.randn(2, 24, 3, 8, 8, generator=g), torch.tensor([10.0, 700.0]),
+              torch.randn(2, 16, 64, generator=g), torch.ones(2, 16, dtype=torch.bool))
+    if bf16 is not None:
+        bf16.end()
+    probed: set = set()
+
+    def backend(q, k, v, mask=None, compiling=None):
+        assert torch.is_autocast_enabled("cpu") == autocast and compiling == (compile_mode == "blocks")
+        probed.add((q.dtype, k.dtype, v.dtype, mask is not None))
+        return "sdpa:PROBED" if mask is None else "sdpa:MASKED"
+
+    monkeypatch.setattr(attn, "attention_backend", backend)
+    job = StageJob(stage=StageConfig(name="s", compile=compile_mode), dit=DiTConfig(**TINY_DIT), latents_dir="l",
+                   output_dir="o")
+    assert attention_backends(job, rt, model, bf16_copies=bf16_copies) == "self=sdpa:PROBED cross=sdpa:MASKED"
+    assert probed == forward and len(forward) == 2, (probed, forward)
+    monkeypatch.undo()
+    assert attention_backends(job, rt, model, bf16_copies) == "self=sdpa:FLASH_ATTENTION cross=sdpa:FLASH_ATTENTION"
+
+
 def test_prefetcher_makes_the_next_step_ahead_in_a_thread():
     import threading
 

@@ -5,7 +5,8 @@ Checked: a DP=2 stage learns and writes checkpoints + metrics.jsonl; a TP=2 stag
 TP=1 (its blocks compiled, stage.compile) give the same losses / grad norms (1e-5 relative) and weights (1e-5
 absolute) from the same weights and batches (measured eager: <= 2.3e-7 relative, 1.9e-6 absolute after 3 steps), TP=2
 with activation recomputation included;
-metrics (loss, grad norm, LR, tokens/s, MFU) reach an existing MLflow run; a stage whose rank 1 is SIGKILLed mid-stage
+metrics (loss, grad norm, LR, tokens/s, MFU) and the attention kernels (tag ``attention_backend``) reach an existing
+MLflow run; a stage whose rank 1 is SIGKILLed mid-stage
 resumes from its last checkpoint when rerun and ends bitwise equal to an uninterrupted run (which has the overlapped
 gradient reduce in ~25 buckets, foreach AdamW, prefetch and background checkpoint writes on; the rerun has them all
 off); bad input fails with the trainer's message; the launch timeout stops a stage.
@@ -90,6 +91,9 @@ def test_tp2_starts_from_dp2_weights_and_matches_tp1(tiny):
                                      checkpoint_interval=steps, compile="blocks"), latents, init=init,
                   mlflow_tracking_uri=uri, mlflow_run_id=run_id)
     assert "compile: 1 blocks through torch.compile (the first step of each shape compiles)" in tp1_lines
+    kernels = "self=sdpa:FLASH_ATTENTION cross=sdpa:FLASH_ATTENTION"   # torch's CPU flash kernel, masked or not
+    assert f"attention: {kernels} (cpu, forward float32, compile blocks)" in tp1_lines
+    assert client.get_run(run_id).data.tags["attention_backend"] == kernels
     history = client.get_metric_history(run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3] and history[0].value == _metrics(tp1)[0]["loss"]
     for key in ("grad_norm", "lr", "tokens_per_s", "mfu"):

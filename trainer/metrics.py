@@ -3,6 +3,7 @@ MLflow).
 
     log = MetricsLog(job, plan, start_step, param_count(plan, model), peak_flops_per_s)
     log.write(step, loss, grad_norm, lr, dp_sum(plan, [samples, tokens, flops]), seconds)
+    log.tags({"attention_backend": "self=sdpa:FLASH_ATTENTION cross=sdpa:FLASH_ATTENTION"})   # MLflow run tags
     log.close()   # end of the stage: the MLflow metrics still queued are sent (or counted as lost)
 
 Per step: loss (mean over micro-batches and DP ranks), grad_norm, lr, step_time_s, samples_per_s, tokens_per_s
@@ -84,6 +85,11 @@ class MetricsLog:
               f"dp={layout.dp} sp={sp} micro_batches={job.stage.micro_batches} params={n_params} "
               f"start_step={start} steps={job.stage.steps} recompute={job.stage.recompute} "
               f"peak_tflops={self.peak / 1e12:.3f}{extra}", flush=True)
+
+    def tags(self, tags: Dict[str, str]) -> None:
+        """Set run tags of the stage's MLflow run (rank 0; queued like the metrics, never waits on the server)."""
+        if self.sender is not None:
+            self.sender.put_tags(tags)
 
     def write(self, step: int, loss: float, grad_norm: float, lr: float, work, seconds: float,
               extra: Optional[Dict[str, float]] = None) -> None:

@@ -21,6 +21,8 @@ build the optimizer (``trainer.optim``), restore (``trainer.state``), then per s
 ``stage.micro_batches`` micro-batches, rectified-flow inputs from a generator seeded by (seed, step, virtual rank),
 loss / M and backward per micro-batch (megatron's 1F1B schedule with pipeline parallelism), one gradient sync, clip,
 optimizer step at ``lr_at(step)``, EMA, metrics from rank 0 and a checkpoint every ``checkpoint_interval`` steps.
+Before the first step rank 0 prints the attention kernels the blocks run with (``attention_backends``) and sets them
+as the MLflow tag ``attention_backend`` of the stage's run.
 What is not the model hides behind it (docs/parallelism.md, "A step without idle time"): the next step's
 micro-batches are built in a thread (``stage.prefetch``), the DP gradient reduce runs in buckets during the last
 micro-batch's backward (``stage.overlap_grad_reduce``), AdamW is fused / foreach (``stage.optimizer_impl``),
@@ -102,6 +104,11 @@ def train(job: StageJob) -> None:
             if layout.rank == 0:
                 print("bf16_weights: the forward runs on bf16 weights, the optimizer on fp32 masters "
                       f"({'sharded in the distributed optimizer' if masters else 'torch AdamW'})", flush=True)
+        if layout.rank == 0:   # which attention kernels this stage trains with: the log and an MLflow tag
+            kernels = attention_backends(job, rt, model, bf16_copies=bf16 is not None)
+            print(f"attention: {kernels} ({rt.device.type}, forward {str(rt.dtype).replace('torch.', '')}, "
+                  f"compile {stage.compile})", flush=True)
+            log.tags({"attention_backend": kernels})
         overlap = OverlappedGradReduce(plan, model, n_micro, stage.grad_bucket_mb,
                                        grad_of=bf16.grad_or_zero if bf16 is not None else None) \
             if stage.overlap_grad_reduce and ddp is None else None
@@ -146,6 +153,44 @@ def train(job: StageJob) -> None:
             from torch._inductor.async_compile import shutdown_compile_workers
             shutdown_compile_workers()
         device.destroy()
+
+
+ATTENTION_PROBE_TOKENS = 64   # query and key length of attention_backends' probe tensors: small, so the probe costs
+                              # nothing. models/attention.py's rule reads device, dtype, mask and compile; SDPA's own
+                              # choice reads dtype, head_dim, mask and grad; whether a GPU SDPA backend also refuses
+                              # some lengths was not checked (no GPU here), so on CUDA the tag may name a kernel
+                              # that a stage's real lengths would not get
+
+
+def attention_backends(job: StageJob, rt: device.Runtime, model, bf16_copies: bool = False) -> str:
+    """The kernels ``models.attention`` runs for this rank's DiT blocks in training: "self=<kernel> cross=<kernel>"
+    in ``attention_backend``'s names (the stage's MLflow tag ``attention_backend`` and its startup line).
+
+    Probed on small tensors (``ATTENTION_PROBE_TOKENS``) with this rank's heads (num_heads / tensor_parallel),
+    the DiT's head_dim and requires_grad, under the forward's autocast (``rt``), and as compiled blocks see it
+    (``stage.compile``: compiled blocks take SDPA for the masked cross-attention). q and k have the dtype the blocks
+    hand to ``attention``: their QK-norm multiplies by its weight, so they are bf16 only where the weights are
+    (``bf16_copies``: ``trainer.precision.Bf16Weights``; else the norm weights' dtype, bf16 with the distributed
+    optimizer's bf16 parameters); v has the autocast dtype. With fp32 weights under autocast q and k are fp32:
+    flash-attn is not taken, SDPA runs on autocast's bf16 casts."""
+    from models.attention import attention_backend
+    from models.dit import RMSNorm
+
+    norm = next((m.weight for m in model.modules() if isinstance(m, RMSNorm)), None)
+    weights = precision.DTYPE if bf16_copies else (norm.dtype if norm is not None else torch.float32)
+    qk_dtype = torch.promote_types(rt.dtype, weights)   # RMSNorm: weight * the normed activation (autocast dtype)
+    heads = max(1, job.dit.num_heads // job.stage.tensor_parallel)
+
+    def probe(dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(1, heads, ATTENTION_PROBE_TOKENS, job.dit.head_dim, device=rt.device, dtype=dtype,
+                           requires_grad=True)
+
+    q, k, v = probe(qk_dtype), probe(qk_dtype), probe(rt.dtype)
+    keep_B11S = torch.ones(1, 1, 1, ATTENTION_PROBE_TOKENS, dtype=torch.bool, device=rt.device)
+    compiling = job.stage.compile != "none"
+    with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.autocast):
+        return (f"self={attention_backend(q, k, v, compiling=compiling)} "
+                f"cross={attention_backend(q, k, v, mask=keep_B11S, compiling=compiling)}")
 
 
 def _bf16_weights(stage, rt: device.Runtime) -> bool:
