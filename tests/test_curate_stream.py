@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -73,15 +74,34 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def test_streaming_reproduces_the_whole_array_rows_and_files(tmp_path):
+@pytest.mark.parametrize("buffer_mb", [None, 1, 0])   # default: one pass; 1 MB (~34 frames): some windows later; 0
+def test_streaming_reproduces_the_whole_array_rows_and_files(tmp_path, monkeypatch, buffer_mb):
+    """The rows and files of the former whole-array path, however many windows the first pass could curate from
+    its buffer (the rest read by a second pass)."""
+    import tasks.curate.curate as curate_module
+
+    later: list = []   # windows read by a second pass
+
+    def counted(info, windows):
+        later.extend(windows)
+        return read_windows(info, windows)
+
+    monkeypatch.setattr(curate_module, "read_windows", counted)
     golden = json.loads(GOLDEN.read_text())
     cfgs = _inputs(tmp_path / "in")
+    total = 0
     for case, want in golden["cases"].items():
         name, video = case.split("/")
         path, out = tmp_path / "in" / video, tmp_path / case
         out.mkdir(parents=True)
-        rows = curate_input(InputFile(uri=str(path), size=path.stat().st_size, name=video), cfgs[name],
-                            Models(cfgs[name]), out, path, "0" * 16, None)
+        cfg = cfgs[name] if buffer_mb is None else dataclasses.replace(cfgs[name], buffer_mb=buffer_mb)
+        before = len(later)
+        rows = curate_input(InputFile(uri=str(path), size=path.stat().st_size, name=video), cfg,
+                            Models(cfg), out, path, "0" * 16, None)
+        windows = sum(r["kind"] == "clip" for r, _ in rows)
+        total += windows
+        if buffer_mb is None:   # one pass, but for the variable-rate input (its first pass saw source frames)
+            assert len(later) - before == (windows if video == "vfr.mp4" else 0), case
         got = [[r.get(f) for f in golden["fields"]] + [key] for r, key in rows]
         assert len(got) == len(want["rows"]), case
         for g, w in zip(got, want["rows"]):
@@ -89,6 +109,10 @@ def test_streaming_reproduces_the_whole_array_rows_and_files(tmp_path):
         files = {str(f.relative_to(out)): sha256_bytes(f.read_bytes(), n=16) for f in sorted(out.rglob("*"))
                  if f.is_file()}
         assert files == want["files"], case
+    if buffer_mb == 0:
+        assert len(later) == total
+    elif buffer_mb == 1:
+        assert 0 < len(later) < total, (len(later), total)
 
 
 @pytest.mark.parametrize("width", [128, 112])   # decord, PyAV
@@ -205,25 +229,109 @@ def _traced_peak(path: Path, cfg: CurateConfig, models: Models, out: Path) -> tu
 
 
 def test_memory_does_not_grow_with_the_video_length(tmp_path):
-    """Curating a video 6x longer (the same scenes repeated) allocates no more at its peak than a few decoded
-    chunks' worth of timing slack: the stream holds a window of frames and a few chunks, not the video (traced
-    numpy/Python allocations)."""
+    """Curating a video 12x longer (the same scenes repeated) allocates no more at its peak than a few decoded
+    chunks' worth of timing slack: the stream holds a scene's frames (the first pass's buffer), the windows being
+    curated and a few chunks, not the video (traced numpy/Python allocations)."""
     w, h = 256, 192
     scene_THWC = np.concatenate([render_scene(SceneSpec(k, 24, seed=i), w, h, i)
                                  for i, k in enumerate(("texture", "shaky", "texture"))])
     write_clip(tmp_path / "short.mp4", scene_THWC, 24, crf=30)
-    write_clip(tmp_path / "long.mp4", np.concatenate([scene_THWC] * 6), 24, crf=30)
+    write_clip(tmp_path / "long.mp4", np.concatenate([scene_THWC] * 12), 24, crf=30)
     # the default caption batch: until captioned, a batch holds only the frames its captioner reads (sidecar: none)
     cfg = CurateConfig(motion_min=0.02, motion_height=96, caption=CaptionConfig(backend="sidecar"))
     models = Models(cfg)
     _ = models.scorer   # built before tracing: the model is the same for both videos
     peak_short, rows_short = _traced_peak(tmp_path / "short.mp4", cfg, models, tmp_path / "o1")
     peak_long, rows_long = _traced_peak(tmp_path / "long.mp4", cfg, models, tmp_path / "o2")
-    long_bytes = 6 * scene_THWC.nbytes   # what holding the decoded long video would take (~64 MB)
-    assert len(rows_long) == 6 * len(rows_short) and sum(r["status"] == "kept" for r, _ in rows_long) >= 6
+    long_bytes = 12 * scene_THWC.nbytes   # what holding the decoded long video would take (~127 MB)
+    assert len(rows_long) == 12 * len(rows_short) and sum(r["status"] == "kept" for r, _ in rows_long) >= 6
     # the first pass's decoder may run up to PREFETCH_DEPTH chunks ahead (+ one being handed over, one analysed):
     # how far it gets depends on thread timing, so that much may differ between the runs, and no more
     in_flight = (PREFETCH_DEPTH + 2) * CHUNK_FRAMES * scene_THWC[0].nbytes
     assert peak_long <= peak_short + in_flight + 2 ** 20, (peak_short, peak_long, in_flight)
     assert peak_long < long_bytes / 4, (peak_long, long_bytes)
     assert not math.isnan(float(rows_long[0][0]["sharpness"]))
+
+
+def test_settled_scenes_are_final_as_frames_arrive():
+    """At every frame, ``SceneStream.settled`` is a prefix of the scenes found at the end (what the first pass curates
+    early can no longer change): hard cuts, fades, dissolves, a flash, noise (many close cuts, merged), and cuts the
+    adaptive detector alone finds two frames late."""
+    rng = np.random.default_rng(1)
+    kinds = ("texture", "shaky", "flat", "texture", "static", "texture", "shaky", "texture")
+    scenes = [SceneSpec(k, int(n), seed=i) for i, (k, n) in enumerate(zip(kinds, rng.integers(9, 30, len(kinds))))]
+    frames_THWC, _, _ = render_video(scenes, width=96, height=64, transitions=[
+        ("dissolve", 6), None, ("fade", 3), None, ("dissolve", 12), None, ("fade", 8)])
+    flash_THWC = frames_THWC[40:41].copy()
+    flash_THWC[:] = 255
+    noise_THWC = rng.integers(0, 256, (20, 64, 96, 3), dtype=np.uint8)
+    # two still shots joined by a 2-frame dissolve: the content detector cuts at once, the blend test removes that
+    # cut a few frames later (still frames fit the blend too), so a scene ending there settles only after the lag
+    a = render_scene(SceneSpec("static", 1, seed=10), 96, 64, 0)[0].astype(np.float32) / 4
+    b = 255 - render_scene(SceneSpec("static", 1, seed=11), 96, 64, 1)[0].astype(np.float32) / 4
+    still_THWC = np.stack([a] * 20 + [(2 * a + b) / 3, (a + 2 * b) / 3] + [b] * 20).round().astype(np.uint8)
+    frames_THWC = np.concatenate([frames_THWC[:41], flash_THWC, frames_THWC[41:], noise_THWC, frames_THWC[:30],
+                                  still_THWC])
+    for cfg in (CurateConfig(), CurateConfig(adaptive_threshold=1.5, scene_threshold=40.0, gradual_window=5)):
+        stream, seen = SceneStream(8.0, cfg), []
+        for frame_HWC in frames_THWC:
+            stream.push(frame_HWC)
+            seen.append(stream.settled())
+        final = stream.finish().scenes
+        assert len(final) >= 8 and len(seen[-1]) >= len(final) - 2, (final, seen[-1])
+        for n, settled in enumerate(seen):
+            assert settled == final[:len(settled)], (n, settled, final)
+        assert all(len(a) <= len(b) for a, b in zip(seen, seen[1:]))
+
+
+def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
+    """The first pass curates windows while it decodes; when its results turn out void, their files go: the decoder
+    finds the file truncated only at its end (one failed row, no file), decord fails part-way (PyAV starts over:
+    the rows and files of an undisturbed run), the curating thread fails (its error is raised, no file)."""
+    import tasks.curate.curate as curate_module
+    import tasks.curate.decode as decode
+
+    path = tmp_path / "v.mp4"
+    make_scenes_video(path, [SceneSpec("texture", 30, seed=i) for i in range(4)], width=128, height=96)
+    cfg = CurateConfig(motion_min=0.02, motion_height=96, keyframes=1, caption=CaptionConfig(backend="sidecar"))
+    item = InputFile(uri=str(path), size=path.stat().st_size, name="v.mp4")
+    calls: list = []
+    window = curate_module._Curator.window
+    monkeypatch.setattr(curate_module._Curator, "window", lambda self, *a: (calls.append(a[2]), window(self, *a)))
+
+    def run(out: Path) -> tuple:
+        calls.clear()
+        rows = curate_input(item, cfg, Models(cfg), out, path, "0" * 16, None)
+        return rows, {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+
+    rows, files = run(tmp_path / "plain")
+    assert len(calls) == 4 and sum(r["status"] == "kept" for r, _ in rows) >= 2 and len(files) > 4
+    # 1. truncation found at the end: the windows curated during the pass leave nothing behind
+    probe = decode._probe
+    with monkeypatch.context() as m:
+        m.setattr(decode, "_probe", lambda p, max_pixels=0: {**probe(p, max_pixels), "declared_frames": 10 ** 4})
+        (row, key), = run(tmp_path / "cut")[0]
+    assert key == DecodeError.CORRUPT and row["status"] == "failed" and "decoded 120 of" in row["reason"]
+    assert calls == [6, 36, 66] and not [f for f in (tmp_path / "cut").rglob("*") if f.is_file()]   # last: at the end
+    # 2. decord fails after 6 chunks (48 frames: the first scene was curated): PyAV starts over
+    batch, n = decode._batch_decord, [0]
+
+    def flaky(reader, indices):
+        n[0] += 1
+        if n[0] == 7:
+            raise RuntimeError("decord: corrupt packet")
+        return batch(reader, indices)
+
+    with monkeypatch.context() as m:
+        m.setattr(decode, "_batch_decord", flaky)
+        again, again_files = run(tmp_path / "restart")
+    assert calls == [6, 6, 36, 66, 96], calls   # the first window curated twice: by decord's pass, then PyAV's
+    assert [[r[f] for f in ("clip_id", "status", "reason", "start_s")] for r, _ in again] == \
+        [[r[f] for f in ("clip_id", "status", "reason", "start_s")] for r, _ in rows]
+    assert again_files == files
+    # 3. the curating thread fails (a full disk): the error is raised, the thumbnails written before it are removed
+    with monkeypatch.context() as m:
+        m.setattr(curate_module, "write_clip", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+        with pytest.raises(OSError, match="No space left"):
+            run(tmp_path / "full")
+    assert not [f for f in (tmp_path / "full").rglob("*") if f.is_file()]

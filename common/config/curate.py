@@ -88,6 +88,9 @@ class CurateConfig:
     max_pixels: int = 4096 * 2304         # larger frames are a failed input ("resolution too large"), never an OOM
     max_frames: int = 20000               # longer inputs are decoded up to this many frames (a time bound:
                                           # decoding streams, memory does not grow with length)
+    buffer_mb: int = 768                  # choice: decoded frames held so that a scene's windows are curated in the
+                                          # pass that decodes it (720p: ~11 s of 24 fps, 4K: ~1.3 s); a longer
+                                          # scene's windows are decoded again in a second pass. 0 = always two passes
     default_caption: str = "a video"      # used when no sidecar <video>.txt exists and the backend is "sidecar"
     aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
@@ -126,6 +129,9 @@ class CurateConfig:
                 raise ValueError(f"curate.{k} must be >= 1, got {getattr(self, k)}")
         if self.keyframes < 0:
             raise ValueError(f"curate.keyframes must be >= 0 (key frames per kept clip), got {self.keyframes}")
+        if self.buffer_mb < 0:
+            raise ValueError(f"curate.buffer_mb must be >= 0 (MB of decoded frames held; 0 = two passes), "
+                             f"got {self.buffer_mb}")
         names = [r.name for r in self.resolutions]
         if len(set(names)) != len(names) or any(not n or not n.replace("_", "").replace("-", "").isalnum()
                                                 for n in names):

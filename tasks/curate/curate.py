@@ -1,20 +1,25 @@
 """Curation of one input: fetched file -> manifest rows + clips (docs/artifacts.md), without Flyte.
 
-``curate_video`` streams the video twice and never holds it: the first pass decodes every frame once (decord,
-PyAV fallback, constant frame rate) and analyses scenes on it (``scenes.scan_scenes``: hard cuts + fades/dissolves
-on small frames); then, for each scene, it picks the size bucket (closest aspect) and the longest length bucket that
-fits (``buckets``) and up to ``max_clips_per_scene`` windows spread evenly over the scene, and the second pass
-(``decode.read_windows``) decodes up to the last window, one window's frames at a time. Each window's source-resolution
-frames are scored by every filter (``filters.assess``: brightness, sharpness, motion, text area, aesthetic); windows
-that still contain a cut (max frame change > ``cut_check_threshold``) are dropped; kept clips are center-cropped +
-resized to the bucket and written at once, and captioned with their key frames ``caption.batch_size`` per captioner
-call as the batches fill (``captioner``: sidecar or Qwen2-VL, aesthetic score appended). Every candidate gets a
-pHash (for the run-wide near-duplicate check at merge) and a thumbnail. Memory is bounded by one window of source
-frames (plus, per clip of a caption batch, the frames the captioner reads: ``caption.num_frames``, none with sidecar
-captions), whatever the video's length.
+``curate_video`` decodes the video once and never holds it: the decoder's first pass (decord, PyAV fallback,
+constant frame rate) feeds ``firstpass.FirstPass``, which analyses scenes (``scenes.SceneStream``: hard cuts +
+fades/dissolves on small frames) and, as soon as a scene's bounds are final (``SceneStream.settled``, a dozen frames
+after its end), curates its windows on a thread of its own from the frames it still buffers (``curate.buffer_mb``):
+for each scene, the size bucket (closest aspect), the longest length bucket that fits (``buckets``) and up to
+``max_clips_per_scene`` windows spread evenly over the scene. Windows whose frames left the buffer (a scene longer
+than it) are decoded again by a second pass (``decode.read_windows``), as is everything of a variable-rate input
+(its first pass sees the source frames). Each window's source-resolution frames are scored by every filter
+(``filters.assess``: brightness, sharpness, motion, text area, aesthetic); windows that still contain a cut (max
+frame change > ``cut_check_threshold``) are dropped; kept clips are center-cropped + resized to the bucket and
+written at once, and captioned with their key frames ``caption.batch_size`` per captioner call as the batches fill
+(``captioner``: sidecar or Qwen2-VL, aesthetic score appended). Every candidate gets a pHash (for the run-wide
+near-duplicate check at merge) and a thumbnail. Memory is bounded by the buffer, the windows being curated and, per
+clip of a caption batch, the frames the captioner reads (``caption.num_frames``, none with sidecar captions),
+whatever the video's length. Rows are the same whichever pass curated a window; when the first pass's results are
+void (PyAV starting over after decord failed part-way, a truncation found at the end, an error) the files it wrote
+are removed.
 
 Settings reach every step the same way: each helper that applies a curation setting takes the whole ``cfg`` (the
-CurateConfig) and reads its fields itself (``scenes.scan_scenes``, ``buckets.*``, ``window_starts``,
+CurateConfig) and reads its fields itself (``scenes.SceneStream``, ``buckets.*``, ``window_starts``,
 ``filters.assess``, ``Models``); the decoder (``decode.scan_video``/``read_windows``, shared with the benchmarks) and
 the pixel helpers take plain values.
 
@@ -32,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -46,6 +51,7 @@ from tasks.curate.manifest import manifest_row
 
 if TYPE_CHECKING:
     from tasks.curate.decode import VideoInfo
+    from tasks.curate.firstpass import Window
     from tasks.curate.scenes import SceneAnalysis
 
 
@@ -129,105 +135,189 @@ def thumbnail(frame_HWC: np.ndarray, height: int = 72) -> bytes:
 def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateConfig, models: Models,
                  out_dir: Path) -> List[Tuple[Dict[str, Any], str]]:
     """(row, reason key) for every scene / window of one decodable input; clips go to ``out_dir/clips``, thumbnails
-    to ``out_dir/thumbs``. Two passes over the video, neither holding it: scene analysis while decoding every frame
-    once (``scenes.scan_scenes``), then the windows' frames only, one window at a time (``decode.read_windows``).
-    Raises DecodeError."""
-    from tasks.curate import buckets
-    from tasks.curate.scenes import scan_scenes
+    to ``out_dir/thumbs``. One streamed pass analyses scenes and curates each scene's windows from the frames it
+    still buffers (``firstpass.FirstPass``); the windows whose frames it no longer held (a scene longer than
+    ``cfg.buffer_mb``), and every window of a variable-rate input, are read by a second pass
+    (``decode.read_windows``). Raises DecodeError; on any error the files this call wrote are removed."""
+    from tasks.curate.decode import scan_video
+    from tasks.curate.firstpass import FirstPass
 
-    # 1. first pass: decode every frame once, analyse scenes
-    info, scenes = scan_scenes(path, cfg, cfg.max_pixels, cfg.max_frames)
-    src_h, src_w = info.meta["height"], info.meta["width"]
-    fps = info.fps / cfg.frame_stride
-    _, out_h, out_w = _top_resolution(src_h, src_w, cfg)
-    allowed = buckets.lengths(cfg, fps)
-    if not allowed:
-        raise DecodeError(DecodeError.NO_LENGTH, f"no clip length in {[cfg.clip_frames, *cfg.bucket_frames]} fits "
-                         f"[{cfg.min_clip_s}, {cfg.max_clip_s}] s at {fps:g} fps")
-    min_span = (allowed[-1] - 1) * cfg.frame_stride + 1
-    # 2. the windows of every scene: (scene index, scene, length bucket or None, span, starts)
-    plan: List[Tuple[int, int, int, Optional[int], int, List[int]]] = []
-    for scene_index, (s, e) in enumerate(scenes.scenes):
-        n = buckets.length_bucket(e - s, cfg, fps)
-        span = (n - 1) * cfg.frame_stride + 1 if n is not None else 0
-        plan.append((scene_index, s, e, n, span, window_starts(s, e, span, cfg) if n is not None else []))
-    windows = [list(range(start, start + span, cfg.frame_stride)) for *_, span, starts in plan for start in starts]
-    with contextlib.closing(read_windows(info, windows)) as frames:   # second pass: a window at a time
-        return _curate_windows(frames, plan, info, scenes, min_span, out_h, out_w, source_hash, sidecar, cfg,
-                               models, out_dir)
+    def make_curator(fps: float, height: int, width: int) -> _Curator:
+        return _Curator(fps, height, width, source_hash, sidecar, cfg, models, out_dir)
+
+    first = FirstPass(cfg, make_curator)
+    try:
+        info = scan_video(path, first.start, cfg.max_pixels, cfg.max_frames)   # 1. decodes every frame once
+        first.close()
+        curator = make_curator(info.fps, info.meta["height"], info.meta["width"])   # TOO_SMALL / NO_LENGTH
+        if info.meta["vfr"] or first.curator is None:   # 2a. nothing usable curated: the first pass saw source frames
+            first.discard()
+            scenes = _rescan_scenes(info, cfg)
+            per_scene = [(i, s, e, curator.windows(i, s, e)) for i, (s, e) in enumerate(scenes.scenes)]
+            curator.curate([((i, s, e), None) for i, s, e, windows in per_scene if not windows], scenes.changes)
+            deferred = [w for *_, windows in per_scene for w in windows]
+        else:   # 2b. the scenes still open when the pass ended, from the buffer
+            curator, scenes = first.curator, first.stream.finish()
+            done = first.settled
+            if scenes.scenes[:len(done)] != done:   # SceneStream.settled is wrong: our bug, not the input's fault
+                raise RuntimeError(f"{path.name}: the scenes settled during the pass {done} are not those found at "
+                                   f"its end {scenes.scenes[:len(done)]} (tasks/curate/scenes.py SceneStream.settled)")
+            curator.curate(first.items([(i, s, e) for i, (s, e) in enumerate(scenes.scenes) if i >= len(done)]),
+                           scenes.changes)
+            deferred = first.deferred
+        if deferred:   # 3. second pass: only the windows that were not buffered
+            windows = [list(range(start, start + span, cfg.frame_stride)) for _, _, start, span, _ in deferred]
+            with contextlib.closing(read_windows(info, windows)) as frames:
+                for w, src_THWC in zip(deferred, frames):
+                    curator.curate([(w, src_THWC)], scenes.changes)
+        return curator.rows(info.meta["timestamps"])
+    except BaseException:
+        first.discard()
+        raise
 
 
-def _curate_windows(frames: Iterator[np.ndarray], plan: List[Tuple[int, int, int, Optional[int], int, List[int]]],
-                    info: VideoInfo, scenes: SceneAnalysis, min_span: int, out_h: int, out_w: int, source_hash: str,
-                    sidecar: str | None, cfg: CurateConfig, models: Models,
-                    out_dir: Path) -> List[Tuple[Dict[str, Any], str]]:
-    """The rows of ``curate_video``'s plan [(scene index, start, end, length bucket or None, span, window starts)],
-    taking each window's frames from ``frames``."""
-    from tasks.curate import buckets
-    from tasks.curate.dedup import clip_phash
+def _rescan_scenes(info: VideoInfo, cfg: CurateConfig) -> SceneAnalysis:
+    """Scene analysis of a scanned video's constant-rate frames in a later pass (a variable-rate input: the first
+    pass saw the source frames)."""
+    from tasks.curate.decode import read_frames
+    from tasks.curate.scenes import SceneStream
 
-    src_fps, times = info.fps, info.meta["timestamps"]
-    src_h, src_w = info.meta["height"], info.meta["width"]
-    fps = src_fps / cfg.frame_stride
-    # 3. each window: filters, cut check, crop + resize, thumbnail, clip, key frames; captions in batches
-    common = dict(fps=fps, src_height=src_h, src_width=src_w)
-    fallback = sidecar or cfg.default_caption
-    scorer = models.scorer
-    out: List[Tuple[Dict[str, Any], str]] = []
-    to_caption: List[Tuple[Dict[str, Any], np.ndarray, Optional[float]]] = []   # kept clips and key frames, in order
-    captioner: Any = None
-    for scene_index, s, e, n, span, starts in plan:
+    stream = SceneStream(info.fps, cfg)
+    for _, frame_HWC in read_frames(info):
+        stream.push(frame_HWC)
+    return stream.finish()
+
+
+class _Curator:
+    """The rows and files of one video's scenes and windows, curated in any order (``window``, ``plan_scenes``) and
+    returned in scene order (``rows``). Raises DecodeError TOO_SMALL / NO_LENGTH when no clip can be cut."""
+
+    def __init__(self, src_fps: float, src_h: int, src_w: int, source_hash: str, sidecar: str | None,
+                 cfg: CurateConfig, models: Models, out_dir: Path) -> None:
+        from tasks.curate import buckets
+
+        _, self.out_h, self.out_w = _top_resolution(src_h, src_w, cfg)
+        self.fps = src_fps / cfg.frame_stride
+        allowed = buckets.lengths(cfg, self.fps)
+        if not allowed:
+            raise DecodeError(DecodeError.NO_LENGTH, f"no clip length in {[cfg.clip_frames, *cfg.bucket_frames]} "
+                              f"fits [{cfg.min_clip_s}, {cfg.max_clip_s}] s at {self.fps:g} fps")
+        self.min_span = (allowed[-1] - 1) * cfg.frame_stride + 1
+        self.src_fps, self.src_h, self.src_w = src_fps, src_h, src_w
+        self.source_hash, self.sidecar, self.cfg, self.models, self.out_dir = source_hash, sidecar, cfg, models, out_dir
+        self.fallback = sidecar or cfg.default_caption
+        self.results: Dict[Tuple[int, int], List[Tuple[Dict[str, Any], str]]] = {}   # (scene, window) -> rows
+        self.times: List[Tuple[Dict[str, Any], int, Optional[int]]] = []   # (row, first frame, last frame or None)
+        self.written: List[Path] = []
+        self.to_caption: List[Tuple[Dict[str, Any], np.ndarray, Optional[float]]] = []   # kept rows + frames, in order
+        self.captioner: Any = None
+
+    def windows(self, scene_index: int, start: int, end: int) -> List[Window]:
+        """The windows of the scene [start, end): (scene index, window index, start, span, length bucket); none
+        when the scene is shorter than every length bucket."""
+        from tasks.curate import buckets
+
+        n = buckets.length_bucket(end - start, self.cfg, self.fps)
         if n is None:
-            reason = f"scene too short: {e - s} < {min_span} frames"
-            out.append((manifest_row(source_hash, fallback, "rejected", reason, start_frame=s, end_frame=e,
-                                     scene_index=scene_index, duration_s=(e - s) / src_fps, start_s=float(times[s]),
-                                     end_s=float(times[e - 1]) + 1 / src_fps, **common), "scene too short"))
-            continue
-        for start in starts:
-            src_THWC = next(frames)
-            report = assess(src_THWC, cfg, scorer)
-            failure = report.first_failure
-            change = float(scenes.changes[start + 1:start + span].max()) if span > 1 else 0.0
-            reason, key = (failure.reason, failure.key) if failure else ("", "")
-            if change > cfg.cut_check_threshold:   # a cut the detectors missed: drop the clip
-                reason, key = f"cut inside clip: change {change:.1f} > {cfg.cut_check_threshold:g}", "cut inside clip"
-            clip_THWC = center_crop_resize(src_THWC, out_h, out_w)
-            cid = clip_id(clip_THWC, source_hash, start, start + span, cfg.frame_stride)
-            (out_dir / "thumbs").mkdir(parents=True, exist_ok=True)
-            (out_dir / "thumbs" / f"{cid}.png").write_bytes(thumbnail(clip_THWC[len(clip_THWC) // 2]))
-            caption = fallback   # a kept clip's caption is filled in by _caption_rows below
-            rel = "" if reason else f"clips/{cid}.mp4"
-            images, mark = [], len(to_caption)
-            if rel:
-                write_clip(out_dir / rel, clip_THWC, fps)
-                for k in _keyframe_indices(len(src_THWC), cfg.keyframes):
-                    at = start + k * cfg.frame_stride   # the key frame's source frame
-                    images.append(_image_row(src_THWC[k:k + 1], out_h, out_w, source_hash, cid, (at, cfg.frame_stride),
-                                             sidecar, fallback, cfg, models, out_dir, "keyframe", to_caption,
-                                             scene_index=scene_index, start_s=float(times[at]), src_height=src_h,
-                                             src_width=src_w))
-            row = manifest_row(source_hash, caption, "rejected" if reason else "kept", reason, clip_id=cid,
-                               start_frame=start, end_frame=start + span, height=out_h, width=out_w,
-                               num_frames=len(clip_THWC), duration_s=len(clip_THWC) / fps, scene_index=scene_index,
-                               sharpness=report.sharpness, brightness=report.brightness, score=report.score,
-                               bucket=buckets.bucket_name(out_h, out_w, n), path=rel, start_s=float(times[start]),
-                               end_s=float(times[start + span - 1]) + 1 / src_fps, motion=report.motion,
-                               text_area=report.text_area, aesthetic=report.aesthetic, phash=clip_phash(clip_THWC),
-                               scored_by=f"aesthetic {scorer.identity}", kind="clip",
-                               variants="" if reason else json.dumps(buckets.variants(out_h, out_w, n, cfg, fps)),
-                               **common)
-            if not reason:   # hold only the frames the captioner reads (none for sidecar captions) until then
-                captioner = models.captioner(sidecar) if captioner is None else captioner
-                to_caption.insert(mark, (row, src_THWC, report.aesthetic))   # before its key frames
-                to_caption[mark:] = [(r, captioner.frames_read(f), a) for r, f, a in to_caption[mark:]]
-            out += [(row, key), *images]
-            full = len(to_caption) // cfg.caption.batch_size * cfg.caption.batch_size
-            if full:   # the same batches as captioning every row at the end, without holding their frames
-                _caption_rows(to_caption[:full], captioner, cfg.caption.batch_size)
-                del to_caption[:full]
-    if to_caption:
-        _caption_rows(to_caption, captioner, cfg.caption.batch_size)
-    return out
+            return []
+        span = (n - 1) * self.cfg.frame_stride + 1
+        return [(scene_index, k, s, span, n) for k, s in enumerate(window_starts(start, end, span, self.cfg))]
+
+    def curate(self, items: Sequence[Tuple[Any, Any]], changes: np.ndarray) -> None:
+        """Curate ``items``: ((scene index, start, end), None) for a scene without windows (a "scene too short"
+        row), (window, its source frames [T,H,W,3] or a list of [H,W,3]) otherwise; ``changes`` [>= the last frame
+        + 1]: the per-frame changes of the scene analysis (``SceneAnalysis.changes``)."""
+        for what, frames in items:
+            if frames is None:
+                self._too_short(*what)
+            else:
+                scene_index, k, start, span, n = what
+                self.window(scene_index, k, start, span, n, np.stack(frames) if isinstance(frames, list) else frames,
+                            changes)
+
+    def _too_short(self, scene_index: int, s: int, e: int) -> None:
+        row = manifest_row(self.source_hash, self.fallback, "rejected",
+                           f"scene too short: {e - s} < {self.min_span} frames", start_frame=s, end_frame=e,
+                           scene_index=scene_index, duration_s=(e - s) / self.src_fps, **self._common())
+        self.times.append((row, s, e - 1))
+        self.results[scene_index, 0] = [(row, "scene too short")]
+
+    def window(self, scene_index: int, k: int, start: int, span: int, n: int, src_THWC: np.ndarray,
+               changes: np.ndarray) -> None:
+        """Curate window ``k`` of a scene: its source frames ``src_THWC`` (``span`` source frames from ``start`` at
+        the frame stride, length bucket ``n``), ``changes`` the per-frame changes of the scene analysis."""
+        from tasks.curate import buckets
+        from tasks.curate.dedup import clip_phash
+
+        cfg, scorer = self.cfg, self.models.scorer
+        report = assess(src_THWC, cfg, scorer)
+        failure = report.first_failure
+        change = float(changes[start + 1:start + span].max()) if span > 1 else 0.0
+        reason, key = (failure.reason, failure.key) if failure else ("", "")
+        if change > cfg.cut_check_threshold:   # a cut the detectors missed: drop the clip
+            reason, key = f"cut inside clip: change {change:.1f} > {cfg.cut_check_threshold:g}", "cut inside clip"
+        clip_THWC = center_crop_resize(src_THWC, self.out_h, self.out_w)
+        cid = clip_id(clip_THWC, self.source_hash, start, start + span, cfg.frame_stride)
+        self._write(self.out_dir / "thumbs" / f"{cid}.png", thumbnail(clip_THWC[len(clip_THWC) // 2]))
+        rel = "" if reason else f"clips/{cid}.mp4"
+        images, mark = [], len(self.to_caption)
+        if rel:
+            self.written.append(self.out_dir / rel)
+            write_clip(self.out_dir / rel, clip_THWC, self.fps)
+            for j in _keyframe_indices(len(src_THWC), cfg.keyframes):
+                at = start + j * cfg.frame_stride   # the key frame's source frame
+                image = _image_row(src_THWC[j:j + 1], self.out_h, self.out_w, self.source_hash, cid,
+                                   (at, cfg.frame_stride), self.sidecar, self.fallback, cfg, self.models,
+                                   self.out_dir, "keyframe", self.to_caption, self.written, scene_index=scene_index,
+                                   src_height=self.src_h, src_width=self.src_w)
+                self.times.append((image[0], at, None))
+                images.append(image)
+        row = manifest_row(self.source_hash, self.fallback, "rejected" if reason else "kept", reason, clip_id=cid,
+                           start_frame=start, end_frame=start + span, height=self.out_h, width=self.out_w,
+                           num_frames=len(clip_THWC), duration_s=len(clip_THWC) / self.fps, scene_index=scene_index,
+                           sharpness=report.sharpness, brightness=report.brightness, score=report.score,
+                           bucket=buckets.bucket_name(self.out_h, self.out_w, n), path=rel, motion=report.motion,
+                           text_area=report.text_area, aesthetic=report.aesthetic, phash=clip_phash(clip_THWC),
+                           scored_by=f"aesthetic {scorer.identity}", kind="clip",
+                           variants="" if reason else json.dumps(buckets.variants(self.out_h, self.out_w, n, cfg,
+                                                                                  self.fps)),
+                           **self._common())
+        self.times.append((row, start, start + span - 1))
+        if not reason:   # hold only the frames the captioner reads (none for sidecar captions) until then
+            self.captioner = self.models.captioner(self.sidecar) if self.captioner is None else self.captioner
+            self.to_caption.insert(mark, (row, src_THWC, report.aesthetic))   # before its key frames
+            self.to_caption[mark:] = [(r, self.captioner.frames_read(f), a) for r, f, a in self.to_caption[mark:]]
+        self.results[scene_index, k] = [(row, key), *images]
+        full = len(self.to_caption) // cfg.caption.batch_size * cfg.caption.batch_size
+        if full:   # the same batches as captioning every row at the end, without holding their frames
+            _caption_rows(self.to_caption[:full], self.captioner, cfg.caption.batch_size)
+            del self.to_caption[:full]
+
+    def rows(self, timestamps: np.ndarray) -> List[Tuple[Dict[str, Any], str]]:
+        """Every row in scene and window order, captioned, with ``start_s``/``end_s`` from the frames' timestamps
+        (seconds; known once the first pass has ended)."""
+        if self.to_caption:
+            _caption_rows(self.to_caption, self.captioner, self.cfg.caption.batch_size)
+            self.to_caption = []
+        for row, first, last in self.times:
+            row["start_s"] = float(timestamps[first])
+            if last is not None:
+                row["end_s"] = float(timestamps[last]) + 1 / self.src_fps
+        return [r for key in sorted(self.results) for r in self.results[key]]
+
+    def discard(self) -> None:
+        """Remove every file written so far and forget the rows."""
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        self.written, self.results, self.times, self.to_caption = [], {}, [], []
+
+    def _write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.written.append(path)
+        path.write_bytes(data)
+
+    def _common(self) -> Dict[str, Any]:
+        return dict(fps=self.fps, src_height=self.src_h, src_width=self.src_w)
 
 
 def _caption_rows(to_caption: List[Tuple[Dict[str, Any], np.ndarray, Optional[float]]], captioner: Any,
@@ -260,11 +350,11 @@ def _keyframe_indices(num_frames: int, count: int) -> List[int]:
 def _image_row(src_1HWC: np.ndarray, out_h: int, out_w: int, source_hash: str, parent: str, at: Tuple[int, int],
                sidecar: str | None, fallback: str, cfg: CurateConfig, models: Models, out_dir: Path, kind: str,
                to_caption: Optional[List[Tuple[Dict[str, Any], np.ndarray, Optional[float]]]] = None,
-               **fields: Any) -> Tuple[Dict[str, Any], str]:
+               written: Optional[List[Path]] = None, **fields: Any) -> Tuple[Dict[str, Any], str]:
     """(row, reason key) of one image sample: an image file (``kind`` "image") or a key frame of the kept clip
     ``parent`` ("keyframe"), scored by the image filters (all but motion), cropped and resized to out_h x out_w
     (written as PNG under images/ when kept) and captioned: now, or, with ``to_caption``, by the caller (a kept
-    row is appended to it)."""
+    row is appended to it). The files written are appended to ``written``."""
     from tasks.curate import buckets
     from tasks.curate.dedup import clip_phash
 
@@ -273,11 +363,14 @@ def _image_row(src_1HWC: np.ndarray, out_h: int, out_w: int, source_hash: str, p
     image_1HWC = center_crop_resize(src_1HWC, out_h, out_w)
     iid = clip_id(image_1HWC, source_hash, at[0], at[0] + 1, at[1])
     (out_dir / "thumbs").mkdir(parents=True, exist_ok=True)
+    written = [] if written is None else written
+    written.append(out_dir / "thumbs" / f"{iid}.png")
     (out_dir / "thumbs" / f"{iid}.png").write_bytes(thumbnail(image_1HWC[0]))
     rel = ""
     if failure is None:
         rel = f"images/{iid}.png"
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        written.append(out_dir / rel)
         cv2.imwrite(str(out_dir / rel), np.ascontiguousarray(image_1HWC[0][..., ::-1]))
     row = manifest_row(source_hash, fallback, "rejected" if failure else "kept", failure.reason if failure else "",
                        clip_id=iid, height=out_h, width=out_w, num_frames=1, sharpness=report.sharpness,

@@ -173,14 +173,36 @@ class SceneStream:
 
     def finish(self) -> SceneAnalysis:
         """Cuts, transitions, scenes and changes of the frames pushed."""
+        cuts, transitions = self._bounds()
+        return SceneAnalysis(cuts, transitions, split_scenes(cuts, transitions, self.num_frames),
+                             np.asarray(self.changes, np.float32))
+
+    @property
+    def settle_lag(self) -> int:
+        """Frames pushed after a scene's end before its bounds are final: a detector reports a cut up to
+        ``event_buffer_length`` frames late (AdaptiveDetector: its window_width), a fade or dissolve is flagged on
+        the window's last frame but starts ``gradual_window`` frames back (removing the cuts it covers), plus one."""
+        return max(det.event_buffer_length for det in self.detectors) + self.cfg.gradual_window + 1
+
+    def settled(self) -> List[Tuple[int, int]]:
+        """The scenes already final, a prefix of ``finish().scenes``: those ending ``settle_lag`` frames or more
+        before the last frame pushed. Later frames only add cuts and transitions after that point (cuts merge
+        forward, a transition only grows at its end), so these scenes keep their bounds."""
+        limit = self.num_frames - self.settle_lag
+        if limit <= 0:
+            return []
+        cuts, transitions = self._bounds()
+        return [(s, e) for s, e in split_scenes(cuts, transitions, self.num_frames) if e <= limit]
+
+    def _bounds(self) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """(cuts, transitions) of the frames pushed: detector cuts merged (closer than ``min_scene_len`` to the
+        previous kept cut: dropped), those inside a transition removed."""
         merged: List[int] = []
         for c in sorted({c for c in self.found if 0 < c < self.num_frames}):
             if not merged or c - merged[-1] >= self.min_scene_len:
                 merged.append(c)
         transitions = list(self.flagged)
-        cuts = [c for c in merged if not any(s <= c < e for s, e in transitions)]
-        return SceneAnalysis(cuts, transitions, split_scenes(cuts, transitions, self.num_frames),
-                             np.asarray(self.changes, np.float32))
+        return [c for c in merged if not any(s <= c < e for s, e in transitions)], transitions
 
 
 def split_scenes(cuts: List[int], transitions: List[Tuple[int, int]], num_frames: int) -> List[Tuple[int, int]]:

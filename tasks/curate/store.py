@@ -29,6 +29,8 @@ from common.hashing import code_version, sha256_json
 
 RESULT = "result.json"
 MERGE_ONLY_KEYS = ("input_uri", "shard_size", "store_uri", "dedup_max_distance")
+# settings that change how an input is processed, not its result: the frames buffered for one-pass curation
+SAME_RESULT_KEYS = ("buffer_mb",)
 # what does not change a stored result: the Flyte adapter, the report, the synthetic-video generator
 NOT_CURATION_CODE = ("tasks/curate/task.py", "tasks/curate/report.py", "tasks/curate/synthetic.py")
 
@@ -39,9 +41,10 @@ def curation_code_version() -> str:
 
 
 def processing_hash(cfg: CurateConfig) -> str:
-    """sha256[:16] of the settings that change an input's result (all of ``cfg`` but ``MERGE_ONLY_KEYS`` and the
-    caption batch size, which changes how many clips one generate call captions, not the captions)."""
-    d = {k: v for k, v in to_dict(cfg).items() if k not in MERGE_ONLY_KEYS}
+    """sha256[:16] of the settings that change an input's result (all of ``cfg`` but ``MERGE_ONLY_KEYS``,
+    ``SAME_RESULT_KEYS`` and the caption batch size, which changes how many clips one generate call captions, not
+    the captions)."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in MERGE_ONLY_KEYS + SAME_RESULT_KEYS}
     d["caption"] = {k: v for k, v in d["caption"].items() if k != "batch_size"}
     return sha256_json(d, n=16)
 
