@@ -1,6 +1,6 @@
 """Curation that streams: peak memory vs the video's length, and throughput vs decoding alone (no VLM).
 
-    .venv/bin/python bench/curation.py                    # 1- and 10-minute 1280x720 24 fps videos, ~15 min on 2 cores
+    .venv/bin/python bench/curation.py                    # 1- and 10-minute 1280x720 24 fps videos, ~4 min on 2 cores
     .venv/bin/python bench/curation.py --quick            # smoke run in seconds: 320x180, 0.1 and 0.3 minutes
     .venv/bin/python bench/curation.py --minutes 1 5      # other lengths (the ratio uses the first)
 
@@ -10,13 +10,17 @@ packets N times (a remux, no re-encode: every repeat starts on a key frame), so 
 cached between runs.
 
 - ``memory_ratio`` = peak RSS (the child's ``ru_maxrss``) of curating the longest video ÷ that of the shortest, each
-  in a fresh subprocess (``curate.curate_video``, sidecar captions, tiny aesthetic model; target <= 1.2). The
+  the median of ``--memory-runs`` fresh subprocesses (``curate.curate_video``, sidecar captions, tiny aesthetic
+  model; target <= 1.2): the peak of identical runs varies by up to ~20 % with thread timing and heap fragmentation
+  (decoder, buffer and curating threads), so one run per video can land on either side; every run is printed. The
   decode-only child's peak RSS is printed beside it as the floor (interpreter, libraries, decoder).
 - ``ratio`` = curation throughput ÷ decode-only throughput on the shortest video, in one process, alternating, best
   of ``--repeat`` (target >= 0.8). decode-only = ``decode.scan_video`` with a sink that drops every frame (the
-  streaming decoder's first pass); curation = ``curate_video``: both decoder passes, scene analysis, every filter,
-  crops, clip and thumbnail writing, pHash. ``cpu_ratio``: the same with the process's CPU time (both threads) instead
-  of wall time: steadier on a shared machine, and blind to the decode-ahead thread's overlap.
+  streaming decoder's first pass); curation = ``curate_video``: the decoder's pass with scene analysis and, on a
+  thread of its own, each settled scene's windows (every filter, crops, clip and thumbnail writing, pHash) from the
+  frames it buffers; a second pass only for windows of scenes longer than ``curate.buffer_mb``. ``cpu_ratio``: the
+  same with the process's CPU time (all threads) instead of wall time: steadier on a shared machine, and blind to
+  the threads' overlap.
 Writes bench/results/curation_cpu.json with the load averages before and after (the machine is shared).
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,6 +170,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, nargs="+", default=[1.0, 10.0],
                     help="video lengths; the first is the base (and the ratio's input), the others multiples of it")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--memory-runs", type=int, default=3, help="fresh children per video for the peak RSS (median)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 320x180, 0.1 and 0.3 minutes, one repeat")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "curation_cpu.json"))
     ap.add_argument("--child", nargs=2, metavar=("MODE", "VIDEO"), help=argparse.SUPPRESS)
@@ -173,22 +179,27 @@ def main() -> None:
         child(args.child[0], Path(args.child[1]))
         return
     if args.quick:
-        args.size, args.minutes, args.repeat = "320x180", [0.1, 0.3], 1
+        args.size, args.minutes, args.repeat, args.memory_runs = "320x180", [0.1, 0.3], 1, 1
     width, height = map(int, args.size.split("x"))
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     paths = inputs(width, height, args.fps, args.minutes)
     make_s = time.perf_counter() - t0
-    runs = [run_child(mode, p) for p in paths for mode in ("decode", "curate")]
-    for r in runs:
-        print(json.dumps(r))
-    curate_rss = {r["video"]: r["peak_rss_mb"] for r in runs if r["mode"] == "curate"}
+    runs = []
+    for p in paths:
+        for mode in ("decode", "curate"):
+            for _ in range(args.memory_runs if mode == "curate" else 1):
+                runs.append(run_child(mode, p))
+                print(json.dumps(runs[-1]), flush=True)
+    curate_rss = {p.name: statistics.median(r["peak_rss_mb"] for r in runs if r["mode"] == "curate"
+                                            and r["video"] == p.name) for p in paths}
     speed = throughput(paths[0], args.repeat)
     result = {
         "size": args.size, "fps": args.fps, "minutes": args.minutes,
         "videos": {p.name: {"bytes": p.stat().st_size} for p in paths},
         "frames_shortest": speed["frames"],
-        "memory_ratio": curate_rss[paths[-1].name] / curate_rss[paths[0].name],
+        "memory_ratio": curate_rss[paths[-1].name] / curate_rss[paths[0].name], "curate_peak_rss_mb": curate_rss,
+        "memory_runs": args.memory_runs,
         "children": runs, **speed, "make_inputs_s": make_s,
         "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "cpus": os.cpu_count(),
     }
