@@ -335,3 +335,14 @@ def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space left"):
             run(tmp_path / "full")
     assert not [f for f in (tmp_path / "full").rglob("*") if f.is_file()]
+
+
+def test_the_buffer_size_is_checked_and_not_part_of_the_store_key():
+    """Rows do not depend on how many frames the first pass buffers (golden test above), so a stored result stays
+    valid when ``buffer_mb`` changes."""
+    from tasks.curate.store import processing_hash
+
+    assert processing_hash(CurateConfig(buffer_mb=0)) == processing_hash(CurateConfig()) != \
+        processing_hash(CurateConfig(max_frames=10))
+    with pytest.raises(ValueError, match=r"curate.buffer_mb must be >= 0"):
+        CurateConfig(buffer_mb=-1)
