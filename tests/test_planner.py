@@ -245,3 +245,25 @@ def test_stage_kernels_follow_the_trainer(setting, distributed_optimizer, pp):
     kernel, bf16 = plan.stage_kernels(stage, pp)
     assert kernel == adam_impl("auto", torch.device("cuda"))
     assert bf16 == bf16_weights_on(setting, torch.bfloat16, pp)
+
+
+def test_inputs_of_micro_batches_not_in_flight_are_counted():
+    """The trainer builds all of a step's micro-batches before the step (and, with prefetch, the next step's during
+    it): their inputs (latents, noise and x_t in fp32, the fp32 caption embedding) count once per micro-batch that
+    is built but not in flight; the plan follows the stage's prefetch switch."""
+    import math
+
+    s = plan.Sample(tokens=1000, batch=2, text=300)
+    per = 4 * 2 * (3 * 1000 * DIT.in_channels * math.prod(DIT.patch_size) + 300 * DIT.caption_channels)
+    one = plan.peak_memory(DIT, plan.Layout(), s)
+    assert one.inputs == 0 and plan.peak_memory(DIT, plan.Layout(prefetch=True), s).inputs == per
+    four = plan.peak_memory(DIT, plan.Layout(micro_batches=4), s)
+    assert four.inputs == 3 * per and four.total - one.total == 3 * per
+    assert plan.peak_memory(DIT, plan.Layout(micro_batches=4, prefetch=True), s).inputs == 7 * per
+    assert plan.peak_memory(DIT, plan.Layout(pp=2, micro_batches=4, prefetch=True), s).inputs == 6 * per   # 2 in flight
+    cfg = load_config("configs/mugv_10b.yaml")
+    stage = cfg.train.stages[0]
+    for prefetch in (True, False):
+        stage.prefetch = prefetch
+        found = plan.plan_stage(cfg, stage, 128, 80.0)
+        assert found and all(c.layout.prefetch is prefetch for c in found)

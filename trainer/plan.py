@@ -22,6 +22,8 @@ stores (trainer/optim.py, trainer/device.py, trainer/state.py, docs/parallelism.
   the block's code (models/dit.py) with their dtype under autocast (fp32 on CPU) and how TP, SP and CP split them;
   with recomputation only each block's input is kept and one block's activations exist at a time; with PP the first
   stage holds min(pp, micro-batches) micro-batches in flight (1F1B);
+- the inputs (latents, noise, x_t, caption embedding: ``INPUT_TERMS``) of the micro-batches built but not in flight:
+  the trainer builds all of a step's micro-batches before the step, and with ``prefetch`` the next step's during it;
 - the optimizer step's temporaries (``optimizer``: torch AdamW's foreach path one fp32 copy of the optimised
   parameters, the per-tensor path two of the largest tensor, the fused kernel none);
 - a fixed workspace (``WORKSPACE_BYTES``).
@@ -159,6 +161,10 @@ HEAD_TERMS: Tuple[Term, ...] = (
     Term("head_in", _h(1), "c", "seq"),
     Term("loss", _patch(1), "f", "full"),
 )
+# A micro-batch's inputs, which the trainer builds before its step starts (all of the step's micro-batches, and with
+# prefetch the next step's during this one): per video token (as "data" above) and per caption token
+INPUT_TERMS: Tuple[Term, ...] = tuple(t for t in OUTSIDE_TERMS if t.name == "data")
+TEXT_INPUT_TERMS: Tuple[Term, ...] = (Term("text_in", lambda d: d.caption_channels, "f", "full"),)   # fp32 embedding
 TEXT_OUTSIDE: Tuple[Term, ...] = (               # caption embedder per text token
     Term("text_ln", lambda d: 2 * d.caption_channels, "c", "full"),   # text (cast) and LayerNorm output
     Term("caption_mlp", _h(3), "c", "full"),     # fc1 out, GELU out, fc2 out
@@ -186,6 +192,7 @@ class Layout:
     bf16_weights: bool = False        # stage.bf16_weights: bf16 parameters for the forward, fp32 masters
     overlap_grad_reduce: bool = True  # stage.overlap_grad_reduce: the DP reduce runs during the last backward
     #                                   (trainer/precision.py; megatron's bf16 main params with the dist. optimizer)
+    prefetch: bool = False            # stage.prefetch: the next step's micro-batches are built during this step
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -292,6 +299,7 @@ class Memory:
     workspace: float
     what: str = ""            # how the activations were counted
     detail: Dict[str, float] = field(default_factory=dict)
+    inputs: float = 0.0       # the inputs of the micro-batches built but not in flight (this step's, the next's)
 
     @property
     def states(self) -> float:
@@ -299,10 +307,10 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return self.states + max(self.activations, self.step_temp) + self.workspace
+        return self.states + self.inputs + max(self.activations, self.step_temp) + self.workspace
 
     def parts(self) -> Dict[str, float]:
-        return dict(weights=self.weights, grads=self.grads, adam=self.adam, ema=self.ema,
+        return dict(weights=self.weights, grads=self.grads, adam=self.adam, ema=self.ema, inputs=self.inputs,
                     activations=self.activations, autocast_weights=self.autocast_weights,
                     step_temp=self.step_temp, workspace=self.workspace, total=self.total)
 
@@ -344,9 +352,14 @@ def peak_memory(dit: DiTConfig, lay: Layout, s: Sample, workspace: float = WORKS
         weights = BF16 * n + FP32 * n / shard
     else:
         weights = FP32 * n
+    # the inputs of the micro-batches that are built but not in flight: the rest of this step's (the trainer builds
+    # them all before the step) and, with prefetch, the next step's (built on the GPU while this one computes)
+    waiting = lay.micro_batches - inflight + (lay.micro_batches if lay.prefetch else 0)
+    inputs = waiting * (total(INPUT_TERMS, s.tokens * s.batch) + total(TEXT_INPUT_TERMS, s.text * s.batch))
     return Memory(weights=weights, grads=FP32 * n, adam=2 * FP32 * n / shard, ema=FP32 * n, activations=acts,
                   autocast_weights=cast, step_temp=step_temp, workspace=workspace, what=what,
-                  detail=dict(block=block, outside=outside, forward=fwd_alive, head=head, backward_work=work))
+                  detail=dict(block=block, outside=outside, forward=fwd_alive, head=head, backward_work=work),
+                  inputs=inputs)
 
 
 # --- step time -----------------------------------------------------------------------------------------------------
@@ -554,7 +567,8 @@ def plan_stage(cfg, stage, gpus: int, gpu_memory_gb: float, gpus_per_node: int =
                         for rc in (False, True):
                             kernel, bf16 = stage_kernels(stage, pp)
                             lay = Layout(tp, cp, pp, dp, sp, rc, m, stage.distributed_optimizer, optimizer=kernel,
-                                         bf16_weights=bf16, overlap_grad_reduce=stage.overlap_grad_reduce)
+                                         bf16_weights=bf16, overlap_grad_reduce=stage.overlap_grad_reduce,
+                                         prefetch=stage.prefetch)
                             mems = [(peak_memory(dit, lay, Sample(b.tokens, _micro(stage, budget, mbs_fixed, b),
                                                                   text), workspace), b) for b in buckets]
                             mem, worst = max(mems, key=lambda x: x[0].total)
@@ -582,12 +596,13 @@ def _why(c: Candidate, limit: float) -> str:
         return (f"weights + grads + Adam{' (sharded)' if c.layout.distributed_optimizer else ''} + EMA "
                 f"{mem.states / GIB:.1f} GB + workspace {mem.workspace / GIB:.0f} GB = {states / GIB:.1f} GB > "
                 f"{limit / GIB:.0f} GB")
-    left = limit - states
+    left = limit - states - mem.inputs
     transient = max(mem.activations, mem.step_temp)
     return (f"activations {mem.activations / GIB:.1f} GB (bf16 weight copies {mem.autocast_weights / GIB:.1f} GB "
             f"included; {c.worst.name}: {c.mbs if c.budget == 0 else max(1, c.budget // c.worst.tokens)} x "
             f"{seq_tokens(c.worst.tokens, c.layout):,} tokens, {mem.what}) = {transient / GIB:.1f} GB > "
-            f"{left / GIB:.1f} GB left after weights/grads/Adam/EMA {mem.states / GIB:.1f} GB + workspace")
+            f"{left / GIB:.1f} GB left after weights/grads/Adam/EMA {mem.states / GIB:.1f} GB, workspace and "
+            f"waiting micro-batches' inputs {mem.inputs / GIB:.1f} GB")
 
 
 def _row(c: Candidate) -> str:
