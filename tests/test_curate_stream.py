@@ -287,7 +287,8 @@ def test_settled_scenes_are_final_as_frames_arrive():
 def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
     """The first pass curates windows while it decodes; when its results turn out void, their files go: the decoder
     finds the file truncated only at its end (one failed row, no file), decord fails part-way (PyAV starts over:
-    the rows and files of an undisturbed run), the curating thread fails (its error is raised, no file)."""
+    the rows and files of an undisturbed run), a variable-rate input's second pass fails, the curating thread fails
+    (its error is raised, no file)."""
     import tasks.curate.curate as curate_module
     import tasks.curate.decode as decode
 
@@ -312,7 +313,8 @@ def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
         m.setattr(decode, "_probe", lambda p, max_pixels=0: {**probe(p, max_pixels), "declared_frames": 10 ** 4})
         (row, key), = run(tmp_path / "cut")[0]
     assert key == DecodeError.CORRUPT and row["status"] == "failed" and "decoded 120 of" in row["reason"]
-    assert calls == [6, 36, 66] and not [f for f in (tmp_path / "cut").rglob("*") if f.is_file()]   # last: at the end
+    assert calls and calls == [6, 36, 66][:len(calls)]   # curated during the pass (not-started jobs: cancelled)
+    assert not [f for f in (tmp_path / "cut").rglob("*") if f.is_file()]
     # 2. decord fails after 6 chunks (48 frames: the first scene was curated): PyAV starts over
     batch, n = decode._batch_decord, [0]
 
@@ -329,7 +331,16 @@ def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
     assert [[r[f] for f in ("clip_id", "status", "reason", "start_s")] for r, _ in again] == \
         [[r[f] for f in ("clip_id", "status", "reason", "start_s")] for r, _ in rows]
     assert again_files == files
-    # 3. the curating thread fails (a full disk): the error is raised, the thumbnails written before it are removed
+    # 3. a variable-rate input (its windows curated after a second analysis) that fails after its windows
+    make_vfr_video(tmp_path / "vfr.mp4")
+    vfr = InputFile(uri=str(tmp_path / "vfr.mp4"), size=(tmp_path / "vfr.mp4").stat().st_size, name="vfr.mp4")
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(curate_module._Curator, "rows", lambda self, times: (_ for _ in ()).throw(OSError("lost")))
+        with pytest.raises(OSError, match="lost"):
+            curate_input(vfr, cfg, Models(cfg), tmp_path / "vfr", tmp_path / "vfr.mp4", "0" * 16, None)
+    assert calls and not [f for f in (tmp_path / "vfr").rglob("*") if f.is_file()]
+    # 4. the curating thread fails (a full disk): the error is raised, the thumbnails written before it are removed
     with monkeypatch.context() as m:
         m.setattr(curate_module, "write_clip", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
         with pytest.raises(OSError, match="No space left"):

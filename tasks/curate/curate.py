@@ -50,9 +50,7 @@ from tasks.curate.filters import assess
 from tasks.curate.manifest import manifest_row
 
 if TYPE_CHECKING:
-    from tasks.curate.decode import VideoInfo
     from tasks.curate.firstpass import Window
-    from tasks.curate.scenes import SceneAnalysis
 
 
 def window_starts(scene_start: int, scene_end: int, span: int, cfg: CurateConfig) -> List[int]:
@@ -112,6 +110,15 @@ class Models:
             self._vlm = QwenVLCaptioner(self.cfg.caption)
         return self._vlm
 
+    def prepare(self) -> None:
+        """Build the aesthetic scorer (it scores every window) and import the captioning model's libraries, so that
+        neither happens while a decoder thread runs: importing torch/transformers then left the heap fragmented
+        (bench/curation.py at 720p: peak RSS 3.6 GB instead of 1.3; measured). The captioning model itself is still
+        built on the first kept clip."""
+        _ = self.scorer
+        if self.cfg.caption.backend != "sidecar":
+            import transformers  # noqa: F401
+
 
 def read_sidecar(item: InputFile, progress: Callable[[str], None]) -> str | None:
     """The sidecar caption (whitespace collapsed), or None when there is none or it cannot be read."""
@@ -141,21 +148,22 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
     (``decode.read_windows``). Raises DecodeError; on any error the files this call wrote are removed."""
     from tasks.curate.decode import scan_video
     from tasks.curate.firstpass import FirstPass
+    from tasks.curate.scenes import rescan_scenes
 
     def make_curator(fps: float, height: int, width: int) -> _Curator:
         return _Curator(fps, height, width, source_hash, sidecar, cfg, models, out_dir)
 
-    # the models (torch, transformers) are built before the decoder's thread starts: importing them while it
-    # decodes left the heap fragmented, peak RSS 3.6 GB instead of 1.3 (bench/curation.py, 720p; measured)
-    _ = models.scorer, models.captioner(sidecar)
+    models.prepare()   # before the decoder's thread starts
     first = FirstPass(cfg, make_curator)
     try:
         info = scan_video(path, first.start, cfg.max_pixels, cfg.max_frames)   # 1. decodes every frame once
         first.close()
         curator = make_curator(info.fps, info.meta["height"], info.meta["width"])   # TOO_SMALL / NO_LENGTH
-        if info.meta["vfr"] or first.curator is None:   # 2a. nothing usable curated: the first pass saw source frames
-            first.discard()
-            scenes = _rescan_scenes(info, cfg)
+        if info.meta["vfr"] or first.curator is None or (first.curator.src_h, first.curator.src_w) != (
+                curator.src_h, curator.src_w):   # 2a. nothing usable curated: the pass saw source frames (vfr)
+            first.discard()                      # or frames of another size than its last ones
+            first.curator = curator              # (so that an error below removes this curator's files)
+            scenes = rescan_scenes(info, cfg)
             per_scene = [(i, s, e, curator.windows(i, s, e)) for i, (s, e) in enumerate(scenes.scenes)]
             curator.curate([((i, s, e), None) for i, s, e, windows in per_scene if not windows], scenes.changes)
             deferred = [w for *_, windows in per_scene for w in windows]
@@ -165,8 +173,10 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
             if scenes.scenes[:len(done)] != done:   # SceneStream.settled is wrong: our bug, not the input's fault
                 raise RuntimeError(f"{path.name}: the scenes settled during the pass {done} are not those found at "
                                    f"its end {scenes.scenes[:len(done)]} (tasks/curate/scenes.py SceneStream.settled)")
-            curator.curate(first.items([(i, s, e) for i, (s, e) in enumerate(scenes.scenes) if i >= len(done)]),
-                           scenes.changes)
+            items = first.items([(i, s, e) for i, (s, e) in enumerate(scenes.scenes) if i >= len(done)])
+            first.release()   # the buffer is not needed any more: not held through the second pass
+            curator.curate(items, scenes.changes)
+            del items
             deferred = first.deferred
         if deferred:   # 3. second pass: only the windows that were not buffered
             windows = [list(range(start, start + span, cfg.frame_stride)) for _, _, start, span, _ in deferred]
@@ -179,20 +189,8 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
         raise
 
 
-def _rescan_scenes(info: VideoInfo, cfg: CurateConfig) -> SceneAnalysis:
-    """Scene analysis of a scanned video's constant-rate frames in a later pass (a variable-rate input: the first
-    pass saw the source frames)."""
-    from tasks.curate.decode import read_frames
-    from tasks.curate.scenes import SceneStream
-
-    stream = SceneStream(info.fps, cfg)
-    for _, frame_HWC in read_frames(info):
-        stream.push(frame_HWC)
-    return stream.finish()
-
-
 class _Curator:
-    """The rows and files of one video's scenes and windows, curated in any order (``window``, ``plan_scenes``) and
+    """The rows and files of one video's scenes and windows, curated in any order (``curate``, ``window``) and
     returned in scene order (``rows``). Raises DecodeError TOO_SMALL / NO_LENGTH when no clip can be cut."""
 
     def __init__(self, src_fps: float, src_h: int, src_w: int, source_hash: str, sidecar: str | None,
@@ -213,7 +211,8 @@ class _Curator:
         self.times: List[Tuple[Dict[str, Any], int, Optional[int]]] = []   # (row, first frame, last frame or None)
         self.written: List[Path] = []
         self.to_caption: List[Tuple[Dict[str, Any], np.ndarray, Optional[float]]] = []   # kept rows + frames, in order
-        self.scorer, self.captioner = models.scorer, models.captioner(sidecar)
+        self.scorer = models.scorer
+        self.captioner: Any = None   # built on the first kept clip
 
     def windows(self, scene_index: int, start: int, end: int) -> List[Window]:
         """The windows of the scene [start, end): (scene index, window index, start, span, length bucket); none
@@ -287,6 +286,7 @@ class _Curator:
                            **self._common())
         self.times.append((row, start, start + span - 1))
         if not reason:   # hold only the frames the captioner reads (none for sidecar captions) until then
+            self.captioner = self.models.captioner(self.sidecar) if self.captioner is None else self.captioner
             self.to_caption.insert(mark, (row, src_THWC, report.aesthetic))   # before its key frames
             self.to_caption[mark:] = [(r, self.captioner.frames_read(f), a) for r, f, a in self.to_caption[mark:]]
         self.results[scene_index, k] = [(row, key), *images]

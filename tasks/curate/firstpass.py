@@ -12,7 +12,9 @@ at most ``cfg.buffer_mb`` MB; a window that needs a frame already dropped (a sce
 deferred. A curator has ``windows(scene_index, start, end)`` (its windows: (scene index, window index, start, span,
 length bucket), none for a scene too short) and ``curate(items, changes)``, which curates items (scene index, start,
 end, None) for a scene without windows and (window, its source frames) otherwise; ``discard()`` removes what it
-wrote. Memory: the buffer, the decoder's read-ahead, and the windows of up to ``MAX_PENDING`` scenes being curated.
+wrote. Memory: the buffer, the decoder's read-ahead, and the windows of up to ``MAX_PENDING`` jobs (each the scenes
+settled at one look) being curated. The buffer counts its frames' bytes, but decord's frames are views of 8-frame
+chunk arrays: a chunk lives while any of its frames is buffered or held by a job (up to 7 frames more per chunk).
 """
 from __future__ import annotations
 
@@ -109,19 +111,29 @@ class FirstPass:
             while self.pending:
                 self.pending.popleft().result()
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-                self.pool = None
+            self._stop()
+
+    def release(self) -> None:
+        """Drop the buffered frames (the pass has ended and its last items are built)."""
+        self.buffer, self.nbytes = deque(), 0
 
     def discard(self) -> None:
         """Stop curating and remove what this pass wrote (a restart, a variable-rate input, an error)."""
         try:
-            self.close()
-        except Exception:   # noqa: BLE001 - the pass is void either way; the caller reports its own error
-            pass
-        if self.curator is not None:
-            self.curator.discard()
-        self.curator, self.buffer = None, deque()
+            for job in self.pending:   # not started: never run; the running one is waited for
+                job.cancel()
+            self._stop()
+        finally:
+            if self.curator is not None:
+                self.curator.discard()
+            self.curator = None
+            self.release()
+
+    def _stop(self) -> None:
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
     def _submit(self, scenes: List[Tuple[int, int, int]]) -> None:
         items = self.items(scenes)

@@ -4,6 +4,7 @@ transitions (fades, dissolves), holding a bounded window of small analysis frame
     stream = SceneStream(fps, cfg)
     for frame_HWC in frames:          # decoded uint8 RGB [H,W,3], in order
         stream.push(frame_HWC)
+        stream.settled()              # the scenes whose bounds can no longer change (a prefix of the final ones)
     result = stream.finish()          # SceneAnalysis: cuts, transitions, scenes, changes
     result = analyse(frames_THWC, fps, cfg)   # the same, for frames already in one array
 
@@ -247,7 +248,7 @@ def scan_scenes(path: str | Path, cfg: CurateConfig, max_pixels: int = 0, max_fr
     """(video info, scene analysis) of the video ``path``, streaming: the analysis runs during the decoder's first
     pass (``decode.scan_video``); a variable-rate input is decoded a second time to analyse its constant-rate
     frames. Raises DecodeError as ``scan_video`` does."""
-    from tasks.curate.decode import read_frames, scan_video
+    from tasks.curate.decode import scan_video
 
     streams: List[SceneStream] = []
 
@@ -259,10 +260,19 @@ def scan_scenes(path: str | Path, cfg: CurateConfig, max_pixels: int = 0, max_fr
 
     info = scan_video(path, start, max_pixels, max_frames)
     if info.meta["vfr"]:   # the first pass saw the source frames: analyse the constant-rate ones
-        push = start(info.fps)
-        for _, frame_HWC in read_frames(info):
-            push(frame_HWC)
+        return info, rescan_scenes(info, cfg, min_scene_len)
     return info, streams[0].finish()
+
+
+def rescan_scenes(info: "VideoInfo", cfg: CurateConfig, min_scene_len: int = MIN_SCENE_LEN) -> SceneAnalysis:
+    """Scene analysis of a scanned video's constant-rate frames, in a later pass (``decode.read_frames``): for a
+    variable-rate input, whose first pass saw the source frames."""
+    from tasks.curate.decode import read_frames
+
+    stream = SceneStream(info.fps, cfg, min_scene_len)
+    for _, frame_HWC in read_frames(info):
+        stream.push(frame_HWC)
+    return stream.finish()
 
 
 def detect_scenes_in_file(path: str | Path, threshold: float = 27.0,
