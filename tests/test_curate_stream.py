@@ -332,8 +332,12 @@ def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
         [[r[f] for f in ("clip_id", "status", "reason", "start_s")] for r, _ in rows]
     assert again_files == files
     # 3. a variable-rate input (its windows curated after a second analysis) that fails after its windows
-    make_vfr_video(tmp_path / "vfr.mp4")
+    scenes_THWC = render_video([SceneSpec("texture", 40, seed=i) for i in range(3)], width=64, height=64)[0]
+    make_vfr_video(tmp_path / "vfr.mp4", pts=np.cumsum([0] + [1, 1, 2] * 40)[:120].tolist(), frames_THWC=scenes_THWC)
     vfr = InputFile(uri=str(tmp_path / "vfr.mp4"), size=(tmp_path / "vfr.mp4").stat().st_size, name="vfr.mp4")
+    calls.clear()   # decord gives the timestamps before decoding: the first pass curates nothing, each window once
+    vfr_rows = curate_input(vfr, cfg, Models(cfg), tmp_path / "vfr_ok", tmp_path / "vfr.mp4", "0" * 16, None)
+    assert len(calls) == sum(r["kind"] == "clip" for r, _ in vfr_rows) > 0, calls
     calls.clear()
     with monkeypatch.context() as m:
         m.setattr(curate_module._Curator, "rows", lambda self, times: (_ for _ in ()).throw(OSError("lost")))

@@ -235,8 +235,9 @@ def to_constant_rate(times: np.ndarray, fps: float) -> Tuple[np.ndarray, bool]:
     return idx, True
 
 
-def _scan_decord(path: Path, start: Callable[[float], FrameSink],
-                 max_frames: int) -> Tuple[int, float, np.ndarray, Tuple[int, int], str]:
+def _scan_decord(path: Path, start: Callable[[float], FrameSink], max_frames: int,
+                 on_timestamps: Optional[Callable[[np.ndarray, float], None]] = None,
+                 ) -> Tuple[int, float, np.ndarray, Tuple[int, int], str]:
     """(frames passed to the sink, fps, timestamps, (H, W), fallback reason) of a decord pass; 0 frames and the
     reason when decord cannot be used (errors of the sink propagate: they are not decord's)."""
     fps, times, n, shape = 0.0, np.zeros(0), 0, (0, 0)
@@ -250,6 +251,8 @@ def _scan_decord(path: Path, start: Callable[[float], FrameSink],
         chunks = prefetched(_chunks_decord(reader, range(total)))
     except Exception as e:  # decord raises its own DECORDError / RuntimeError types
         return 0, fps, times, shape, f"decord failed: {str(e).splitlines()[0][:200]}"
+    if on_timestamps is not None:
+        on_timestamps(times, fps)
     sink = start(fps)
     with contextlib.closing(chunks):
         while True:
@@ -267,10 +270,12 @@ def _scan_decord(path: Path, start: Callable[[float], FrameSink],
 
 
 def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels: int = 0,
-               max_frames: int = 0) -> VideoInfo:
+               max_frames: int = 0, on_timestamps: Optional[Callable[[np.ndarray, float], None]] = None) -> VideoInfo:
     """First pass: decode every frame of ``path`` once (at most ``max_frames``; 0 = all) and pass each, in order, to
     the sink that ``start(fps)`` returns (called again if PyAV starts over after decord failed part-way). The sink
     sees source frames: when ``info.meta["vfr"]``, the constant-rate frames are those of ``read_frames(info)``.
+    ``on_timestamps(times, fps)``: called before decord decodes, with every frame's presentation time (a consumer can
+    tell a variable-rate stream before its frames arrive; PyAV learns them only while decoding, so not called then).
     Raises DecodeError for missing, empty, non-video, truncated/corrupt, frameless or too large (``max_pixels``;
     0 = no limit) files."""
     path = Path(path)
@@ -279,7 +284,7 @@ def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels
     if meta["width"] % 32:
         fallback = f"width {meta['width']} % 32 != 0 (decord bug)"
     else:
-        n, fps, times, shape, fallback = _scan_decord(path, start, max_frames)
+        n, fps, times, shape, fallback = _scan_decord(path, start, max_frames, on_timestamps)
     if n == 0:
         fallback = fallback or "decord returned no frames"
         pts: List[float] = []

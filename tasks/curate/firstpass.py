@@ -2,7 +2,7 @@
 curated, on a thread of their own, as soon as the scene's bounds are final, from the frames still held.
 
     first = FirstPass(cfg, make_curator)                  # make_curator(fps, height, width) -> a curator, or raises
-    info = decode.scan_video(path, first.start, cfg.max_pixels, cfg.max_frames)
+    info = decode.scan_video(path, first.start, cfg.max_pixels, cfg.max_frames, on_timestamps=first.timestamps)
     first.close()                                         # waits for the curating thread; raises its error
     scenes = first.stream.finish()                        # first.settled: the scenes already curated (a prefix)
     first.deferred                                        # windows whose frames had left the buffer: a later pass
@@ -48,6 +48,14 @@ class FirstPass:
         self.stream: Any = None
         self.pool: Optional[ThreadPoolExecutor] = None
         self.pending: Deque[Future] = deque()
+        self.variable_rate = False   # known before decoding (decord): nothing to curate in this pass
+
+    def timestamps(self, times_T: np.ndarray, fps: float) -> None:
+        """``decode.scan_video``'s ``on_timestamps``: a variable-rate stream is curated from its constant-rate frames
+        after the pass (its frames here are the source's), so this pass only decodes."""
+        from tasks.curate.decode import to_constant_rate
+
+        self.variable_rate = to_constant_rate(times_T, fps)[1] if fps > 0 else False
 
     def start(self, fps: float) -> Callable[[np.ndarray], None]:
         """A fresh pass (called again when PyAV starts over after decord failed part-way): what an earlier start
@@ -55,7 +63,7 @@ class FirstPass:
         from tasks.curate.scenes import SceneStream
 
         self.discard()
-        self.fps, self.off = fps, fps <= 0   # no frame rate: scan_video refuses the file once decoded
+        self.fps, self.off = fps, fps <= 0 or self.variable_rate   # no rate: scan_video refuses the file at the end
         self.stream = SceneStream(fps, self.cfg) if fps > 0 else None
         self.buffer: Deque[np.ndarray] = deque()
         self.first = self.nbytes = 0          # frame index of buffer[0]; bytes buffered

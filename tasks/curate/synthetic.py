@@ -180,10 +180,11 @@ VFR_SCENE = SceneSpec("texture", len(VFR_PTS))
 
 
 def make_vfr_video(path: str | Path, spec: SceneSpec = VFR_SCENE, size: int = 64,
-                   pts: Sequence[int] = VFR_PTS) -> List[int]:
-    """An H.264 MP4 of ``spec``'s frames at the irregular times ``pts`` (ticks of 1/``VFR_TICKS_PER_S`` s): the
-    decoder's variable-rate resampling has a known answer. Returns the pts written."""
-    frames_THWC = render_scene(spec, size, size)
+                   pts: Sequence[int] = VFR_PTS, frames_THWC: Optional[np.ndarray] = None) -> List[int]:
+    """An H.264 MP4 of ``spec``'s frames (or ``frames_THWC`` [T, size, size, 3]) at the irregular times ``pts``
+    (ticks of 1/``VFR_TICKS_PER_S`` s): the decoder's variable-rate resampling has a known answer. Returns the pts
+    written."""
+    frames_THWC = render_scene(spec, size, size) if frames_THWC is None else frames_THWC
     tb = Fraction(1, VFR_TICKS_PER_S)
     with av.open(str(path), mode="w", format="mp4") as c:
         s = c.add_stream("libx264", rate=VFR_TICKS_PER_S)
