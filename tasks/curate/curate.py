@@ -7,7 +7,8 @@ after its end), curates its windows on a thread of its own from the frames it st
 for each scene, the size bucket (closest aspect), the longest length bucket that fits (``buckets``) and up to
 ``max_clips_per_scene`` windows spread evenly over the scene. Windows whose frames left the buffer (a scene longer
 than it) are decoded again by a second pass (``decode.read_windows``), as is everything of a variable-rate input
-(its first pass sees the source frames). Each window's source-resolution frames are scored by every filter
+(its first pass sees the source frames: with decord, which gives the timestamps before decoding, that pass only
+decodes; with PyAV what it curated is discarded). Each window's source-resolution frames are scored by every filter
 (``filters.assess``: brightness, sharpness, motion, text area, aesthetic); windows that still contain a cut (max
 frame change > ``cut_check_threshold``) are dropped; kept clips are center-cropped + resized to the bucket and
 written at once, and captioned with their key frames ``caption.batch_size`` per captioner call as the batches fill
