@@ -53,3 +53,21 @@ def test_two_nodes_match_one_node_bitwise(tmp_path: Path) -> None:
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))
     assert [(r["loss"], r["grad_norm"]) for r in b] == [(r["loss"], r["grad_norm"]) for r in a]
     assert_equal_step_folders(one / f"step_{STEPS:08d}", tmp_path / "two" / f"step_{STEPS:08d}")
+
+
+def test_rendezvous_ports_are_drawn_below_the_ephemeral_range() -> None:
+    """free_port: a port free now, below the kernel's ephemeral range (where bind-to-0 ports and outgoing connections
+    come from, so two launchers on a host do not get the same one); a taken port is skipped."""
+    import random
+    import socket
+
+    from trainer.launch import PORT_FLOOR, free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    first = free_port(random.Random(7))
+    assert PORT_FLOOR <= first < low
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", first))
+        taken.listen()
+        second = free_port(random.Random(7))   # the same draws: the first is taken now
+    assert PORT_FLOOR <= second < low and second != first

@@ -23,6 +23,7 @@ values only) and the MLflow endpoint (``MLFLOW_TRACKING_URI``, never with a user
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import sys
@@ -40,7 +41,30 @@ _KEEP = 2000          # lines of history kept to pick the workers' last output f
 _LAUNCHER_FAILED = "failed (exitcode"   # torchrun's line before its own traceback and failure summary
 
 
-def free_port() -> int:
+# Rendezvous ports are drawn at random below the kernel's ephemeral range: a port the kernel hands out (bind to 0)
+# can be handed out again at once to another launcher on this host, whose torchrun then hosts its store there and
+# ours connects to it (a CI run saw "Connection reset by peer" and a 60 s rendezvous timeout), and outgoing
+# connections take ports from the ephemeral range while a chosen port waits for torchrun to bind it.
+PORT_FLOOR = 10000
+PORT_TRIES = 64
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A TCP port free on this host now, at random in [PORT_FLOOR, the ephemeral range's start); the kernel's choice
+    when that range is empty or no port in 64 tries is free."""
+    rng = rng or random.Random()
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768   # Linux's default ephemeral range starts here
+    for _ in range(PORT_TRIES if low > PORT_FLOOR else 0):
+        port = rng.randrange(PORT_FLOOR, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
