@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any, Dict, Iterator
 
@@ -20,6 +19,7 @@ import torch
 
 from common.config import LaunchConfig, StageConfig
 from models.config import DiTConfig
+from trainer.launch import free_port  # drawn below the ephemeral range: two test workers do not get the same port
 
 # head_dim 24; typed Dict[str, Any], not the inferred dict[str, int]: it is splatted into DiTConfig (not all int)
 TINY_DIT: Dict[str, Any] = dict(hidden_size=48, depth=1, num_heads=2, caption_channels=64, max_text_len=16)
@@ -129,12 +129,6 @@ def assert_steps_see_both_shapes(latents, steps: int = 3, seed: int = 1234) -> N
     shapes = LatentSplit(latents, split="train").shapes
     sampler = StepSampler(shapes, 2, 1, seed, patch_size=tuple(DiTConfig(**TINY_DIT).patch_size))
     assert {shapes[i] for k in range(steps) for i in sampler.indices(k, 0)} == set(ODD_SHAPES)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

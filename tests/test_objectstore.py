@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import threading
 from typing import Optional
 
@@ -14,22 +13,17 @@ from moto.server import ThreadedMotoServer
 
 from common import objectstore as ob
 from common.storage import s3_client
+from trainer.launch import free_port  # drawn below the ephemeral range: two test workers do not get the same port
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Endpoint:
     """A moto S3 server on a fixed port that can be stopped and started again (same objects)."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: Optional[ThreadedMotoServer] = None
         self.start()

@@ -1,7 +1,6 @@
 """S3 inputs through the minio client against an in-process moto server: listing rules, errors, curation parity."""
 from __future__ import annotations
 
-import socket
 import tempfile
 from pathlib import Path
 
@@ -13,21 +12,16 @@ from common.config import CurateConfig
 from common.storage import InputFile, fetch, list_inputs, read_text, s3_client, upload_dir
 from tasks.curate.driver import run_curation
 from tasks.curate.synthetic import SceneSpec, make_scenes_video
+from trainer.launch import free_port  # drawn below the ephemeral range: two test workers do not get the same port
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def moto_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -87,7 +81,7 @@ def test_s3_errors_are_clear(s3_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "ftp://127.0.0.1:1")
     with pytest.raises(ValueError, match="AWS_ENDPOINT_URL"):
         list_inputs("s3://errors-bucket/videos")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConnectionError, match="cannot reach S3 endpoint"):
         list_inputs("s3://errors-bucket/videos")
 
@@ -153,7 +147,7 @@ def test_outage_during_curation_records_nothing_and_a_rerun_curates(monkeypatch,
     from common.config import CaptionConfig
     from tasks.curate.shard import run_shard
 
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")):
         monkeypatch.setenv(k, v)
