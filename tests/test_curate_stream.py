@@ -361,3 +361,36 @@ def test_the_buffer_size_is_checked_and_not_part_of_the_store_key():
         processing_hash(CurateConfig(max_frames=10))
     with pytest.raises(ValueError, match=r"curate.buffer_mb must be >= 0"):
         CurateConfig(buffer_mb=-1)
+
+
+def test_scene_split_equals_the_range_by_range_reference():
+    """split_scenes (bisect over the transitions' union, run every few frames by the settled check) gives the scenes
+    of the plain reference: each range between cuts minus every transition, on random cuts and overlapping
+    transitions; a cut inside a transition is removed by _bounds as by the reference."""
+    from tasks.curate.scenes import split_scenes
+
+    def reference(cuts, transitions, n):
+        bounds = sorted({0, n, *[c for c in cuts if 0 < c < n]})
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            pieces = [(a, b)]
+            for ts, te in transitions:
+                pieces = [p for s, e in pieces for p in ((s, min(e, ts)), (max(s, te), e)) if p[1] > p[0]] \
+                    if any(s < te and ts < e for s, e in pieces) else pieces
+            out.extend(pieces)
+        return out
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        n = int(rng.integers(1, 300))
+        cuts = sorted(set(rng.integers(-5, n + 5, int(rng.integers(0, 20))).tolist()))
+        starts = rng.integers(0, n + 10, int(rng.integers(0, 8)))
+        transitions = [(int(s), int(s + rng.integers(1, 30))) for s in starts]
+        assert split_scenes(cuts, transitions, n) == reference(cuts, transitions, n), (cuts, transitions, n)
+        stream = SceneStream(8.0, CurateConfig(), min_scene_len=int(rng.integers(1, 10)))
+        stream.num_frames, stream.found, stream.flagged = n, cuts, sorted(transitions)
+        merged = []
+        for c in sorted(c for c in cuts if 0 < c < n):
+            if not merged or c - merged[-1] >= stream.min_scene_len:
+                merged.append(c)
+        assert stream._bounds()[0] == [c for c in merged if not any(s <= c < e for s, e in transitions)]

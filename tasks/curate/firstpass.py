@@ -25,11 +25,11 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 import numpy as np
 
 from common.config import CurateConfig
-from tasks.curate.decode import DecodeError
+from tasks.curate.decode import CHUNK_FRAMES, DecodeError
 
-# Settled scenes are looked for every this many frames (decord's chunk): each look merges the cuts found so far,
-# and the buffer holds up to this many frames more than the scenes need.
-SETTLE_EVERY = 8
+# Settled scenes are looked for once per decord chunk: each look merges the cuts found so far, and the buffer holds
+# up to this many frames more than the scenes need.
+SETTLE_EVERY = CHUNK_FRAMES
 # Scenes handed to the curating thread and not finished: one being curated, one ready. A higher value holds more
 # windows' frames (they stay alive after the buffer drops them) for no gain: the decoder is the slower stage.
 MAX_PENDING = 2

@@ -29,6 +29,7 @@ length is a few numbers per frame (changes) and per cut.
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,20 +204,39 @@ class SceneStream:
             if not merged or c - merged[-1] >= self.min_scene_len:
                 merged.append(c)
         transitions = list(self.flagged)
-        return [c for c in merged if not any(s <= c < e for s, e in transitions)], transitions
+        union = _union(transitions)
+        starts = [s for s, _ in union]
+        return [c for c in merged if (j := bisect.bisect_right(starts, c) - 1) < 0 or c >= union[j][1]], transitions
 
 
 def split_scenes(cuts: List[int], transitions: List[Tuple[int, int]], num_frames: int) -> List[Tuple[int, int]]:
     """[start, end) ranges of [0, num_frames) split at ``cuts`` and with the ``transitions`` frames removed."""
     bounds = sorted({0, num_frames, *[c for c in cuts if 0 < c < num_frames]})
+    union = _union(transitions)   # sorted and disjoint, so their ends are sorted too: a bisect finds the first that
+    ends = [e for _, e in union]  # can overlap each range (what the settled check, every few frames, needs)
     scenes = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        pieces = [(a, b)]
-        for ts, te in transitions:
-            pieces = [p for s, e in pieces for p in ((s, min(e, ts)), (max(s, te), e)) if p[1] > p[0]] \
-                if any(s < te and ts < e for s, e in pieces) else pieces
-        scenes.extend(pieces)
+        at = a
+        for ts, te in union[bisect.bisect_right(ends, a):]:
+            if ts >= b:
+                break
+            if ts > at:
+                scenes.append((at, ts))
+            at = max(at, te)
+        if b > at:
+            scenes.append((at, b))
     return scenes
+
+
+def _union(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """The union of half-open ranges as sorted, disjoint, non-adjacent ranges."""
+    out: List[Tuple[int, int]] = []
+    for s, e in sorted(r for r in ranges if r[1] > r[0]):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
 
 
 def cuts_to_scenes(cuts: List[int], num_frames: int) -> List[Tuple[int, int]]:
