@@ -82,9 +82,10 @@ def test_runs_under_a_process_wide_torch_function_mode():
     eager = step(model, inputs, target)
     compile_blocks(model, backend="aot_eager")
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT > 8   # a bucketed stage's shapes stay compiled
+    before = torch._C._len_torch_function_stack()   # 1 when a module run earlier in this worker installed the shim
     with PassThrough():
         fast = step(model, inputs, target)
-        assert torch._C._len_torch_function_stack() == 1
+        assert torch._C._len_torch_function_stack() == before + 1
     assert_same_step(eager, fast)
 
 
