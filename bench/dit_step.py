@@ -249,6 +249,86 @@ def attention_backends(model: MUGDiT, inputs) -> Dict[str, str]:
         return {"self": attention_backend(q, q, q), "cross": attention_backend(q, k, k, mask[:, None, None, :])}
 
 
+ATTENTION_BWD_PER_FWD = 2.5   # flash-attention convention: the backward's 5 matmuls (recompute included) vs 2 forward
+
+
+def attention_kernels(device: torch.device, heads: int, tokens: int, head_dim: int, repeats: int = 5
+                      ) -> Dict[str, Dict[str, Any]]:
+    """Self-attention alone at the DiT's shape, per SDPA backend that accepts it (cuDNN, flash, memory-efficient):
+    best forward and forward + backward time and TFLOP/s (4 B H L^2 D forward, x (1 + 2.5) with the backward).
+    Tells how much of the step's gap to the matmul peak the attention kernel itself explains."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, tokens, head_dim, generator=g, device=device, dtype=torch.bfloat16)
+               .requires_grad_() for _ in range(3))
+    grad = torch.randn_like(q)
+    fwd_flops = 4.0 * heads * tokens ** 2 * head_dim
+    out: Dict[str, Dict[str, Any]] = {}
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        def fwd(backend: SDPBackend = backend) -> torch.Tensor:
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        def fwd_bwd() -> None:
+            torch.autograd.grad(fwd(), (q, k, v), grad)
+        try:
+            t_f = min(timed(fwd, device, repeats))
+            t_fb = min(timed(fwd_bwd, device, repeats))
+        except RuntimeError as e:   # this backend refuses the shape/dtype on this device
+            out[backend.name] = {"error": str(e).splitlines()[0][:200]}
+            print(f"attention {backend.name}: not available ({out[backend.name]['error']})", flush=True)
+            continue
+        total = fwd_flops * (1 + ATTENTION_BWD_PER_FWD)
+        out[backend.name] = {"fwd_s": t_f, "fwd_bwd_s": t_fb, "fwd_tflops": fwd_flops / t_f / 1e12,
+                             "fwd_bwd_tflops": total / t_fb / 1e12}
+        print(f"attention {backend.name}: fwd {t_f * 1e3:.2f} ms ({fwd_flops / t_f / 1e12:.0f} TFLOP/s), fwd+bwd "
+              f"{t_fb * 1e3:.2f} ms ({total / t_fb / 1e12:.0f} TFLOP/s)", flush=True)
+    return out
+
+
+KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "cudnn", "sdpa")),
+                ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "_mm", "addmm")))
+
+
+def kernel_kind(name: str) -> str:
+    """'attention', 'gemm' or 'other' (elementwise, norms, reductions, copies) from a kernel's name."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_kernels(step: Callable[[], None], device: torch.device, steps: int = 2, top: int = 25
+                    ) -> Dict[str, object]:
+    """Device time per kernel over ``steps`` steps (torch.profiler): the top kernels and the split into attention,
+    GEMM and other, per step. On CPU (a dry run of this function) the CPU events stand in for kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    want = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    per_name: Dict[str, List[float]] = {}
+    for e in prof.events():
+        if e.device_type == want and (device.type == "cuda" or e.cpu_parent is None):
+            per_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e6)
+    total = sum(sum(v) for v in per_name.values()) or 1.0
+    kinds: Dict[str, float] = {}
+    for name, ts in per_name.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sum(ts) / steps
+    rows: List[Dict[str, Any]] = sorted(({"name": n[:120], "kind": kernel_kind(n), "calls_per_step": len(ts) / steps,
+                    "s_per_step": sum(ts) / steps, "share": sum(ts) / total} for n, ts in per_name.items()),
+                  key=lambda r: -r["s_per_step"])
+    print("kernel time per step: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({v * steps / total:.0%})"
+                                               for k, v in sorted(kinds.items())), flush=True)
+    for r in rows[:10]:
+        print(f"  {r['s_per_step'] * 1e3:8.2f} ms {r['share']:6.1%} x{r['calls_per_step']:<5g} [{r['kind']}] "
+              f"{r['name']}", flush=True)
+    return {"steps": steps, "device_s_per_step": total / steps, "by_kind_s_per_step": kinds, "top": rows[:top]}
+
+
 def bench_cuda(args) -> Dict[str, object]:
     from models.attention import flash_attn_func
 
@@ -272,6 +352,18 @@ def bench_cuda(args) -> Dict[str, object]:
     print(f"attention backends: {backends}")
     fast_model = None if args.no_compile else compiled_copy(model, args.compile_mode)
     modes = run_mode("bf16", model, inputs, None, analytic, peak["flops_per_s"], args.repeats, device, fast_model)
+    extras: Dict[str, object] = {}
+    if args.profile:   # after the timings, so they are not disturbed; a failure here keeps the figures above
+        for key, fn in (("attention_kernels", lambda: attention_kernels(device, cfg.num_heads, shape[2] * shape[3]
+                                                                        * shape[4] // 4, cfg.head_dim)),
+                        ("profile_eager", lambda: profile_kernels(make_step(model, inputs, None), device)),
+                        ("profile_compiled", lambda: None if fast_model is None else
+                         profile_kernels(make_step(fast_model, inputs, None), device))):
+            try:
+                extras[key] = fn()
+            except Exception as e:  # noqa: BLE001 - diagnostics only: report and go on
+                extras[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                print(f"{key}: failed: {extras[key]}", flush=True)
     for mode_name, res in modes.items():
         res["mfu_vs_measured_peak"] = res["fraction_of_peak"]
         res["mfu_vs_datasheet"] = None if datasheet is None else analytic / res["step_s_best"] / datasheet
@@ -284,7 +376,7 @@ def bench_cuda(args) -> Dict[str, object]:
             "config": {"hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "depth": cfg.depth,
                        "latent_BCTHW": list(shape), "text_len": text_len,
                        "video_tokens": shape[2] * shape[3] * shape[4] // 4},
-            "matmul_peak_bf16": peak, "datasheet_bf16_dense": datasheet, "modes": modes}
+            "matmul_peak_bf16": peak, "datasheet_bf16_dense": datasheet, "modes": modes, **extras}
 
 
 def main(argv=None) -> None:
@@ -298,6 +390,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of the fast path (default: inductor's default; e.g. "
                          "max-autotune-no-cudagraphs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="--cuda: also time self-attention per SDPA backend and profile the kernels of 2 steps")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/dit_step_{cpu,cuda}.json)")
     args = ap.parse_args(argv)
     result = bench_cuda(args) if args.cuda else bench_cpu(args)
