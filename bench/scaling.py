@@ -12,11 +12,12 @@ and MFU the trainer logs to ``metrics.jsonl`` over the steps after ``--warmup``:
 
 CPU: each process gets one thread (``LaunchConfig.cpu`` = processes, so ``OMP_NUM_THREADS`` = 1) and the same micro-
 batch, so perfect weak scaling keeps the step time: ``efficiency = t(1 process) / t(2 processes)`` (= throughput(2)
-/ (2 x throughput(1))). ``overhead = t(trainer, 1 process) / t(bare)`` on the median steps: t(bare) is forward +
-backward + AdamW step of the same model (same seed, micro-batch, inputs from ``trainer.train.micro_batch``, the same
-AdamW kernel) timed in this process on one thread, before and after each 1-process trainer run, so the trainer's data,
-gradient sync, EMA, metrics and checkpoints are what the ratio adds (target <= 1.1; ``overhead_best`` on the best
-steps). A third trainer run with every
+/ (2 x throughput(1))), printed beside the machine's own limit (``hardware_ceiling``: the bare step in two processes
+at once vs one alone, no communication). ``overhead = t(trainer, 1 process) / t(bare)`` on the median steps: t(bare)
+is forward + backward + AdamW step of the same model (same seed, micro-batch, inputs from
+``trainer.train.micro_batch``, the same AdamW kernel) timed in this process on one thread, before and after each
+1-process trainer run, so the trainer's data, gradient sync, EMA, metrics and checkpoints are what the ratio adds
+(target <= 1.1; ``overhead_best`` on the best steps). A third trainer run with every
 overhead-hiding switch off (``StageConfig.overlap_grad_reduce``, ``prefetch``, ``async_checkpoint``,
 ``optimizer_impl`` "for_loop") gives ``overhead_switches_off``. Each figure is stored with the load average around
 it: on shared cores the ratios measured side by side in one run are what count. The DiT (hidden 288, 4 heads, depth
@@ -131,9 +132,39 @@ def bare_step_times(dit: DiTConfig, latents: Path, mbs: int, steps: int) -> list
     return times
 
 
+def cpu_dit() -> DiTConfig:
+    """The CPU bench's DiT (module docstring)."""
+    return DiTConfig(hidden_size=288, num_heads=4, depth=4, caption_channels=64, max_text_len=32,
+                     caption_dropout_prob=0.0)
+
+
+def hardware_ceiling(latents: Path, mbs: int, steps: int, warmup: int) -> dict:
+    """The machine's own weak-scaling limit: the bare step (``bare_step_times``, one thread) in one process alone,
+    then in two processes at once, with no communication between them. ``ceiling`` = t(alone) / t(slower of the
+    two), on the best steps: what ``efficiency`` could reach if the trainer added nothing (shared memory bandwidth,
+    caches, or two vCPUs that are one core's hyperthreads show here, not in the trainer)."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-child", str(latents), "--mbs", str(mbs),
+           "--steps", str(steps), "--warmup", str(warmup)]
+
+    def best_of(n: int) -> list:
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise RuntimeError(f"bench/scaling.py --bare-child failed: return codes {[p.returncode for p in procs]}")
+        return [float(o.split()[-1]) for o in outs]
+
+    alone, together = best_of(1), best_of(2)
+    res = {"bare_best_step_s_alone": alone[0], "bare_best_step_s_two_at_once": together,
+           "ceiling": alone[0] / max(together), "load_after": os.getloadavg()}
+    print(f"hardware ceiling: bare step alone {alone[0]:.4f} s, two processes at once {together[0]:.4f} / "
+          f"{together[1]:.4f} s -> ceiling {res['ceiling']:.3f}", flush=True)
+    return res
+
+
 def cpu_main(args) -> dict:
-    dit = DiTConfig(hidden_size=288, num_heads=4, depth=4, caption_channels=64, max_text_len=32,
-                    caption_dropout_prob=0.0)
+    dit = cpu_dit()
     load_before = os.getloadavg()
     loads = {}
 
@@ -161,6 +192,7 @@ def cpu_main(args) -> dict:
                   f"load={loads[name]}", flush=True)
             if dp == 1:
                 bare_times += bare(f"after_{name}")
+        ceiling = hardware_ceiling(latents, args.mbs, args.steps, args.warmup)
     bare_median, bare_best = statistics.median(bare_times), min(bare_times)
     out = {"mode": "cpu", "quick": args.quick, "dit": {"hidden_size": 288, "num_heads": 4, "depth": 4},
            "latent": [24, 5, 32, 32], "micro_batch_per_process": args.mbs, "steps": args.steps,
@@ -169,7 +201,8 @@ def cpu_main(args) -> dict:
            "bare_best_step_s": bare_best, "overhead": times["dp1"] / bare_median, "overhead_target": 1.1,
            "overhead_best": best["dp1"] / bare_best,
            "efficiency": best["dp1"] / best["dp2"], "efficiency_median": times["dp1"] / times["dp2"],
-           "efficiency_target": 0.95,
+           "efficiency_target": 0.95, "hardware_ceiling": ceiling,
+           "efficiency_of_ceiling": best["dp1"] / best["dp2"] / ceiling["ceiling"],
            "loadavg_before": load_before, "loadavg_after_each": loads, "cpu_count": os.cpu_count(),
            "machine": platform.processor() or platform.machine()}
     if "dp1_switches_off" in times:
@@ -243,7 +276,11 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=4, help="DiT blocks (--cuda)")
     parser.add_argument("--no-compile", action="store_true", help="--cuda: the eager trainer run only")
     parser.add_argument("--out", default="")
+    parser.add_argument("--bare-child", default="", help=argparse.SUPPRESS)   # hardware_ceiling's worker
     args = parser.parse_args(argv)
+    if args.bare_child:   # prints the best bare step time after the warm-up steps (last word of stdout)
+        print(min(bare_step_times(cpu_dit(), Path(args.bare_child), args.mbs, args.steps)[args.warmup:]))
+        return 0
     if args.quick:
         args.steps, args.warmup = 6, 2
     result = cuda_main(args) if args.cuda else cpu_main(args)
@@ -252,7 +289,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     if not args.cuda:
         print(f"overhead {result['overhead']:.3f}", flush=True)
-        print(f"efficiency {result['efficiency']:.3f}", flush=True)
+        print(f"efficiency {result['efficiency']:.3f} (hardware ceiling {result['hardware_ceiling']['ceiling']:.3f}: "
+              f"{result['efficiency_of_ceiling']:.3f} of it)", flush=True)
         if "efficiency_switches_off" in result:
             print(f"efficiency_switches_off {result['efficiency_switches_off']:.3f}", flush=True)
     return 0
