@@ -329,7 +329,7 @@ def profile_kernels(step: Callable[[], None], device: torch.device, steps: int =
     return {"steps": steps, "device_s_per_step": total / steps, "by_kind_s_per_step": kinds, "top": rows[:top]}
 
 
-def bench_cuda(args) -> Dict[str, object]:
+def bench_cuda(args, save: Callable[[Dict[str, object]], None]) -> Dict[str, object]:
     from models.attention import flash_attn_func
 
     if not torch.cuda.is_available():
@@ -352,31 +352,34 @@ def bench_cuda(args) -> Dict[str, object]:
     print(f"attention backends: {backends}")
     fast_model = None if args.no_compile else compiled_copy(model, args.compile_mode)
     modes = run_mode("bf16", model, inputs, None, analytic, peak["flops_per_s"], args.repeats, device, fast_model)
-    extras: Dict[str, object] = {}
-    if args.profile:   # after the timings, so they are not disturbed; a failure here keeps the figures above
-        for key, fn in (("attention_kernels", lambda: attention_kernels(device, cfg.num_heads, shape[2] * shape[3]
-                                                                        * shape[4] // 4, cfg.head_dim)),
-                        ("profile_eager", lambda: profile_kernels(make_step(model, inputs, None), device)),
-                        ("profile_compiled", lambda: None if fast_model is None else
-                         profile_kernels(make_step(fast_model, inputs, None), device))):
-            try:
-                extras[key] = fn()
-            except Exception as e:  # noqa: BLE001 - diagnostics only: report and go on
-                extras[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                print(f"{key}: failed: {extras[key]}", flush=True)
     for mode_name, res in modes.items():
         res["mfu_vs_measured_peak"] = res["fraction_of_peak"]
         res["mfu_vs_datasheet"] = None if datasheet is None else analytic / res["step_s_best"] / datasheet
         vs_sheet = "n/a" if datasheet is None else f"{res['mfu_vs_datasheet']:.3f}"
-        print(f"[{mode_name}] MFU vs measured bf16 peak {res['mfu_vs_measured_peak']:.3f}; vs datasheet {vs_sheet}")
-    return {"device": name, "torch": torch.__version__, "flash_attn": flash_attn_func is not None,
-            "attention_backends": backends,
-            "compile_mode": None if args.no_compile else (args.compile_mode or "default"),
-            "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
-            "config": {"hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "depth": cfg.depth,
-                       "latent_BCTHW": list(shape), "text_len": text_len,
-                       "video_tokens": shape[2] * shape[3] * shape[4] // 4},
-            "matmul_peak_bf16": peak, "datasheet_bf16_dense": datasheet, "modes": modes, **extras}
+        print(f"[{mode_name}] MFU vs measured bf16 peak {res['mfu_vs_measured_peak']:.3f}; vs datasheet {vs_sheet}",
+              flush=True)
+    result = {"device": name, "torch": torch.__version__, "flash_attn": flash_attn_func is not None,
+              "attention_backends": backends,
+              "compile_mode": None if args.no_compile else (args.compile_mode or "default"),
+              "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+              "config": {"hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "depth": cfg.depth,
+                         "latent_BCTHW": list(shape), "text_len": text_len,
+                         "video_tokens": shape[2] * shape[3] * shape[4] // 4},
+              "matmul_peak_bf16": peak, "datasheet_bf16_dense": datasheet, "modes": modes}
+    if args.profile:   # after the timings (saved first), so they are not disturbed; a failure keeps the figures
+        save(result)
+        extras = (("attention_kernels", lambda: attention_kernels(device, cfg.num_heads,
+                                                                  shape[2] * shape[3] * shape[4] // 4, cfg.head_dim)),
+                  ("profile_eager", lambda: profile_kernels(make_step(model, inputs, None), device)),
+                  ("profile_compiled", lambda: None if fast_model is None else
+                   profile_kernels(make_step(fast_model, inputs, None), device)))
+        for key, fn in extras:
+            try:
+                result[key] = fn()
+            except Exception as e:  # noqa: BLE001 - diagnostics only: report and go on
+                result[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                print(f"{key}: failed: {result[key]}", flush=True)
+    return result
 
 
 def main(argv=None) -> None:
@@ -394,11 +397,13 @@ def main(argv=None) -> None:
                     help="--cuda: also time self-attention per SDPA backend and profile the kernels of 2 steps")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/dit_step_{cpu,cuda}.json)")
     args = ap.parse_args(argv)
-    result = bench_cuda(args) if args.cuda else bench_cpu(args)
     out = Path(args.out or REPO / "bench" / "results" / f"dit_step_{'cuda' if args.cuda else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+
+    def save(result: Dict[str, object]) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}", flush=True)
+    save(bench_cuda(args, save) if args.cuda else bench_cpu(args))
 
 
 if __name__ == "__main__":
