@@ -214,7 +214,8 @@ def cpu_main(args) -> dict:
     return out
 
 
-def cuda_main(args) -> dict:
+def cuda_main(args, save=lambda result: None) -> dict:
+    """The ``--cuda`` mode (module docstring); ``save(result so far)`` is called after each trainer run."""
     import torch
 
     from trainer.device import PEAK_FLOPS_GPU_BF16
@@ -255,6 +256,7 @@ def cuda_main(args) -> dict:
                    "median_mfu_datasheet": mfu * measured / sheet if sheet else None,
                    "median_tokens_per_s": _median(rows, "tokens_per_s", args.warmup)}
             out["runs"][name] = res
+            save(out)
             print(f"[{name}] trainer mfu {mfu:.3f} of the measured peak "
                   f"({res['median_mfu_datasheet'] or 0:.3f} of the datasheet); "
                   f"step {res['median_step_s']:.3f} s median, "
@@ -283,10 +285,13 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.steps, args.warmup = 6, 2
-    result = cuda_main(args) if args.cuda else cpu_main(args)
-    out = Path(args.out or REPO / "bench" / "results" / f"scaling_{result['mode']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(args.out or REPO / "bench" / "results" / f"scaling_{'cuda' if args.cuda else 'cpu'}.json")
+
+    def save(result: dict) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    result = cuda_main(args, save) if args.cuda else cpu_main(args)
+    save(result)
     if not args.cuda:
         print(f"overhead {result['overhead']:.3f}", flush=True)
         print(f"efficiency {result['efficiency']:.3f} (hardware ceiling {result['hardware_ceiling']['ceiling']:.3f}: "
