@@ -227,11 +227,11 @@ def cuda_main(args, save=lambda result: None) -> dict:
 
     dev = torch.device("cuda", 0)
     measured = matmul_peak(torch.bfloat16, dev, 8192, 20)["flops_per_s"]
-    name_ = torch.cuda.get_device_name(dev)
-    sheet = next((v for k, v in PEAK_FLOPS_GPU_BF16.items() if k in name_), 0.0)   # the trainer's default MFU peak
+    gpu_name = torch.cuda.get_device_name(dev)
+    sheet = next((v for k, v in PEAK_FLOPS_GPU_BF16.items() if k in gpu_name), 0.0)   # the trainer's default MFU peak
     dit = DiTConfig(hidden_size=3456, num_heads=48, depth=args.depth, caption_channels=4096, max_text_len=300,
                     caption_dropout_prob=0.0)
-    out: dict = {"mode": "cuda", "device": torch.cuda.get_device_name(0), "depth": args.depth,
+    out: dict = {"mode": "cuda", "device": gpu_name, "depth": args.depth,
                  "latent": [24, 4, 90, 160], "matmul_peak_bf16_measured": measured, "peak_datasheet": sheet,
                  "mfu_target_vs_measured_peak": 0.50, "runs": {}}
     print(f"bf16 matmul peak {measured / 1e12:.0f} TFLOP/s measured, {sheet / 1e12:.0f} datasheet", flush=True)
@@ -248,7 +248,8 @@ def cuda_main(args, save=lambda result: None) -> dict:
                 out["runs"][name] = {"error": f"{type(e).__name__}: {e}"[-600:]}
                 print(f"[{name}] failed: {out['runs'][name]['error']}", flush=True)
                 continue
-            shutil.rmtree(tmp / f"mfu-1gpu-{name}", ignore_errors=True)   # ~14 GB of checkpoints per run
+            finally:
+                shutil.rmtree(tmp / f"mfu-1gpu-{name}", ignore_errors=True)   # ~14 GB of checkpoints per run
             mfu = _median(rows, "mfu", args.warmup)
             res = {"switches": switches, "median_step_s": _median(rows, "step_time_s", args.warmup),
                    "best_step_s": min(r["step_time_s"] for r in rows[args.warmup:]),
