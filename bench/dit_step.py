@@ -3,6 +3,7 @@
     python bench/dit_step.py                 # CPU: fp32 and bf16 autocast, eager and compiled -> dit_step_cpu.json
     python bench/dit_step.py --cuda          # GPU: 10B layer shapes in bf16, eager and compiled -> dit_step_cuda.json
     python bench/dit_step.py --no-compile    # eager only (the fast path is models/compile.py's compile_blocks)
+    python bench/dit_step.py --cuda --profile   # + self-attention per SDPA backend, kernel time by kind (after)
 
 CPU config (``cpu_config``): the 1B variant's layer shape (hidden 1152 = 16 heads x 72, docs/mugv.md §3.1), depth 2, a
 (1, 24, 4, 32, 32) latent = 1,024 video tokens, and 300 T5-width (4096) text tokens, the formula's fixed C. At this
@@ -287,13 +288,21 @@ def attention_kernels(device: torch.device, heads: int, tokens: int, head_dim: i
     return out
 
 
-KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "cudnn", "sdpa")),
+# Kernel kinds by name. Inductor names its Triton kernels after the aten ops they fuse ("triton_poi_fused_addmm_gelu_0"
+# is fc1's bias + GELU, not a GEMM), so its names are read by prefix first: "triton_tem_" is a GEMM template, any
+# other "triton_" kernel is elementwise/reduction work. Library kernels (cuBLAS/cuBLASLt: gemm, xmma, nvjet, cutlass;
+# SDPA's flash, memory-efficient and cuDNN attention: fmha, flash, sdpa, attention) are read by substring.
+TRITON_PREFIXES = (("triton_tem_", "gemm"), ("triton_", "other"))
+KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "sdpa")),
                 ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "_mm", "addmm")))
 
 
 def kernel_kind(name: str) -> str:
     """'attention', 'gemm' or 'other' (elementwise, norms, reductions, copies) from a kernel's name."""
     low = name.lower()
+    prefix = next((kind for p, kind in TRITON_PREFIXES if low.startswith(p)), None)
+    if prefix is not None:
+        return prefix
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
@@ -311,10 +320,14 @@ def profile_kernels(step: Callable[[], None], device: torch.device, steps: int =
             step()
         _sync(device)
     per_name: Dict[str, List[float]] = {}
-    for e in prof.events():
-        if e.device_type == want and (device.type == "cuda" or e.cpu_parent is None):
+    for e in prof.events():   # kernels only: GPU-side spans of record_function ranges are not kernels
+        if e.device_type == want and not getattr(e, "is_user_annotation", False) and \
+                (device.type == "cuda" or e.cpu_parent is None):
             per_name.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e6)
-    total = sum(sum(v) for v in per_name.values()) or 1.0
+    if not per_name:
+        raise RuntimeError("the profiler recorded no kernel: is CUPTI available to torch.profiler on this machine? "
+                           "Time the step without --profile, or profile it with nsys")
+    total = sum(sum(v) for v in per_name.values())
     kinds: Dict[str, float] = {}
     for name, ts in per_name.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sum(ts) / steps
@@ -397,6 +410,8 @@ def main(argv=None) -> None:
                     help="--cuda: also time self-attention per SDPA backend and profile the kernels of 2 steps")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/dit_step_{cpu,cuda}.json)")
     args = ap.parse_args(argv)
+    if args.profile and not args.cuda:
+        ap.error("--profile profiles the CUDA step: add --cuda (on CPU, use torch.profiler around make_step)")
     out = Path(args.out or REPO / "bench" / "results" / f"dit_step_{'cuda' if args.cuda else 'cpu'}.json")
 
     def save(result: Dict[str, object]) -> None:

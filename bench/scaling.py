@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -97,10 +98,12 @@ def _median(rows: list, key: str, warmup: int) -> float:
     return statistics.median(r[key] for r in rows[warmup:])
 
 
-def bare_step_times(dit: DiTConfig, latents: Path, mbs: int, steps: int) -> list:
+def bare_step_times(dit: DiTConfig, latents: Path, mbs: int, steps: int,
+                    ready: Optional[Callable[[], None]] = None) -> list:
     """Seconds of forward + backward + AdamW step of the trainer's model on one thread in this process: the same
     seeded MUGDiT, a micro-batch built by ``trainer.train.micro_batch`` from the dataset (outside the timing), the
-    trainer's AdamW kernel and deterministic algorithms; no data loading, sync, EMA, metrics or checkpoints."""
+    trainer's AdamW kernel and deterministic algorithms; no data loading, sync, EMA, metrics or checkpoints.
+    ``ready``: called once the model and micro-batch are built, before the first timed step."""
     import time
 
     import torch
@@ -122,6 +125,8 @@ def bare_step_times(dit: DiTConfig, latents: Path, mbs: int, steps: int) -> list
     model.train()
     opt, _ = optim.build_optimizer(stage, dit, model, None)
     m = micro_batch(job, LatentSplit(latents).batch(list(range(mbs))), 0, 0, vae_factor=8)
+    if ready is not None:   # everything is built: wait for the go (hardware_ceiling starts its children together)
+        ready()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -140,19 +145,29 @@ def cpu_dit() -> DiTConfig:
 
 def hardware_ceiling(latents: Path, mbs: int, steps: int, warmup: int) -> dict:
     """The machine's own weak-scaling limit: the bare step (``bare_step_times``, one thread) in one process alone,
-    then in two processes at once, with no communication between them. ``ceiling`` = t(alone) / t(slower of the
-    two), on the best steps: what ``efficiency`` could reach if the trainer added nothing (shared memory bandwidth,
-    caches, or two vCPUs that are one core's hyperthreads show here, not in the trainer)."""
+    then in two processes at once (their timed steps start together), with no communication between them.
+    ``ceiling`` = t(alone) / t(slower of the two), on the best steps: what ``efficiency`` could reach if the trainer
+    added nothing (shared memory bandwidth, caches, or two vCPUs that are one core's hyperthreads show here, not in
+    the trainer)."""
     import subprocess
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-child", str(latents), "--mbs", str(mbs),
            "--steps", str(steps), "--warmup", str(warmup)]
 
     def best_of(n: int) -> list:
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        for p in procs:   # each child says "ready" once built and waits: the timed steps start together
+            assert p.stdout is not None and p.stdin is not None
+            if not any(line.strip() == "ready" for line in iter(p.stdout.readline, "")):
+                raise RuntimeError("bench/scaling.py --bare-child exited before it was ready: run it alone to see "
+                                   f"its error: {' '.join(cmd)}")
+        for p in procs:
+            p.stdin.write("go\n")   # type: ignore[union-attr]
+            p.stdin.flush()          # type: ignore[union-attr]
         outs = [p.communicate()[0] for p in procs]
         if any(p.returncode for p in procs):
-            raise RuntimeError(f"bench/scaling.py --bare-child failed: return codes {[p.returncode for p in procs]}")
+            raise RuntimeError(f"bench/scaling.py --bare-child failed (return codes {[p.returncode for p in procs]}): "
+                               f"run it alone to see its error: {' '.join(cmd)}")
         return [float(o.split()[-1]) for o in outs]
 
     alone, together = best_of(1), best_of(2)
@@ -244,9 +259,12 @@ def cuda_main(args, save=lambda result: None) -> dict:
             try:
                 rows = run(tmp, f"mfu-1gpu-{name}", dit, latents, 1, args.steps, 1, cpu=8, gpu=1, **peak,
                            **switches)
-            except Exception as e:  # noqa: BLE001 - keep the other run's figures; the error is the result
+            except RuntimeError as e:   # the stage failed or timed out (run_stage): the error is the result. Not
+                # Exception: TorchX turns this process's SIGTERM (the caller's time limit) into an Exception, which
+                # must end the bench rather than start the next run
                 out["runs"][name] = {"error": f"{type(e).__name__}: {e}"[-600:]}
                 print(f"[{name}] failed: {out['runs'][name]['error']}", flush=True)
+                save(out)
                 continue
             finally:
                 shutil.rmtree(tmp / f"mfu-1gpu-{name}", ignore_errors=True)   # ~14 GB of checkpoints per run
@@ -262,10 +280,11 @@ def cuda_main(args, save=lambda result: None) -> dict:
                   f"({res['median_mfu_datasheet'] or 0:.3f} of the datasheet); "
                   f"step {res['median_step_s']:.3f} s median, "
                   f"{res['best_step_s']:.3f} s best; {res['median_tokens_per_s']:.0f} tokens/s", flush=True)
-    done = [r for r in out["runs"].values() if "median_mfu_vs_measured_peak" in r]
+    done = [n for n, r in out["runs"].items() if "median_mfu_vs_measured_peak" in r]
     if not done:
         raise SystemExit("bench/scaling.py --cuda: no trainer run finished (errors above)")
-    out["median_mfu_vs_measured_peak"] = max(r["median_mfu_vs_measured_peak"] for r in done)
+    best_run = max(done, key=lambda n: out["runs"][n]["median_mfu_vs_measured_peak"])
+    out.update(best_run=best_run, median_mfu_vs_measured_peak=out["runs"][best_run]["median_mfu_vs_measured_peak"])
     return out
 
 
@@ -282,7 +301,10 @@ def main(argv=None) -> int:
     parser.add_argument("--bare-child", default="", help=argparse.SUPPRESS)   # hardware_ceiling's worker
     args = parser.parse_args(argv)
     if args.bare_child:   # prints the best bare step time after the warm-up steps (last word of stdout)
-        print(min(bare_step_times(cpu_dit(), Path(args.bare_child), args.mbs, args.steps)[args.warmup:]))
+        def ready() -> None:
+            print("ready", flush=True)
+            sys.stdin.readline()
+        print(min(bare_step_times(cpu_dit(), Path(args.bare_child), args.mbs, args.steps, ready)[args.warmup:]))
         return 0
     if args.quick:
         args.steps, args.warmup = 6, 2
