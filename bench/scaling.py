@@ -29,7 +29,8 @@ parameters) small next to the compute, as at scale.
 bf16 autocast on bf16 copies of the weights with fp32 masters (the trainer's GPU path, ``stage.bf16_weights``
 "auto"), and prints the trainer's per-step MFU (docs/mugv.md §6.5 FLOPs over the device peak,
 ``trainer.device.PEAK_FLOPS_GPU_BF16``) and against the bf16 matmul peak measured in the same run, once eager and
-once with ``compile: blocks`` (``--no-compile``: eager only).
+once with ``compile: blocks`` (``--no-compile``: eager only). The ``PROFILED_STEPS`` steps after the warm-up are
+profiled (``trainer.profiling``; rank 0's op table by device time goes into the JSON) and left out of the figures.
 """
 from __future__ import annotations
 
@@ -229,11 +230,17 @@ def cpu_main(args) -> dict:
     return out
 
 
+# --cuda: steps profiled in each trainer run (trainer.profiling; rank 0's op table goes into the JSON), the first ones
+# after the warm-up: not a checkpoint step (7 and 14 are), so the table shows the training step itself
+PROFILED_STEPS = 2
+
+
 def cuda_main(args, save=lambda result: None) -> dict:
     """The ``--cuda`` mode (module docstring); ``save(result so far)`` is called after each trainer run."""
     import torch
 
     from trainer.device import PEAK_FLOPS_GPU_BF16
+    from trainer.profiling import PROFILE_ENV
 
     if not torch.cuda.is_available():
         raise SystemExit("bench/scaling.py --cuda: no CUDA device visible")
@@ -256,9 +263,12 @@ def cuda_main(args, save=lambda result: None) -> dict:
         tmp = Path(d)
         latents = write_dataset(tmp / "latents", 2, (24, 4, 90, 160), (300, 4096))
         for name, switches in runs:
+            folder = tmp / f"mfu-1gpu-{name}"
+            os.environ[PROFILE_ENV] = f"{args.warmup + 1}:{PROFILED_STEPS}"   # the first steps after the warm-up
             try:
-                rows = run(tmp, f"mfu-1gpu-{name}", dit, latents, 1, args.steps, 1, cpu=8, gpu=1, **peak,
-                           **switches)
+                rows = run(tmp, folder.name, dit, latents, 1, args.steps, 1, cpu=8, gpu=1, **peak, **switches)
+                table = folder / "profile" / "rank00000.txt"
+                profile_table = table.read_text() if table.is_file() else "(not written)"
             except RuntimeError as e:   # the stage failed or timed out (run_stage): the error is the result. Not
                 # Exception: TorchX turns this process's SIGTERM (the caller's time limit) into an Exception, which
                 # must end the bench rather than start the next run
@@ -267,13 +277,16 @@ def cuda_main(args, save=lambda result: None) -> dict:
                 save(out)
                 continue
             finally:
-                shutil.rmtree(tmp / f"mfu-1gpu-{name}", ignore_errors=True)   # ~14 GB of checkpoints per run
-            mfu = _median(rows, "mfu", args.warmup)
-            res = {"switches": switches, "median_step_s": _median(rows, "step_time_s", args.warmup),
-                   "best_step_s": min(r["step_time_s"] for r in rows[args.warmup:]),
+                del os.environ[PROFILE_ENV]
+                shutil.rmtree(folder, ignore_errors=True)   # ~14 GB of checkpoints per run
+            timed = rows[:args.warmup] + rows[args.warmup + PROFILED_STEPS:]   # profiled steps are slower: left out
+            mfu = _median(timed, "mfu", args.warmup)
+            res = {"switches": switches, "median_step_s": _median(timed, "step_time_s", args.warmup),
+                   "best_step_s": min(r["step_time_s"] for r in timed[args.warmup:]),
                    "median_mfu_vs_measured_peak": mfu,
                    "median_mfu_datasheet": mfu * measured / sheet if sheet else None,
-                   "median_tokens_per_s": _median(rows, "tokens_per_s", args.warmup)}
+                   "median_tokens_per_s": _median(timed, "tokens_per_s", args.warmup),
+                   "profile_table": profile_table}
             out["runs"][name] = res
             save(out)
             print(f"[{name}] trainer mfu {mfu:.3f} of the measured peak "

@@ -9,12 +9,14 @@ metrics (loss, grad norm, LR, tokens/s, MFU) and the attention kernels (tag ``at
 MLflow run; a stage whose rank 1 is SIGKILLed mid-stage
 resumes from its last checkpoint when rerun and ends bitwise equal to an uninterrupted run (which has the overlapped
 gradient reduce in ~25 buckets, foreach AdamW, prefetch and background checkpoint writes on; the rerun has them all
-off); bad input fails with the trainer's message; the launch timeout stops a stage.
+off); bad input fails with the trainer's message; the launch timeout stops a stage; ``VGEN_PROFILE_STEPS`` reaches
+both ranks of the DP=2 stage (trainer.profiling), which stays the uninterrupted reference.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -29,13 +31,18 @@ from models.config import DiTConfig
 from trainer import checkpoint
 from trainer.job import StageJob
 from trainer.launch import run_stage
+from trainer.profiling import PROFILE_ENV
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     latents = write_latent_dataset(tmp / "latents")
-    out, lines = _run(tmp, "dp2", _stage(grad_bucket_mb=1 / 64), latents)   # overlapped reduce: ~25 buckets
+    os.environ[PROFILE_ENV] = "5:2"   # trainer.profiling on both ranks, through the launcher's environment
+    try:
+        out, lines = _run(tmp, "dp2", _stage(grad_bucket_mb=1 / 64), latents)   # overlapped reduce: ~25 buckets
+    finally:
+        del os.environ[PROFILE_ENV]
     return tmp, latents, out, lines
 
 
@@ -66,6 +73,12 @@ def test_dp2_stage_learns_and_writes_checkpoints(tiny):
     assert sorted(p.name for p in out.glob("step_*")) == ["step_00000010", "step_00000020", "step_00000030"]
     meta = checkpoint.verify(checkpoint.latest(out))
     assert (meta["step"], meta["tensor_parallel"], meta["data_parallel"]) == (30, 1, 2)
+    # VGEN_PROFILE_STEPS=5:2 reached both ranks: a timeline and a table each, and rank 0's table in the log
+    for rank in (0, 1):
+        trace = json.loads((out / "profile" / f"rank{rank:05d}.trace.json").read_text())
+        assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+        assert "Self CPU" in (out / "profile" / f"rank{rank:05d}.txt").read_text()
+    assert sum(line.startswith("profile: steps 5-6 on every rank") for line in lines) == 1
     assert set(meta["checksums"]) == {"model.safetensors", "ema.safetensors", "optim/rank00000.pt",
                                       "optim/rank00001.pt"}
     assert abs(meta["loss"] - rows[-1]["loss"]) < 1e-9

@@ -22,7 +22,8 @@ build the optimizer (``trainer.optim``), restore (``trainer.state``), then per s
 loss / M and backward per micro-batch (megatron's 1F1B schedule with pipeline parallelism), one gradient sync, clip,
 optimizer step at ``lr_at(step)``, EMA, metrics from rank 0 and a checkpoint every ``checkpoint_interval`` steps.
 Before the first step rank 0 prints the attention kernels the blocks run with (``attention_backends``) and sets them
-as the MLflow tag ``attention_backend`` of the stage's run.
+as the MLflow tag ``attention_backend`` of the stage's run. ``VGEN_PROFILE_STEPS=START:COUNT`` profiles those steps
+on every rank (``trainer.profiling``: a timeline and an op table per rank in the stage's ``profile/`` folder).
 What is not the model hides behind it (docs/parallelism.md, "A step without idle time"): the next step's
 micro-batches are built in a thread (``stage.prefetch``), the DP gradient reduce runs in buckets during the last
 micro-batch's backward (``stage.overlap_grad_reduce``), AdamW is fused / foreach (``stage.optimizer_impl``),
@@ -59,7 +60,7 @@ import torch
 from models import compile as dit_compile
 from models import lora
 from models import rectified_flow as rf
-from trainer import checkpoint, device, metrics, optim, precision, preference, state
+from trainer import checkpoint, device, metrics, optim, precision, preference, profiling, state
 from trainer.data import Batch, LatentSplit, PairBatch, PairSplit, Prefetcher, StepSampler
 from trainer.job import StageJob
 from trainer.parallel import ParallelPlan, parallelize
@@ -118,7 +119,9 @@ def train(job: StageJob) -> None:
                                                        v, vae_factor) for v in vranks],
                              start, stage.steps, enabled=stage.prefetch)
         kill_at = _test_kill_step(layout)
+        prof = profiling.StepProfiler.from_env(Path(job.output_dir), layout.rank, rt.device, start + 1, stage.steps)
         for step in range(start, stage.steps):
+            prof.begin(step + 1)
             t0 = time.perf_counter()
             micro = batches.get(step)   # made while the previous step computed (prefetch); starts the next one's
             res = train_step(job, plan, model, opt, micro, step, rt, ddp, pipe, reference, overlap, bf16)
@@ -135,6 +138,7 @@ def train(job: StageJob) -> None:
                       extra=_step_metrics(dict(zip(sums, totals[4:]))))
             if (step + 1) % stage.checkpoint_interval == 0 or step + 1 == stage.steps:
                 state.save(job, plan, model, opt, ema, step + 1, totals[0] / layout.dp, ddp, writer)
+            prof.end(step + 1)   # $VGEN_PROFILE_STEPS (trainer.profiling): this rank's trace and table
             if step + 1 == kill_at:
                 if writer is not None:
                     writer.wait()   # the test's crash point is "after step N, its checkpoint on disk"
