@@ -231,7 +231,8 @@ def cpu_main(args) -> dict:
 
 
 # --cuda: steps profiled in each trainer run (trainer.profiling; rank 0's op table goes into the JSON), the first ones
-# after the warm-up: not a checkpoint step (7 and 14 are), so the table shows the training step itself
+# after the warm-up: with the default 14 steps and 4 warm-up steps not a checkpoint step (7 and 14 are), so the table
+# shows the training step itself
 PROFILED_STEPS = 2
 
 

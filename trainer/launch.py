@@ -182,6 +182,9 @@ def run_stage(job: StageJob, job_path: Path, launch: LaunchConfig, log_dir: Path
     from torchx.runner import get_runner
     from torchx.specs import AppState, parse_app_handle
 
+    from trainer.profiling import PROFILE_ENV, parse_steps
+
+    parse_steps(os.environ.get(PROFILE_ENV, ""))   # a malformed profile window fails here, not after the model is built
     stage = job.stage
     job_path, log_dir = Path(job_path).resolve(), Path(log_dir).resolve()
     if not job_path.is_file():

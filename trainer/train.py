@@ -81,6 +81,7 @@ def train(job: StageJob) -> None:
     layout = device.init_distributed(stage.tensor_parallel, seed=stage.seed, runtime=rt, cp=stage.context_parallel,
                                      pp=stage.pipeline_parallel)
     batches: Optional[Prefetcher] = None
+    prof: Optional[profiling.StepProfiler] = None
     try:
         if layout.world_size != stage.world_size:
             raise ValueError(f"stage '{stage.name}' needs tensor_parallel*context_parallel*pipeline_parallel*"
@@ -151,6 +152,8 @@ def train(job: StageJob) -> None:
                   "all-reduced during the last step's backward", flush=True)
         log.close()   # MLflow metrics still queued (a server outage) are sent now, or counted as lost
     finally:
+        if prof is not None:      # a failed step inside $VGEN_PROFILE_STEPS' window: what it recorded
+            prof.close()
         if batches is not None:   # a failed step: stop making the next one (a checkpoint being written is left to
             batches.close()       # its daemon thread: its folder stays .tmp-, never taken for a checkpoint)
         if stage.compile != "none":   # inductor's compile-worker pool: its processes outlive a torchrun worker
