@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Optional
 
 from flytekit import current_context, task
@@ -31,6 +32,10 @@ def load_pipeline_config(config: FlyteFile) -> PipelineConfig:
 def start_tracking(config: PipelineConfig, kickoff_time: Optional[datetime] = None) -> str:
     """Create this execution's MLflow parent run; its id is passed to every task, which logs a child run under it.
     ``kickoff_time``: the schedule's (then the trigger is "scheduled" and the run is named after that time)."""
+    if execution_name() == "local":
+        warning = stale_cache_warning(Path(config.tracking.root))
+        if warning:
+            print(warning, flush=True)
     trigger = "scheduled" if kickoff_time is not None else "manual"
     at = kickoff_time or datetime.now(timezone.utc)
     params = {"config_hash": config_hash(config), "config": json.dumps(to_dict(config), sort_keys=True)}
@@ -40,6 +45,31 @@ def start_tracking(config: PipelineConfig, kickoff_time: Optional[datetime] = No
         config.tracking.root, config.tracking.experiment, run_name=f"{config.name} {trigger} {at:%Y-%m-%d %H:%M}",
         params=params, tags={"pipeline.config_name": config.name, "pipeline.config_hash": config_hash(config),
                              "flyte.execution": execution_name(), "pipeline.trigger": trigger})
+
+
+def stale_cache_warning(root: Path) -> Optional[str]:
+    """A local run's warning when the run folder's artifacts are gone but flytekit's local task cache is not: cached
+    results point at folders under ``<root>/artifacts`` (tasks.common.artifact_dir), so a task fed from a deleted one
+    fails inside flytekit with "invalid value {'path': ...}". None when nothing suggests that."""
+    import os
+
+    from flytekit.core.local_cache import CACHE_LOCATION
+
+    if (root / "artifacts").is_dir():
+        return None
+    location = Path(os.path.expanduser(CACHE_LOCATION))
+    if not (location / "cache.db").is_file():   # diskcache's index: none, no cached result (nothing is created here)
+        return None
+    from diskcache import Cache
+
+    with Cache(str(location)) as cache:
+        entries = len(cache)
+    if not entries:
+        return None
+    return (f"note: {root / 'artifacts'} does not exist, but flytekit's local task cache ({location}) holds {entries} "
+            f"results. If the run folder was deleted by hand, those results point into it and a task fails with "
+            f"\"invalid value {{'path': ...}}\": run `make clean-runs` (removes {root} and clears that cache), then "
+            f"run again.")
 
 
 def execution_name() -> str:
