@@ -32,10 +32,10 @@ def load_pipeline_config(config: FlyteFile) -> PipelineConfig:
 def start_tracking(config: PipelineConfig, kickoff_time: Optional[datetime] = None) -> str:
     """Create this execution's MLflow parent run; its id is passed to every task, which logs a child run under it.
     ``kickoff_time``: the schedule's (then the trigger is "scheduled" and the run is named after that time)."""
-    if execution_name() == "local":
-        warning = stale_cache_warning(Path(config.tracking.root))
-        if warning:
-            print(warning, flush=True)
+    if execution_name() == "local":   # before any later task reads the cache
+        repaired = drop_stale_cache(Path(config.tracking.root))
+        if repaired:
+            print(repaired, flush=True)
     trigger = "scheduled" if kickoff_time is not None else "manual"
     at = kickoff_time or datetime.now(timezone.utc)
     params = {"config_hash": config_hash(config), "config": json.dumps(to_dict(config), sort_keys=True)}
@@ -47,29 +47,38 @@ def start_tracking(config: PipelineConfig, kickoff_time: Optional[datetime] = No
                              "flyte.execution": execution_name(), "pipeline.trigger": trigger})
 
 
-def stale_cache_warning(root: Path) -> Optional[str]:
-    """A local run's warning when the run folder's artifacts are gone but flytekit's local task cache is not: cached
-    results point at folders under ``<root>/artifacts`` (tasks.common.artifact_dir), so a task fed from a deleted one
-    fails inside flytekit with "invalid value {'path': ...}". None when nothing suggests that."""
+def drop_stale_cache(root: Path) -> Optional[str]:
+    """A local run's repair of flytekit's local task cache after the run folder was deleted (by hand, not ``make
+    clean-runs``): a cached result that names a folder ``<root>/artifacts/<stage>/<key>`` (tasks.common.artifact_dir)
+    that no longer exists would feed the next task a missing folder, which fails inside flytekit with "invalid value
+    {'path': ...}". Those entries, and only those, are removed, so their tasks run again; other projects' entries in
+    the same user-wide cache are left alone. Returns the line to print, or None when nothing was stale."""
     import os
+    import re
 
     from flytekit.core.local_cache import CACHE_LOCATION
 
-    if (root / "artifacts").is_dir():
-        return None
     location = Path(os.path.expanduser(CACHE_LOCATION))
-    if not (location / "cache.db").is_file():   # diskcache's index: none, no cached result (nothing is created here)
+    if not (location / "cache.db").is_file():   # diskcache's index: no cache, nothing cached (nothing is created)
         return None
     from diskcache import Cache
 
+    artifacts = (Path(root).resolve() / "artifacts").as_posix()
+    named = re.compile(re.escape(artifacts.encode()) + rb"/([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)")
+    stale = []
     with Cache(str(location)) as cache:
-        entries = len(cache)
-    if not entries:
+        for key in list(cache.iterkeys()):
+            value = cache.get(key)   # a serialized LiteralMap: the folders' paths are plain bytes in it
+            if isinstance(value, bytes) and any(not Path(artifacts, m[1].decode(), m[2].decode()).exists()
+                                                for m in named.finditer(value)):
+                stale.append(key)
+        for key in stale:
+            cache.delete(key)
+    if not stale:
         return None
-    return (f"note: {root / 'artifacts'} does not exist, but flytekit's local task cache ({location}) holds {entries} "
-            f"results. If the run folder was deleted by hand, those results point into it and a task fails with "
-            f"\"invalid value {{'path': ...}}\": run `make clean-runs` (removes {root} and clears that cache), then "
-            f"run again.")
+    return (f"note: removed {len(stale)} cached result(s) from flytekit's local task cache ({location}) that named "
+            f"folders under {artifacts} which no longer exist (the run folder was deleted): their tasks run again. "
+            "`make clean-runs` removes the run folder and clears that cache in one go.")
 
 
 def execution_name() -> str:
