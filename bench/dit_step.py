@@ -328,12 +328,12 @@ def profile_kernels(step: Callable[[], None], device: torch.device, steps: int =
         raise RuntimeError("the profiler recorded no kernel: is CUPTI available to torch.profiler on this machine? "
                            "Time the step without --profile, or profile it with nsys")
     total = sum(sum(v) for v in per_name.values())
+    rows: List[Dict[str, Any]] = sorted(
+        ({"name": n[:120], "kind": kernel_kind(n), "calls_per_step": len(ts) / steps, "s_per_step": sum(ts) / steps,
+          "share": sum(ts) / total} for n, ts in per_name.items()), key=lambda r: -r["s_per_step"])
     kinds: Dict[str, float] = {}
-    for name, ts in per_name.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sum(ts) / steps
-    rows: List[Dict[str, Any]] = sorted(({"name": n[:120], "kind": kernel_kind(n), "calls_per_step": len(ts) / steps,
-                    "s_per_step": sum(ts) / steps, "share": sum(ts) / total} for n, ts in per_name.items()),
-                  key=lambda r: -r["s_per_step"])
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["s_per_step"]
     print("kernel time per step: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({v * steps / total:.0%})"
                                                for k, v in sorted(kinds.items())), flush=True)
     for r in rows[:10]:

@@ -157,14 +157,14 @@ def hardware_ceiling(latents: Path, mbs: int, steps: int, warmup: int) -> dict:
 
     def best_of(n: int) -> list:
         procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(n)]
-        for p in procs:   # each child says "ready" once built and waits: the timed steps start together
-            assert p.stdout is not None and p.stdin is not None
-            if not any(line.strip() == "ready" for line in iter(p.stdout.readline, "")):
+        pipes = [(p.stdin, p.stdout) for p in procs if p.stdin is not None and p.stdout is not None]
+        for _, stdout in pipes:   # each child says "ready" once built and waits: the timed steps start together
+            if not any(line.strip() == "ready" for line in iter(stdout.readline, "")):
                 raise RuntimeError("bench/scaling.py --bare-child exited before it was ready: run it alone to see "
                                    f"its error: {' '.join(cmd)}")
-        for p in procs:
-            p.stdin.write("go\n")   # type: ignore[union-attr]
-            p.stdin.flush()          # type: ignore[union-attr]
+        for stdin, _ in pipes:
+            stdin.write("go\n")
+            stdin.flush()
         outs = [p.communicate()[0] for p in procs]
         if any(p.returncode for p in procs):
             raise RuntimeError(f"bench/scaling.py --bare-child failed (return codes {[p.returncode for p in procs]}): "
@@ -210,7 +210,8 @@ def cpu_main(args) -> dict:
                 bare_times += bare(f"after_{name}")
         ceiling = hardware_ceiling(latents, args.mbs, args.steps, args.warmup)
     bare_median, bare_best = statistics.median(bare_times), min(bare_times)
-    out = {"mode": "cpu", "quick": args.quick, "dit": {"hidden_size": 288, "num_heads": 4, "depth": 4},
+    out = {"mode": "cpu", "quick": args.quick,
+           "dit": {"hidden_size": dit.hidden_size, "num_heads": dit.num_heads, "depth": dit.depth},
            "latent": [24, 5, 32, 32], "micro_batch_per_process": args.mbs, "steps": args.steps,
            "warmup_steps_dropped": args.warmup, "checkpoint_interval": max(1, args.steps // 2),
            "best_step_s": best, "median_step_s": times, "bare_median_step_s": bare_median,

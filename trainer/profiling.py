@@ -108,12 +108,9 @@ class StepProfiler:
     def end(self, step: int) -> None:
         """After step ``step`` (its metrics and checkpoint included): at the window's last step, stops recording and
         writes this rank's trace and table."""
-        if self._range is not None:
-            self._range.__exit__(None, None, None)
-            self._range = None
-        if self._prof is None or step != self.steps.stop - 1:   # type: ignore[union-attr]
-            return
-        self._write(partial=False)
+        self._close_range()
+        if self._prof is not None and self.steps is not None and step == self.steps.stop - 1:
+            self._write(partial=False)
 
     def close(self) -> None:
         """After the stage's last step, or on its failure: a window still open is stopped and what it recorded is
@@ -126,10 +123,13 @@ class StepProfiler:
             print(f"profile: rank {self.rank} could not write its partial window: {type(e).__name__}: {e}",
                   flush=True)
 
-    def _write(self, partial: bool) -> None:
-        if self._range is not None:   # a failed step's range
+    def _close_range(self) -> None:
+        if self._range is not None:
             self._range.__exit__(None, None, None)
             self._range = None
+
+    def _write(self, partial: bool) -> None:
+        self._close_range()   # a failed step's range, when close() writes
         prof, self._prof = self._prof, None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
