@@ -77,12 +77,12 @@ def test_decord_width_fallback(tmp_path):
     narrow, wide = tmp_path / "w48.mp4", tmp_path / "w64.mp4"
     make_scenes_video(narrow, [SceneSpec("texture", 12)], width=48, height=32)
     make_scenes_video(wide, [SceneSpec("texture", 12)], width=64, height=32)
-    frames_THWC, fps, meta = read_video(narrow)
+    frames_THWC, fps, meta = read_video(narrow, backend="decord")
     assert frames_THWC.shape == (12, 32, 48, 3) and frames_THWC.dtype == np.uint8 and fps == 8.0
     assert meta["backend"] == "pyav" and "% 32" in meta["fallback"]
     expected_THWC = render_scene(SceneSpec("texture", 12), 48, 32)
     assert np.abs(frames_THWC.astype(int) - expected_THWC).mean() < 6
-    frames_THWC, _, meta = read_video(wide)
+    frames_THWC, _, meta = read_video(wide, backend="decord")
     assert meta["backend"] == "decord" and frames_THWC.shape == (12, 32, 64, 3)
     assert np.array_equal(frames_THWC, _decode_pyav(wide))
 

@@ -115,16 +115,16 @@ def test_streaming_reproduces_the_whole_array_rows_and_files(tmp_path, monkeypat
         assert 0 < len(later) < total, (len(later), total)
 
 
-@pytest.mark.parametrize("width", [128, 112])   # decord, PyAV
-def test_streamed_scene_analysis_equals_the_array_one_and_finds_the_cuts(tmp_path, width):
+@pytest.mark.parametrize("width,decoder", [(128, "pyav"), (128, "decord"), (112, "decord")])   # 112: decord -> PyAV
+def test_streamed_scene_analysis_equals_the_array_one_and_finds_the_cuts(tmp_path, width, decoder):
     scenes = [SceneSpec("texture", 30, seed=i) for i in range(4)] + [SceneSpec("flat", 20, seed=4)]
     frames_THWC, cuts, ranges = render_video(scenes, width=width, height=80, transitions=[None, ("fade", 6)])
     write_clip(tmp_path / "v.mp4", frames_THWC, 8)
-    cfg = CurateConfig()
+    cfg = CurateConfig(decoder=decoder)
     info, streamed = scan_scenes(tmp_path / "v.mp4", cfg)
-    decoded_THWC, fps, meta = read_video(tmp_path / "v.mp4")
+    decoded_THWC, fps, meta = read_video(tmp_path / "v.mp4", backend=decoder)
     whole = analyse(decoded_THWC, fps, cfg)
-    assert info.meta["backend"] == ("decord" if width % 32 == 0 else "pyav") == meta["backend"]
+    assert info.meta["backend"] == ("decord" if decoder == "decord" and width % 32 == 0 else "pyav") == meta["backend"]
     assert (streamed.cuts, streamed.transitions, streamed.scenes) == (whole.cuts, whole.transitions, whole.scenes)
     assert np.array_equal(streamed.changes, whole.changes)
     assert len(streamed.cuts) == len(cuts) and all(abs(a - b) <= 1 for a, b in zip(streamed.cuts, cuts))
@@ -173,9 +173,10 @@ def test_later_passes_give_the_frames_of_read_video(tmp_path):
     make_scenes_video(tmp_path / "d.mp4", [SceneSpec("texture", 30), SceneSpec("flat", 11)], width=128, height=96)
     make_scenes_video(tmp_path / "p.mp4", [SceneSpec("texture", 30), SceneSpec("flat", 11)], width=112, height=80)
     make_vfr_video(tmp_path / "vfr.mp4")
-    for name, backend in (("d.mp4", "decord"), ("p.mp4", "pyav"), ("vfr.mp4", "decord")):
+    for name, backend in (("d.mp4", "pyav"), ("d.mp4", "decord"), ("p.mp4", "pyav"), ("vfr.mp4", "decord"),
+                          ("vfr.mp4", "pyav")):
         whole_THWC, _, meta = read_video(tmp_path / name)
-        info = scan_video(tmp_path / name, lambda fps: lambda frame_HWC: None)
+        info = scan_video(tmp_path / name, lambda fps: lambda frame_HWC: None, backend=backend)
         assert info.meta["backend"] == backend and info.num_frames == len(whole_THWC)
         assert np.array_equal(np.stack([f for _, f in read_frames(info)]), whole_THWC)
         windows = [[0, 1, 2], [5, 7, 9], [len(whole_THWC) - 1]]
@@ -190,6 +191,61 @@ def test_later_passes_give_the_frames_of_read_video(tmp_path):
     make_scenes_video(tmp_path / "p.mp4", [SceneSpec("texture", 12)], width=112, height=80)
     with pytest.raises(DecodeError, match="a later pass ended before source frame"):
         list(read_windows(info, [[0, 1], [info.num_frames - 1]]))
+
+
+def test_pyav_and_decord_give_the_same_frames_and_timestamps(tmp_path):
+    """The default decoder (PyAV) reproduces decord's pixels, times, rate and resampling: results recorded with
+    decord keep their values (on a real video, a variable-rate one and a synthetic one with B-frames)."""
+    make_vfr_video(tmp_path / "vfr.mp4")
+    make_scenes_video(tmp_path / "s.mp4", [SceneSpec("texture", 20), SceneSpec("shaky", 15, seed=1)], width=128,
+                      height=96)
+    for path in (REAL_VIDEO, tmp_path / "vfr.mp4", tmp_path / "s.mp4"):
+        got, want = read_video(path), read_video(path, backend="decord")
+        assert (got[2]["backend"], want[2]["backend"]) == ("pyav", "decord"), path
+        assert np.array_equal(got[0], want[0]) and got[1] == want[1], path
+        assert np.array_equal(got[2]["timestamps"], want[2]["timestamps"]) and got[2]["vfr"] == want[2]["vfr"], path
+    with pytest.raises(ValueError, match="curate.decoder"):
+        read_video(REAL_VIDEO, backend="opencv")
+    with pytest.raises(ValueError, match="curate.decoder"):
+        CurateConfig(decoder="opencv")
+
+
+def _short_gop_video(path: Path, frames_THWC: np.ndarray, gop: int) -> None:
+    """An H.264 file with a key frame every ``gop`` frames and B-frames (what a later pass seeks through)."""
+    import av
+
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = frames_THWC.shape[2], frames_THWC.shape[1], "yuv420p"
+        stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "2", "threads": "1"}
+        for frame_HWC in frames_THWC:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame_HWC, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_later_passes_seek_to_the_key_frame_before_each_window(tmp_path, monkeypatch):
+    import av
+
+    from tasks.curate.decode import PacketIndex
+
+    frames_THWC, _, _ = render_video([SceneSpec("texture", 40), SceneSpec("shaky", 40, seed=1)], width=64, height=48)
+    _short_gop_video(tmp_path / "g.mp4", frames_THWC, gop=10)
+    whole_THWC, _, _ = read_video(tmp_path / "g.mp4")
+    info = scan_video(tmp_path / "g.mp4", lambda fps: lambda frame_HWC: None)
+    assert info.index is not None and info.index.seekable and info.index.keyframes.tolist() == list(range(0, 80, 10))
+    seeks: list = []
+    real_seek = av.container.InputContainer.seek
+    monkeypatch.setattr(av.container.InputContainer, "seek",
+                        lambda self, offset, **kw: (seeks.append(offset), real_seek(self, offset, **kw))[1])
+    windows = [[1, 2], [3, 5], [25, 26, 27], [27, 29], [52], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79]]
+    assert [f.tolist() for f in read_windows(info, windows)] == [whole_THWC[w].tolist() for w in windows]
+    assert [info.index.frame_of(p) for p in seeks] == [20, 50, 70]   # [3, 5] and [27, 29] go straight on
+    # a seek that lands past the window (an index the container does not honour) decodes from the start instead
+    monkeypatch.setattr(PacketIndex, "key_before", lambda self, frame: 70 if frame == 52 else 0)
+    seeks.clear()
+    assert [f.tolist() for f in read_windows(info, [[52], [60]])] == [whole_THWC[[52]].tolist(),
+                                                                     whole_THWC[[60]].tolist()]
+    assert [info.index.frame_of(p) for p in seeks] == [70, 0]
 
 
 def test_prefetched_passes_errors_and_stops_its_thread_when_closed():
@@ -300,7 +356,7 @@ def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
     window = curate_module._Curator.window
     monkeypatch.setattr(curate_module._Curator, "window", lambda self, *a: (calls.append(a[2]), window(self, *a)))
 
-    def run(out: Path) -> tuple:
+    def run(out: Path, cfg: CurateConfig = cfg) -> tuple:
         calls.clear()
         rows = curate_input(item, cfg, Models(cfg), out, path, "0" * 16, None)
         return rows, {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
@@ -315,7 +371,7 @@ def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
     assert key == DecodeError.CORRUPT and row["status"] == "failed" and "decoded 120 of" in row["reason"]
     assert calls and calls == [6, 36, 66][:len(calls)]   # curated during the pass (not-started jobs: cancelled)
     assert not [f for f in (tmp_path / "cut").rglob("*") if f.is_file()]
-    # 2. decord fails after 6 chunks (48 frames: the first scene was curated): PyAV starts over
+    # 2. decord (curate.decoder) fails after 6 chunks (48 frames: the first scene was curated): PyAV starts over
     batch, n = decode._batch_decord, [0]
 
     def flaky(reader, indices):
@@ -326,7 +382,7 @@ def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(decode, "_batch_decord", flaky)
-        again, again_files = run(tmp_path / "restart")
+        again, again_files = run(tmp_path / "restart", dataclasses.replace(cfg, decoder="decord"))
     assert calls == [6, 6, 36, 66, 96], calls   # the first window curated twice: by decord's pass, then PyAV's
     assert [[r[f] for f in ("clip_id", "status", "reason", "start_s")] for r, _ in again] == \
         [[r[f] for f in ("clip_id", "status", "reason", "start_s")] for r, _ in rows]
@@ -353,12 +409,13 @@ def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
 
 
 def test_the_buffer_size_is_checked_and_not_part_of_the_store_key():
-    """Rows do not depend on how many frames the first pass buffers (golden test above), so a stored result stays
-    valid when ``buffer_mb`` changes."""
+    """Rows do not depend on how many frames the first pass buffers (golden test above) or on the decoder (the same
+    frames and times, above), so a stored result stays valid when ``buffer_mb`` or ``decoder`` changes."""
     from tasks.curate.store import processing_hash
 
     assert processing_hash(CurateConfig(buffer_mb=0)) == processing_hash(CurateConfig()) != \
         processing_hash(CurateConfig(max_frames=10))
+    assert processing_hash(CurateConfig(decoder="decord")) == processing_hash(CurateConfig())
     with pytest.raises(ValueError, match=r"curate.buffer_mb must be >= 0"):
         CurateConfig(buffer_mb=-1)
 

@@ -91,6 +91,8 @@ class CurateConfig:
     buffer_mb: int = 768                  # choice: decoded frames held so that a scene's windows are curated in the
                                           # pass that decodes it (720p: ~11 s of 24 fps, 4K: ~1.3 s); a longer
                                           # scene's windows are decoded again in a second pass. 0 = always two passes
+    decoder: str = "pyav"                 # "pyav" | "decord": the same frames; decord holds up to the whole compressed
+                                          # file in memory and busy-reads (tasks/curate/decode.py, bench/README.md)
     default_caption: str = "a video"      # used when no sidecar <video>.txt exists and the backend is "sidecar"
     aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
@@ -129,6 +131,8 @@ class CurateConfig:
                 raise ValueError(f"curate.{k} must be >= 1, got {getattr(self, k)}")
         if self.keyframes < 0:
             raise ValueError(f"curate.keyframes must be >= 0 (key frames per kept clip), got {self.keyframes}")
+        if self.decoder not in ("pyav", "decord"):
+            raise ValueError(f"curate.decoder must be 'pyav' (default) or 'decord', got {self.decoder!r}")
         if self.buffer_mb < 0:
             raise ValueError(f"curate.buffer_mb must be >= 0 (MB of decoded frames held; 0 = two passes), "
                              f"got {self.buffer_mb}")

@@ -158,7 +158,7 @@ def curate_video(path: Path, source_hash: str, sidecar: str | None, cfg: CurateC
     first = FirstPass(cfg, make_curator)
     try:
         info = scan_video(path, first.start, cfg.max_pixels, cfg.max_frames,   # 1. decodes every frame once
-                          on_timestamps=first.timestamps)
+                          on_timestamps=first.timestamps, backend=cfg.decoder)
         first.close()
         curator = make_curator(info.fps, info.meta["height"], info.meta["width"])   # TOO_SMALL / NO_LENGTH
         if info.meta["vfr"] or first.curator is None or (first.curator.src_h, first.curator.src_w) != (

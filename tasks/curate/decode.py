@@ -1,4 +1,4 @@
-"""Video decoding as a stream (decord first, PyAV fallback) and H.264 clip writing.
+"""Video decoding as a stream (PyAV; decord selectable) and H.264 clip writing.
 
 A video is read in two kinds of pass, neither of which holds more than ``CHUNK_FRAMES`` decoded frames:
 
@@ -7,21 +7,34 @@ A video is read in two kinds of pass, neither of which holds more than ``CHUNK_F
         ...
     frames_THWC, fps, meta = read_video(path)   # the whole video as one array (short files: tests, previews)
 
-``scan_video`` probes the file with PyAV (container, stream, width), then decodes every frame with decord when the
-width is a multiple of 32 and decord returns 3-channel frames; otherwise with PyAV. decord 0.6 returns 4/6 channels
-for widths that are not a multiple of 32 (dmlc/decord#93), so those files go straight to PyAV; when decord fails
-part-way, PyAV starts over (``start`` is called again, so the consumer starts afresh). Any problem that makes the
-file unusable raises ``DecodeError`` whose ``kind`` is a short, stable category (used to count reasons) and whose
-message adds the detail. Frames larger than ``max_pixels`` are refused before decoding ("resolution too large"); at
-most ``max_frames`` frames are decoded. Truncation ("decoded n of m declared frames") is known only once every frame
-has been decoded, so the pass that finds it is the first one.
+``scan_video`` probes the file with PyAV (container, stream, width), indexes its packets (a demux-only read: every
+frame's presentation time and the key frames, before any frame is decoded), then decodes every frame with the
+chosen backend (``backend``; ``curate.decoder``):
 
-Timestamps: every frame's presentation time in seconds (decord ``get_frame_timestamp``, PyAV ``frame.time``) is in
-``meta["timestamps"]``. A variable-frame-rate stream (frame intervals varying by more than ``VFR_TOLERANCE`` of
-their median) is resampled to constant frame rate at its average rate, each output frame being the source frame
-nearest to ``t0 + k / fps``; the timestamps then are those of the chosen source frames (``meta["vfr"]`` is True).
-The first pass sees the source frames (the rate is known only at its end); later passes (``read_windows``,
-``read_frames``) yield output frames.
+- ``"pyav"`` (default): PyAV, frame-threaded, on a background thread ``PREFETCH_DEPTH`` chunks ahead. Memory does
+  not depend on the file: demuxing and decoding go in lockstep.
+- ``"decord"``: decord 0.6, as before PyAV became the default. Its reader queues packets while its decoding thread
+  has no frame ready, without a bound, so it holds up to the whole compressed file (measured: +84 MB for a
+  10-minute 720p file, whose size is 86 MB; bench/README.md) and busy-reads (1.5 cores for one core of decoding).
+  decord 0.6 returns 4/6 channels for widths that are not a multiple of 32 (dmlc/decord#93), so those files go
+  straight to PyAV; when decord fails part-way, PyAV starts over (``start`` is called again, so the consumer starts
+  afresh).
+
+Both give the same pixels (the same ffmpeg conversion to rgb24; tested) and the same timestamps. Any problem that
+makes the file unusable raises ``DecodeError`` whose ``kind`` is a short, stable category (used to count reasons)
+and whose message adds the detail. Frames larger than ``max_pixels`` are refused before decoding ("resolution too
+large"); at most ``max_frames`` frames are decoded. Truncation ("decoded n of m declared frames") is known only once
+every frame has been decoded, so the pass that finds it is the first one.
+
+Timestamps: every frame's presentation time in seconds since the stream's start, from the packet index, as decord
+computes it (``(pts - start_time) * time_base`` rounded to float32, so results recorded with decord keep their
+values), is in ``meta["timestamps"]``; when the index and the decoded frames disagree in number, the decoded frames'
+own times. A variable-frame-rate stream (frame intervals varying by more than ``VFR_TOLERANCE`` of their median) is
+resampled to constant frame rate at its average rate, each output frame being the source frame nearest to
+``t0 + k / fps``; the timestamps then are those of the chosen source frames (``meta["vfr"]`` is True). The first
+pass sees the source frames (the rate is known only at its end); later passes (``read_windows``, ``read_frames``)
+yield output frames. A later pass with PyAV seeks to the key frame before each window that starts past the next key
+frame (decoding resumes there, as decord does), when the index gives every frame a distinct time.
 """
 from __future__ import annotations
 
@@ -43,6 +56,7 @@ VFR_TOLERANCE = 0.1
 CHUNK_FRAMES = 8
 # chunks (first pass) or windows (later passes) decoded ahead of their consumer, in a background thread
 PREFETCH_DEPTH = 2
+BACKENDS = ("pyav", "decord")
 
 
 class DecodeError(Exception):
@@ -108,6 +122,7 @@ class VideoInfo:
     fps: float
     meta: Dict[str, Any]
     source_index: np.ndarray
+    index: Optional["PacketIndex"] = None   # the packet index, when it matches the decoded frames (PyAV seeks by it)
 
     @property
     def num_frames(self) -> int:
@@ -235,6 +250,91 @@ def to_constant_rate(times: np.ndarray, fps: float) -> Tuple[np.ndarray, bool]:
     return idx, True
 
 
+@dataclass
+class PacketIndex:
+    """What a demux-only read of a video stream learns, in presentation order: ``pts`` [N] (stream time base),
+    ``times`` [N] (seconds since the stream's start, as decord gives them: float32 values) and ``keyframes`` [K] (the
+    frame indices of key packets). ``seekable``: every packet has a distinct pts, so a decoded frame's pts names its
+    index (``frame_of``)."""
+    pts: np.ndarray
+    times: np.ndarray
+    keyframes: np.ndarray
+    seekable: bool
+
+    def frame_of(self, pts: Optional[int]) -> int:
+        """The frame index of a decoded frame's pts; -1 when the index does not hold it."""
+        if pts is None:
+            return -1
+        i = int(np.searchsorted(self.pts, pts))
+        return i if i < len(self.pts) and self.pts[i] == pts else -1
+
+    def key_before(self, frame: int) -> int:
+        """The last key frame at or before ``frame`` (0 when none is)."""
+        i = int(np.searchsorted(self.keyframes, frame, side="right")) - 1
+        return int(self.keyframes[i]) if i >= 0 else 0
+
+
+def index_packets(path: Path) -> Optional[PacketIndex]:
+    """The packet index of ``path``'s first video stream, or None when it cannot be read whole (a packet without a
+    pts, a demuxer error): the decoded frames then give the times, and later passes decode from the start."""
+    pts: List[int] = []
+    keys: List[bool] = []
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            for packet in container.demux(stream):
+                if packet.size == 0:   # the demuxer's end-of-stream flush packet
+                    continue
+                if packet.pts is None:
+                    return None
+                pts.append(int(packet.pts))
+                keys.append(bool(packet.is_keyframe))
+            start = int(stream.start_time or 0)
+            time_base = float(stream.time_base) if stream.time_base else 0.0
+    except av.error.FFmpegError:
+        return None
+    if not pts:
+        return None
+    order = np.argsort(np.asarray(pts, np.int64), kind="stable")
+    pts_N = np.asarray(pts, np.int64)[order]
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    times_N = ((pts_N - start) * time_base).astype(np.float32).astype(np.float64)
+    return PacketIndex(pts_N, times_N, np.sort(rank[np.asarray(keys, bool)]),
+                       seekable=bool(len(pts_N) < 2 or np.all(np.diff(pts_N) > 0)))
+
+
+def _chunks_pyav(path: Path, max_frames: int, times: List[float]) -> Iterator[List[np.ndarray]]:
+    """The frames of ``path`` in lists of up to ``CHUNK_FRAMES`` (their times appended to ``times``)."""
+    chunk: List[np.ndarray] = []
+    for _, frame_HWC in _frames_pyav(path, max_frames, times):
+        chunk.append(frame_HWC)
+        if len(chunk) == CHUNK_FRAMES:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _scan_pyav(path: Path, start: Callable[[float], FrameSink], max_frames: int, fps: float,
+               index: Optional[PacketIndex], on_timestamps: Optional[Callable[[np.ndarray, float], None]] = None,
+               ) -> Tuple[int, np.ndarray, Tuple[int, int]]:
+    """(frames passed to the sink, timestamps, (H, W)) of a PyAV pass, decoded on a background thread."""
+    if on_timestamps is not None and index is not None:
+        on_timestamps(index.times[:max_frames] if max_frames else index.times, fps)
+    sink = start(fps)
+    n, shape = 0, (0, 0)
+    frame_times: List[float] = []
+    with contextlib.closing(prefetched(_chunks_pyav(path, max_frames, frame_times))) as chunks:
+        for chunk in chunks:
+            for frame_HWC in chunk:
+                sink(frame_HWC)
+            n, shape = n + len(chunk), (int(chunk[0].shape[0]), int(chunk[0].shape[1]))
+    if index is not None and len(index.times) >= n and (max_frames or len(index.times) == n):
+        return n, index.times[:n], shape
+    return n, np.asarray(frame_times, np.float64), shape
+
+
 def _scan_decord(path: Path, start: Callable[[float], FrameSink], max_frames: int,
                  on_timestamps: Optional[Callable[[np.ndarray, float], None]] = None,
                  ) -> Tuple[int, float, np.ndarray, Tuple[int, int], str]:
@@ -270,30 +370,32 @@ def _scan_decord(path: Path, start: Callable[[float], FrameSink], max_frames: in
 
 
 def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels: int = 0,
-               max_frames: int = 0, on_timestamps: Optional[Callable[[np.ndarray, float], None]] = None) -> VideoInfo:
-    """First pass: decode every frame of ``path`` once (at most ``max_frames``; 0 = all) and pass each, in order, to
-    the sink that ``start(fps)`` returns (called again if PyAV starts over after decord failed part-way). The sink
-    sees source frames: when ``info.meta["vfr"]``, the constant-rate frames are those of ``read_frames(info)``.
-    ``on_timestamps(times, fps)``: called before decord decodes, with every frame's presentation time (a consumer can
-    tell a variable-rate stream before its frames arrive; PyAV learns them only while decoding, so not called then).
-    Raises DecodeError for missing, empty, non-video, truncated/corrupt, frameless or too large (``max_pixels``;
-    0 = no limit) files."""
+               max_frames: int = 0, on_timestamps: Optional[Callable[[np.ndarray, float], None]] = None,
+               backend: str = "pyav") -> VideoInfo:
+    """First pass: decode every frame of ``path`` once (at most ``max_frames``; 0 = all) with ``backend`` ("pyav" |
+    "decord", module docstring) and pass each, in order, to the sink that ``start(fps)`` returns (called again if
+    PyAV starts over after decord failed part-way). The sink sees source frames: when ``info.meta["vfr"]``, the
+    constant-rate frames are those of ``read_frames(info)``. ``on_timestamps(times, fps)``: called before any frame
+    is decoded, with every frame's presentation time (a consumer can tell a variable-rate stream before its frames
+    arrive), when the file's packets could be indexed. Raises DecodeError for missing, empty, non-video,
+    truncated/corrupt, frameless or too large (``max_pixels``; 0 = no limit) files; ValueError for another backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"scan_video: backend must be one of {BACKENDS} (curate.decoder), got {backend!r}")
     path = Path(path)
     meta = _probe(path, max_pixels)
-    fallback, times, n, shape = "", np.zeros(0), 0, (0, 0)
-    if meta["width"] % 32:
-        fallback = f"width {meta['width']} % 32 != 0 (decord bug)"
-    else:
-        n, fps, times, shape, fallback = _scan_decord(path, start, max_frames, on_timestamps)
+    index = index_packets(path)
+    fallback, times, n, shape, fps = "", np.zeros(0), 0, (0, 0), meta["fps"]
+    if backend == "decord":
+        if meta["width"] % 32:
+            fallback = f"width {meta['width']} % 32 != 0 (decord bug)"
+        else:
+            n, fps, times, shape, fallback = _scan_decord(path, start, max_frames, on_timestamps)
+        if n == 0:
+            fallback = fallback or "decord returned no frames"
+            fps = meta["fps"]
     if n == 0:
-        fallback = fallback or "decord returned no frames"
-        pts: List[float] = []
-        fps = meta["fps"]
-        sink = start(fps)
-        for _, frame_HWC in _frames_pyav(path, max_frames, pts):
-            sink(frame_HWC)
-            n, shape = n + 1, frame_HWC.shape[:2]
-        times = np.asarray(pts, np.float64)
+        n, times, shape = _scan_pyav(path, start, max_frames, fps, index,
+                                     on_timestamps if backend == "pyav" else None)
     if n == 0:
         raise DecodeError(DecodeError.NO_FRAMES, f"stream declares {meta['declared_frames']} frames")
     expected = min(meta["declared_frames"], max_frames) if max_frames else meta["declared_frames"]
@@ -304,9 +406,10 @@ def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels
     if len(times) != n or not np.isfinite(times).all():
         times = np.arange(n) / fps
     idx, vfr = to_constant_rate(times, fps)
-    meta.update(timestamps=times[idx], vfr=vfr, num_frames=len(idx), backend="pyav" if fallback else "decord",
+    meta.update(timestamps=times[idx], vfr=vfr, num_frames=len(idx), backend="pyav" if fallback else backend,
                 fallback=fallback, height=int(shape[0]), width=int(shape[1]))
-    return VideoInfo(path, float(fps), meta, idx)
+    matches = index is not None and len(index.times) >= n and np.array_equal(index.times[:n], times)
+    return VideoInfo(path, float(fps), meta, idx, index if matches else None)
 
 
 def read_windows(info: VideoInfo, windows: Sequence[Sequence[int]]) -> Generator[np.ndarray, None, None]:
@@ -327,18 +430,56 @@ def _windows(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndarray]:
         for w in sources:
             yield _batch_decord(reader, w)
         return
-    frames = _frames_pyav(info.path, wanted=sorted({i for w in sources for i in w}))
-    at, frame_HWC = -1, np.empty((0, 0, 3), np.uint8)
-    for w in sources:
-        out = []
-        for i in w:
-            while at < i:
-                step = next(frames, None)
-                if step is None:   # the first pass decoded further: the file changed, or the decoder disagrees
-                    raise DecodeError(DecodeError.CORRUPT, f"a later pass ended before source frame {i} (at {at})")
-                at, frame_HWC = step
-            out.append(frame_HWC)
-        yield np.stack(out)
+    yield from _windows_pyav(info, sources)
+
+
+def _windows_pyav(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndarray]:
+    """The frames of each window of source indices (ascending), decoded by PyAV and converted only when wanted:
+    straight on from the last window, or from the key frame before a window that starts past the next key frame
+    (``VideoInfo.index``, when its pts name the frames). A seek that lands past the window decodes from the start."""
+    index = info.index if info.index is not None and info.index.seekable else None
+    container = av.open(str(info.path))
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+
+        def decoded(key: int) -> Iterator[Tuple[int, Any]]:
+            """(frame index, av.VideoFrame) from key frame ``key`` on (0: the start, read in order)."""
+            if index is not None and (key or at_start[0] is False):   # at_start: nothing read since opening
+                container.seek(int(index.pts[key]), stream=stream, backward=True)
+            at_start[0] = False
+            for count, frame in enumerate(container.decode(stream), start=key):
+                yield (index.frame_of(frame.pts) if index is not None else count), frame
+
+        at_start = [True]
+        frames: Iterator[Tuple[int, Any]] = decoded(0)
+        at, rgb_at, rgb = -1, -1, np.empty((0, 0, 3), np.uint8)
+        frame: Any = None
+        for w in sources:
+            key = index.key_before(w[0]) if index is not None else 0
+            if key > at + 1:
+                frames, at = decoded(key), -1
+            out = []
+            for i in w:
+                while at < i:
+                    step = next(frames, None)
+                    if step is None:   # the first pass decoded further: the file changed, or the decoder disagrees
+                        raise DecodeError(DecodeError.CORRUPT, f"a later pass ended before source frame {i} (at {at})")
+                    if at < 0 and step[0] > i and key:   # the seek landed past the window: from the start
+                        frames, key = decoded(0), 0
+                        continue
+                    if step[0] > at:   # frames shown before the key frame (open GOP) are not the window's
+                        at, frame = step
+                if at != i:
+                    raise DecodeError(DecodeError.CORRUPT, f"a later pass did not decode source frame {i} (next: {at})")
+                if rgb_at != i:
+                    rgb_at, rgb = i, frame.to_ndarray(format="rgb24")
+                out.append(rgb)
+            yield np.stack(out)
+    except av.error.FFmpegError as e:
+        raise DecodeError(DecodeError.CORRUPT, f"a later pass failed: ffmpeg: {e}") from None
+    finally:
+        container.close()
 
 
 def read_frames(info: VideoInfo) -> Iterator[Tuple[int, np.ndarray]]:
@@ -350,13 +491,14 @@ def read_frames(info: VideoInfo) -> Iterator[Tuple[int, np.ndarray]]:
             yield from zip(idx, frames_THWC)
 
 
-def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0) -> Tuple[np.ndarray, float, Dict[str, Any]]:
+def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0,
+               backend: str = "pyav") -> Tuple[np.ndarray, float, Dict[str, Any]]:
     """Decode the frames of ``path`` (at most ``max_frames``; 0 = all), constant frame rate, into one array: for
     short files (tests, previews, preference pairs); curation streams (``scan_video``, ``read_frames``).
 
     Returns ``(frames_THWC uint8 RGB, fps, meta)``; meta has codec, width, height, num_frames, backend
-    ("decord" | "pyav"), fallback (why PyAV was used, "" when decord was), timestamps (seconds, one per returned
-    frame) and vfr. Raises DecodeError as ``scan_video`` does.
+    ("pyav" | "decord"), fallback (why PyAV was used when decord was asked for, else ""), timestamps (seconds, one
+    per returned frame) and vfr. Raises DecodeError as ``scan_video`` does.
     """
     frames: List[np.ndarray] = []
 
@@ -364,7 +506,7 @@ def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0) -> Tu
         frames.clear()
         return frames.append
 
-    info = scan_video(path, start, max_pixels, max_frames)
+    info = scan_video(path, start, max_pixels, max_frames, backend=backend)
     frames_THWC = np.stack(frames)
     if info.meta["vfr"]:
         frames_THWC = frames_THWC[info.source_index]

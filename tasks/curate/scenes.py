@@ -278,7 +278,7 @@ def scan_scenes(path: str | Path, cfg: CurateConfig, max_pixels: int = 0, max_fr
         streams[:] = [SceneStream(fps, cfg, min_scene_len)]
         return streams[0].push
 
-    info = scan_video(path, start, max_pixels, max_frames)
+    info = scan_video(path, start, max_pixels, max_frames, backend=cfg.decoder)
     if info.meta["vfr"]:   # the first pass saw the source frames: analyse the constant-rate ones
         return info, rescan_scenes(info, cfg, min_scene_len)
     return info, streams[0].finish()
