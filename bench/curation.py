@@ -13,7 +13,8 @@ cached between runs.
   the median of ``--memory-runs`` fresh subprocesses (``curate.curate_video``, sidecar captions, tiny aesthetic
   model; target <= 1.2): the peak of identical runs varies by up to ~20 % with thread timing and heap fragmentation
   (decoder, buffer and curating threads), so one run per video can land on either side; every run is printed. The
-  decode-only child's peak RSS is printed beside it as the floor (interpreter, libraries, decoder).
+  decode-only child's peak RSS is printed beside it as the floor (interpreter, libraries, decoder), with PyAV (the
+  default decoder) and with decord, the peer, whose reader holds up to the whole compressed file.
 - ``ratio`` = curation throughput ÷ decode-only throughput on the shortest video, in one process, alternating, best
   of ``--repeat`` (target >= 0.8). decode-only = ``decode.scan_video`` with a sink that drops every frame (the
   streaming decoder's first pass); curation = ``curate_video``: the decoder's pass with scene analysis and, on a
@@ -114,10 +115,10 @@ def inputs(width: int, height: int, fps: int, minutes: list[float]) -> list[Path
     return paths
 
 
-def decode_only(path: Path) -> int:
+def decode_only(path: Path, backend: str = "pyav") -> int:
     from tasks.curate.decode import scan_video
 
-    return scan_video(path, lambda fps: lambda frame_HWC: None).num_frames
+    return scan_video(path, lambda fps: lambda frame_HWC: None, backend=backend).num_frames
 
 
 def curate(path: Path, out_dir: Path) -> list:
@@ -132,7 +133,7 @@ def child(mode: str, path: Path) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-curation-out-") as tmp:
         rows = curate(path, Path(tmp)) if mode == "curate" else []
-        frames = decode_only(path) if mode == "decode" else None
+        frames = decode_only(path, "decord" if mode == "decode-decord" else "pyav") if mode != "curate" else None
     print(json.dumps({"mode": mode, "video": path.name, "seconds": time.perf_counter() - t0, "frames": frames,
                       "rows": len(rows), "kept": sum(r["status"] == "kept" for r, _ in rows),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -148,7 +149,7 @@ def run_child(mode: str, path: Path) -> dict:
 def throughput(path: Path, repeat: int) -> dict:
     """Best-of-``repeat`` seconds of decode-only and of curation on ``path``, alternating, in this process."""
     frames = decode_only(path)   # warm-up + frame count
-    t_decode, t_curate, cpu_decode, cpu_curate = (float("inf"),) * 4
+    t_decode, t_curate, cpu_decode, cpu_curate, t_decord, cpu_decord = (float("inf"),) * 6
     with tempfile.TemporaryDirectory(prefix="bench-curation-out-") as tmp:
         curate(path, Path(tmp) / "warm")
         for r in range(repeat):
@@ -156,11 +157,15 @@ def throughput(path: Path, repeat: int) -> dict:
             decode_only(path)
             t_decode, cpu_decode = min(t_decode, time.perf_counter() - t0), min(cpu_decode, time.process_time() - c0)
             t0, c0 = time.perf_counter(), time.process_time()
+            decode_only(path, "decord")
+            t_decord, cpu_decord = min(t_decord, time.perf_counter() - t0), min(cpu_decord, time.process_time() - c0)
+            t0, c0 = time.perf_counter(), time.process_time()
             curate(path, Path(tmp) / f"run{r}")
             t_curate, cpu_curate = min(t_curate, time.perf_counter() - t0), min(cpu_curate, time.process_time() - c0)
     return {"frames": frames, "decode_s": t_decode, "curate_s": t_curate, "decode_fps": frames / t_decode,
             "curate_fps": frames / t_curate, "ratio": t_decode / t_curate, "decode_cpu_s": cpu_decode,
-            "curate_cpu_s": cpu_curate, "cpu_ratio": cpu_decode / cpu_curate}
+            "curate_cpu_s": cpu_curate, "cpu_ratio": cpu_decode / cpu_curate, "decord_decode_s": t_decord,
+            "decord_decode_cpu_s": cpu_decord, "ratio_vs_decord_decode": t_decord / t_curate}
 
 
 def main() -> None:
@@ -187,18 +192,22 @@ def main() -> None:
     make_s = time.perf_counter() - t0
     runs = []
     for p in paths:
-        for mode in ("decode", "curate"):
+        for mode in ("decode", "decode-decord", "curate"):
             for _ in range(args.memory_runs if mode == "curate" else 1):
                 runs.append(run_child(mode, p))
                 print(json.dumps(runs[-1]), flush=True)
     curate_rss = {p.name: statistics.median(r["peak_rss_mb"] for r in runs if r["mode"] == "curate"
                                             and r["video"] == p.name) for p in paths}
+    decode_rss = {mode: {r["video"]: r["peak_rss_mb"] for r in runs if r["mode"] == mode}
+                  for mode in ("decode", "decode-decord")}
     speed = throughput(paths[0], args.repeat)
     result = {
         "size": args.size, "fps": args.fps, "minutes": args.minutes,
         "videos": {p.name: {"bytes": p.stat().st_size} for p in paths},
         "frames_shortest": speed["frames"],
         "memory_ratio": curate_rss[paths[-1].name] / curate_rss[paths[0].name], "curate_peak_rss_mb": curate_rss,
+        "decode_only_peak_rss_mb": decode_rss,
+        "decode_only_memory_ratio": {m: v[paths[-1].name] / v[paths[0].name] for m, v in decode_rss.items()},
         "memory_runs": args.memory_runs,
         "children": runs, **speed, "make_inputs_s": make_s,
         "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "cpus": os.cpu_count(),
@@ -206,8 +215,11 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if not args.quick:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"memory_ratio {result['memory_ratio']:.3f}")
-    print(f"ratio {result['ratio']:.3f}  cpu_ratio {result['cpu_ratio']:.3f}")
+    print(f"memory_ratio {result['memory_ratio']:.3f}  (decode-only, PyAV: {decode_rss['decode'][paths[-1].name]:.0f} "
+          f"/ {decode_rss['decode'][paths[0].name]:.0f} MB; decord: {decode_rss['decode-decord'][paths[-1].name]:.0f} "
+          f"/ {decode_rss['decode-decord'][paths[0].name]:.0f} MB)")
+    print(f"ratio {result['ratio']:.3f}  cpu_ratio {result['cpu_ratio']:.3f}  (decode-only {result['decode_s']:.2f} s; "
+          f"decord's {result['decord_decode_s']:.2f} s: ratio against it {result['ratio_vs_decord_decode']:.3f})")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,23 @@
 """Curation of one input: fetched file -> manifest rows + clips (docs/artifacts.md), without Flyte.
 
-``curate_video`` decodes the video once and never holds it: the decoder's first pass (decord, PyAV fallback,
-constant frame rate) feeds ``firstpass.FirstPass``, which analyses scenes (``scenes.SceneStream``: hard cuts +
-fades/dissolves on small frames) and, as soon as a scene's bounds are final (``SceneStream.settled``, a dozen frames
-after its end), curates its windows on a thread of its own from the frames it still buffers (``curate.buffer_mb``):
-for each scene, the size bucket (closest aspect), the longest length bucket that fits (``buckets``) and up to
-``max_clips_per_scene`` windows spread evenly over the scene. Windows whose frames left the buffer (a scene longer
-than it) are decoded again by a second pass (``decode.read_windows``), as is everything of a variable-rate input
-(its first pass sees the source frames: with decord, which gives the timestamps before decoding, that pass only
-decodes; with PyAV what it curated is discarded). Each window's source-resolution frames are scored by every filter
-(``filters.assess``: brightness, sharpness, motion, text area, aesthetic); windows that still contain a cut (max
-frame change > ``cut_check_threshold``) are dropped; kept clips are center-cropped + resized to the bucket and
-written at once, and captioned with their key frames ``caption.batch_size`` per captioner call as the batches fill
-(``captioner``: sidecar or Qwen2-VL, aesthetic score appended). Every candidate gets a pHash (for the run-wide
-near-duplicate check at merge) and a thumbnail. Memory is bounded by the buffer, the windows being curated and, per
-clip of a caption batch, the frames the captioner reads (``caption.num_frames``, none with sidecar captions),
-whatever the video's length. Rows are the same whichever pass curated a window; when the first pass's results are
-void (PyAV starting over after decord failed part-way, a truncation found at the end, an error) the files it wrote
-are removed.
+``curate_video`` decodes the video once and never holds it: the decoder's first pass (PyAV, or decord with
+``curate.decoder``; constant frame rate) feeds ``firstpass.FirstPass``, which analyses scenes
+(``scenes.SceneStream``: hard cuts + fades/dissolves on small frames) and, as soon as a scene's bounds are final
+(``SceneStream.settled``, a dozen frames after its end), curates its windows on a thread of its own from the frames
+it still buffers (``curate.buffer_mb``): for each scene, the size bucket (closest aspect), the longest length bucket
+that fits (``buckets``) and up to ``max_clips_per_scene`` windows spread evenly over the scene. Windows whose frames
+left the buffer (a scene longer than it) are decoded again by a second pass (``decode.read_windows``), as is
+everything of a variable-rate input (its first pass sees the source frames: when the packet index gives the
+timestamps before decoding, that pass only decodes; otherwise what it curated is discarded). Each window's
+source-resolution frames are scored by every filter (``filters.assess``: brightness, sharpness, motion, text area,
+aesthetic); windows that still contain a cut (max frame change > ``cut_check_threshold``) are dropped; kept clips
+are center-cropped + resized to the bucket and written at once, and captioned with their key frames
+``caption.batch_size`` per captioner call as the batches fill (``captioner``: sidecar or Qwen2-VL, aesthetic score
+appended). Every candidate gets a pHash (for the run-wide near-duplicate check at merge) and a thumbnail. Memory is
+bounded by the buffer, the windows being curated and, per clip of a caption batch, the frames the captioner reads
+(``caption.num_frames``, none with sidecar captions), whatever the video's length. Rows are the same whichever pass
+curated a window; when the first pass's results are void (PyAV starting over after decord failed part-way, a
+truncation found at the end, an error) the files it wrote are removed.
 
 Settings reach every step the same way: each helper that applies a curation setting takes the whole ``cfg`` (the
 CurateConfig) and reads its fields itself (``scenes.SceneStream``, ``buckets.*``, ``window_starts``,

@@ -13,8 +13,9 @@ deferred. A curator has ``windows(scene_index, start, end)`` (its windows: (scen
 length bucket), none for a scene too short) and ``curate(items, changes)``, which curates items (scene index, start,
 end, None) for a scene without windows and (window, its source frames) otherwise; ``discard()`` removes what it
 wrote. Memory: the buffer, the decoder's read-ahead, and the windows of up to ``MAX_PENDING`` jobs (each the scenes
-settled at one look) being curated. The buffer counts its frames' bytes, but decord's frames are views of 8-frame
-chunk arrays: a chunk lives while any of its frames is buffered or held by a job (up to 7 frames more per chunk).
+settled at one look) being curated. The buffer counts its frames' bytes; with decord (``curate.decoder``) frames are
+views of 8-frame chunk arrays, so a chunk lives while any of its frames is buffered or held by a job (up to 7 frames
+more per chunk); PyAV's frames are arrays of their own.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy as np
 from common.config import CurateConfig
 from tasks.curate.decode import CHUNK_FRAMES, DecodeError
 
-# Settled scenes are looked for once per decord chunk: each look merges the cuts found so far, and the buffer holds
+# Settled scenes are looked for once per decoder chunk: each look merges the cuts found so far, and the buffer holds
 # up to this many frames more than the scenes need.
 SETTLE_EVERY = CHUNK_FRAMES
 # Scenes handed to the curating thread and not finished: one being curated, one ready. A higher value holds more
@@ -48,7 +49,7 @@ class FirstPass:
         self.stream: Any = None
         self.pool: Optional[ThreadPoolExecutor] = None
         self.pending: Deque[Future] = deque()
-        self.variable_rate = False   # known before decoding (decord): nothing to curate in this pass
+        self.variable_rate = False   # known before decoding (the packet index): nothing to curate in this pass
 
     def timestamps(self, times_T: np.ndarray, fps: float) -> None:
         """``decode.scan_video``'s ``on_timestamps``: a variable-rate stream is curated from its constant-rate frames
