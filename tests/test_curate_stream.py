@@ -6,7 +6,8 @@
 - scenes: the streaming analysis of a file (decoder first pass) equals ``analyse`` on the decoded array, and finds
   the known cuts; also on a real video (the demo's MUG-V sample); the score shared by both cut detectors is the one
   PySceneDetect's own detectors compute, and they find the same cuts with it;
-- decoder: ``read_frames``/``read_windows`` give the frames of ``read_video`` (decord, PyAV, variable rate);
+- decoder: ``read_frames``/``read_windows`` give the frames of ``read_video`` (PyAV, decord, variable rate; later
+  passes seeking by key frame), and PyAV gives decord's frames and times;
 - memory: traced peak allocation of ``curate_video`` on a video 6x longer stays that of the short one.
 """
 from __future__ import annotations

@@ -375,8 +375,8 @@ def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels
     """First pass: decode every frame of ``path`` once (at most ``max_frames``; 0 = all) with ``backend`` ("pyav" |
     "decord", module docstring) and pass each, in order, to the sink that ``start(fps)`` returns (called again if
     PyAV starts over after decord failed part-way). The sink sees source frames: when ``info.meta["vfr"]``, the
-    constant-rate frames are those of ``read_frames(info)``. ``on_timestamps(times, fps)``: called before any frame
-    is decoded, with every frame's presentation time (a consumer can tell a variable-rate stream before its frames
+    constant-rate frames are those of ``read_frames(info)``. ``on_timestamps(times, fps)``: called before a pass
+    decodes, with every frame's presentation time (a consumer can tell a variable-rate stream before its frames
     arrive), when the file's packets could be indexed. Raises DecodeError for missing, empty, non-video,
     truncated/corrupt, frameless or too large (``max_pixels``; 0 = no limit) files; ValueError for another backend."""
     if backend not in BACKENDS:
@@ -394,8 +394,7 @@ def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels
             fallback = fallback or "decord returned no frames"
             fps = meta["fps"]
     if n == 0:
-        n, times, shape = _scan_pyav(path, start, max_frames, fps, index,
-                                     on_timestamps if backend == "pyav" else None)
+        n, times, shape = _scan_pyav(path, start, max_frames, fps, index, on_timestamps)
     if n == 0:
         raise DecodeError(DecodeError.NO_FRAMES, f"stream declares {meta['declared_frames']} frames")
     expected = min(meta["declared_frames"], max_frames) if max_frames else meta["declared_frames"]
@@ -443,31 +442,30 @@ def _windows_pyav(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndar
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
 
-        def decoded(key: int) -> Iterator[Tuple[int, Any]]:
-            """(frame index, av.VideoFrame) from key frame ``key`` on (0: the start, read in order)."""
-            if index is not None and (key or at_start[0] is False):   # at_start: nothing read since opening
+        def decoded(key: int, seek: bool) -> Iterator[Tuple[int, Any]]:
+            """(frame index, av.VideoFrame) from key frame ``key`` on; ``seek``: move there first."""
+            if seek and index is not None:
                 container.seek(int(index.pts[key]), stream=stream, backward=True)
-            at_start[0] = False
             for count, frame in enumerate(container.decode(stream), start=key):
                 yield (index.frame_of(frame.pts) if index is not None else count), frame
 
-        at_start = [True]
-        frames: Iterator[Tuple[int, Any]] = decoded(0)
-        at, rgb_at, rgb = -1, -1, np.empty((0, 0, 3), np.uint8)
+        frames, at, seeked = decoded(0, seek=False), -1, False   # seeked: no frame at or past the key frame yet
+        rgb_at, rgb = -1, np.empty((0, 0, 3), np.uint8)
         frame: Any = None
         for w in sources:
             key = index.key_before(w[0]) if index is not None else 0
             if key > at + 1:
-                frames, at = decoded(key), -1
+                frames, at, seeked = decoded(key, seek=True), -1, True
             out = []
             for i in w:
                 while at < i:
                     step = next(frames, None)
                     if step is None:   # the first pass decoded further: the file changed, or the decoder disagrees
                         raise DecodeError(DecodeError.CORRUPT, f"a later pass ended before source frame {i} (at {at})")
-                    if at < 0 and step[0] > i and key:   # the seek landed past the window: from the start
-                        frames, key = decoded(0), 0
+                    if seeked and step[0] > i:   # the seek landed past the window: from the start
+                        frames, at, seeked = decoded(0, seek=True), -1, False
                         continue
+                    seeked = seeked and step[0] < key
                     if step[0] > at:   # frames shown before the key frame (open GOP) are not the window's
                         at, frame = step
                 if at != i:

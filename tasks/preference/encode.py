@@ -4,7 +4,7 @@ LatentDataset's own VAE and text encoder, so the pairs live in the latent space 
 The clip geometry is the dataset's bucket: the most common latent shape [C, T, h, w] of its train clips (index order
 breaks ties), i.e. ``8 (T - 1) + 1`` frames (compress encodes 8k+1-frame clips) of ``h * s`` x ``w * s`` pixels
 (``s`` = the VAE's spatial downsampling). Each video is decoded with the curation decoder (``tasks/curate/decode``:
-decord, PyAV fallback, constant frame rate), trimmed to its first clip-length frames, center-cropped to the bucket's
+PyAV, constant frame rate), trimmed to its first clip-length frames, center-cropped to the bucket's
 aspect and resized (``tasks.curate.curate.center_crop_resize``), scaled to [-1, 1], encoded (posterior mode, as the
 compress stage does) and normalised with the dataset's statistics (``LatentReader.normalize``). Winner and loser
 therefore always have the dataset's latent shape. Prompts are encoded with the dataset's text encoder.
