@@ -211,17 +211,36 @@ def test_pyav_and_decord_give_the_same_frames_and_timestamps(tmp_path):
         CurateConfig(decoder="opencv")
 
 
-def _short_gop_video(path: Path, frames_THWC: np.ndarray, gop: int) -> None:
-    """An H.264 file with a key frame every ``gop`` frames and B-frames (what a later pass seeks through)."""
+def _short_gop_video(path: Path, frames_THWC: np.ndarray, gop: int, pts: list | None = None,
+                     open_gop: bool = False, drop_packets: int = 0) -> None:
+    """An H.264 file with a key frame every ``gop`` frames and B-frames (what a later pass seeks through), at 8 fps or
+    at ``pts`` (ticks of 1/24 s: variable rate), with open GOPs, or without its first ``drop_packets`` packets (a
+    stream that starts on non-key frames: the decoder drops them)."""
+    from fractions import Fraction
+
     import av
 
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=8)
+    opts = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "2", "threads": "1"}
+    target = path.with_suffix(".full.mp4") if drop_packets else path
+    with av.open(str(target), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=24 if pts else 8)
         stream.width, stream.height, stream.pix_fmt = frames_THWC.shape[2], frames_THWC.shape[1], "yuv420p"
-        stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "2", "threads": "1"}
-        for frame_HWC in frames_THWC:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame_HWC, format="rgb24")))
+        stream.options = {**opts, "x264-params": "open-gop=1"} if open_gop else opts
+        if pts:
+            stream.codec_context.time_base = Fraction(1, 24)
+        for k, frame_HWC in enumerate(frames_THWC):
+            frame = av.VideoFrame.from_ndarray(frame_HWC, format="rgb24")
+            if pts:
+                frame.pts, frame.time_base = pts[k], Fraction(1, 24)
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
+    if drop_packets:
+        with av.open(str(target)) as src, av.open(str(path), mode="w", format="mp4") as dst:
+            out = dst.add_stream_from_template(src.streams.video[0])
+            for k, packet in enumerate(src.demux(src.streams.video[0])):
+                if packet.size and k >= drop_packets:
+                    packet.stream = out
+                    dst.mux(packet)
 
 
 def test_later_passes_seek_to_the_key_frame_before_each_window(tmp_path, monkeypatch):
@@ -241,12 +260,52 @@ def test_later_passes_seek_to_the_key_frame_before_each_window(tmp_path, monkeyp
     windows = [[1, 2], [3, 5], [25, 26, 27], [27, 29], [52], [70, 71, 72, 73, 74, 75, 76, 77, 78, 79]]
     assert [f.tolist() for f in read_windows(info, windows)] == [whole_THWC[w].tolist() for w in windows]
     assert [info.index.frame_of(p) for p in seeks] == [20, 50, 70]   # [3, 5] and [27, 29] go straight on
-    # a seek that lands past the window (an index the container does not honour) decodes from the start instead
-    monkeypatch.setattr(PacketIndex, "key_before", lambda self, frame: 70 if frame == 52 else 0)
+    # a seek that lands past the window (an index the container does not honour) decodes from the start instead,
+    # and the pass seeks no more
+    monkeypatch.setattr(PacketIndex, "key_before", lambda self, frame: 70 if frame == 52 else frame // 10 * 10)
     seeks.clear()
-    assert [f.tolist() for f in read_windows(info, [[52], [60]])] == [whole_THWC[[52]].tolist(),
-                                                                     whole_THWC[[60]].tolist()]
-    assert [info.index.frame_of(p) for p in seeks] == [70, 0]
+    assert [f.tolist() for f in read_windows(info, [[52], [60], [75]])] == [whole_THWC[[i]].tolist()
+                                                                           for i in (52, 60, 75)]
+    assert [info.index.frame_of(p) for p in seeks] == [70]
+    # a seek that fails: the same
+
+    def refused(self, offset, **kw):
+        seeks.append(offset)
+        raise av.error.FFmpegError(22, "seek refused")
+
+    monkeypatch.setattr(av.container.InputContainer, "seek", refused)
+    seeks.clear()
+    assert [f.tolist() for f in read_windows(info, [[5], [52], [75]])] == [whole_THWC[[i]].tolist()
+                                                                          for i in (5, 52, 75)]
+    assert [info.index.frame_of(p) for p in seeks] == [70]   # tried once (key_before as patched above)
+
+
+def test_later_passes_through_open_gops_variable_rate_and_dropped_packets(tmp_path):
+    """Seeking later passes give the first pass's frames with open GOPs (frames shown before a key frame need the
+    GOP before it) and in a variable-rate stream (output frames repeat source frames after a seek); a stream whose
+    first packets the decoder drops numbers its frames as decoded, times them by their own pts from the stream's
+    start, and is read without seeking, with or without ``max_frames``."""
+    frames_THWC, _, _ = render_video([SceneSpec("texture", 40), SceneSpec("shaky", 40, seed=1)], width=64, height=48)
+    _short_gop_video(tmp_path / "open.mp4", frames_THWC, gop=10, open_gop=True)
+    _short_gop_video(tmp_path / "vfr.mp4", frames_THWC, gop=10, pts=np.cumsum([0] + [2, 3, 4] * 27)[:80].tolist())
+    _short_gop_video(tmp_path / "cut.mp4", frames_THWC, gop=5, drop_packets=1)
+    for name in ("open.mp4", "vfr.mp4", "cut.mp4"):
+        for max_frames in (0, 20000):
+            whole_THWC, _, meta = read_video(tmp_path / name, max_frames=max_frames)
+            info = scan_video(tmp_path / name, lambda fps: lambda frame_HWC: None, max_frames=max_frames)
+            assert np.array_equal(info.meta["timestamps"], meta["timestamps"]), name
+            n = len(whole_THWC)
+            windows = [[1, 2], [n // 3, n // 3 + 1, n // 3 + 1], [n // 2 + 7], [n - 3, n - 2, n - 1]]
+            assert [f.tolist() for f in read_windows(info, windows)] == [whole_THWC[w].tolist() for w in windows], \
+                (name, max_frames)
+            if name == "open.mp4":
+                assert info.index is not None and len(info.index.keyframes) == 8 and not meta["vfr"]
+            if name == "vfr.mp4":   # an output frame repeated (a longer source interval), read after a seek
+                k = next(k for k in range(n // 3, n - 1) if info.source_index[k] == info.source_index[k + 1])
+                assert meta["vfr"] and info.index is not None and info.index.key_before(k) > 0
+                assert np.array_equal(next(read_windows(info, [[k, k + 1]])), whole_THWC[[k, k + 1]])
+            if name == "cut.mp4":   # frames 1-4 need the dropped key frame: decoding starts at the next one
+                assert info.index is None and n == 75 and meta["timestamps"][0] == 0.5   # 0.625 s - start 0.125 s
 
 
 def test_prefetched_passes_errors_and_stops_its_thread_when_closed():
@@ -410,13 +469,13 @@ def test_what_a_void_first_pass_curated_is_removed(tmp_path, monkeypatch):
 
 
 def test_the_buffer_size_is_checked_and_not_part_of_the_store_key():
-    """Rows do not depend on how many frames the first pass buffers (golden test above) or on the decoder (the same
-    frames and times, above), so a stored result stays valid when ``buffer_mb`` or ``decoder`` changes."""
+    """Rows do not depend on how many frames the first pass buffers (golden test above), so a stored result stays
+    valid when ``buffer_mb`` changes; the decoder is part of the key (decord's frames differ on some containers)."""
     from tasks.curate.store import processing_hash
 
     assert processing_hash(CurateConfig(buffer_mb=0)) == processing_hash(CurateConfig()) != \
         processing_hash(CurateConfig(max_frames=10))
-    assert processing_hash(CurateConfig(decoder="decord")) == processing_hash(CurateConfig())
+    assert processing_hash(CurateConfig(decoder="decord")) != processing_hash(CurateConfig())
     with pytest.raises(ValueError, match=r"curate.buffer_mb must be >= 0"):
         CurateConfig(buffer_mb=-1)
 

@@ -91,8 +91,8 @@ class CurateConfig:
     buffer_mb: int = 768                  # choice: decoded frames held so that a scene's windows are curated in the
                                           # pass that decodes it (720p: ~11 s of 24 fps, 4K: ~1.3 s); a longer
                                           # scene's windows are decoded again in a second pass. 0 = always two passes
-    decoder: str = "pyav"                 # "pyav" | "decord": the same frames; decord holds up to the whole compressed
-                                          # file in memory and busy-reads (tasks/curate/decode.py, bench/README.md)
+    decoder: str = "pyav"                 # "pyav" | "decord": the same frames on MP4; decord holds up to the whole
+                                          # compressed file in memory and busy-reads (tasks/curate/decode.py)
     default_caption: str = "a video"      # used when no sidecar <video>.txt exists and the backend is "sidecar"
     aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)

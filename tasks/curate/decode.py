@@ -20,7 +20,8 @@ chosen backend (``backend``; ``curate.decoder``):
   straight to PyAV; when decord fails part-way, PyAV starts over (``start`` is called again, so the consumer starts
   afresh).
 
-Both give the same pixels (the same ffmpeg conversion to rgb24; tested) and the same timestamps. Any problem that
+Both give the same pixels and timestamps on MP4 (the same ffmpeg conversion to rgb24; tested); on an MPEG-TS file
+decord's frames were seen shifted against PyAV's, so the decoder is part of the curation store's key. Any problem that
 makes the file unusable raises ``DecodeError`` whose ``kind`` is a short, stable category (used to count reasons)
 and whose message adds the detail. Frames larger than ``max_pixels`` are refused before decoding ("resolution too
 large"); at most ``max_frames`` frames are decoded. Truncation ("decoded n of m declared frames") is known only once
@@ -28,13 +29,15 @@ every frame has been decoded, so the pass that finds it is the first one.
 
 Timestamps: every frame's presentation time in seconds since the stream's start, from the packet index, as decord
 computes it (``(pts - start_time) * time_base`` rounded to float32, so results recorded with decord keep their
-values), is in ``meta["timestamps"]``; when the index and the decoded frames disagree in number, the decoded frames'
-own times. A variable-frame-rate stream (frame intervals varying by more than ``VFR_TOLERANCE`` of their median) is
-resampled to constant frame rate at its average rate, each output frame being the source frame nearest to
-``t0 + k / fps``; the timestamps then are those of the chosen source frames (``meta["vfr"]`` is True). The first
-pass sees the source frames (the rate is known only at its end); later passes (``read_windows``, ``read_frames``)
-yield output frames. A later pass with PyAV seeks to the key frame before each window that starts past the next key
-frame (decoding resumes there, as decord does), when the index gives every frame a distinct time.
+values), is in ``meta["timestamps"]``. When the decoder drops packets (a stream starting on non-key frames,
+discarded or hidden frames), the frames are numbered as decoded and each keeps the time of its own pts; later passes
+then decode from the start instead of seeking. A variable-frame-rate stream (frame intervals varying by more than
+``VFR_TOLERANCE`` of their median) is resampled to constant frame rate at its average rate, each output frame being
+the source frame nearest to ``t0 + k / fps``; the timestamps then are those of the chosen source frames
+(``meta["vfr"]`` is True). The first pass sees the source frames (the rate is known only at its end); later passes
+(``read_windows``, ``read_frames``) yield output frames. A later pass with PyAV seeks to the key frame before each
+window that starts past the next key frame (decoding resumes there, as decord does), when the first pass's frames
+were the index's packets one for one, each with its own pts.
 """
 from __future__ import annotations
 
@@ -52,11 +55,15 @@ import numpy as np
 # A file is "truncated" when fewer than this fraction of the frames its stream declares can be decoded.
 MIN_DECODED_FRACTION = 0.9
 VFR_TOLERANCE = 0.1
-# decord frames decoded per get_batch call: few enough that a 4K chunk is ~200 MB, enough to amortise the call
+# frames handed on together (a decord get_batch call, a PyAV chunk): few enough that a 4K chunk is ~200 MB, enough
+# to amortise the call and the hand-over
 CHUNK_FRAMES = 8
 # chunks (first pass) or windows (later passes) decoded ahead of their consumer, in a background thread
 PREFETCH_DEPTH = 2
 BACKENDS = ("pyav", "decord")
+# packets read past ``max_frames`` by the packet index of a limited pass: more than any decoder's reordering (H.264
+# holds at most 16 frames back), so the first ``max_frames`` presentation times are all in it
+REORDER_MARGIN = 64
 
 
 class DecodeError(Exception):
@@ -153,9 +160,9 @@ T = TypeVar("T")
 
 
 def prefetched(items: Iterator[T], depth: int = PREFETCH_DEPTH) -> Generator[T, None, None]:
-    """The items of ``items``, produced by a background thread at most ``depth`` ahead of the consumer: decord
-    (ctypes) and OpenCV release the GIL, so decoding overlaps the consumer's work. The producer's exceptions are
-    raised here; closing this generator stops the producer."""
+    """The items of ``items``, produced by a background thread at most ``depth`` ahead of the consumer: PyAV's and
+    decord's decoding and OpenCV release the GIL, so decoding overlaps the consumer's work. The producer's exceptions
+    are raised here; closing this generator stops the producer."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -201,11 +208,10 @@ class _DecordShape(Exception):
 
 
 def _frames_pyav(path: Path, max_frames: int = 0, times: Optional[List[float]] = None,
-                 wanted: Optional[Sequence[int]] = None) -> Iterator[Tuple[int, np.ndarray]]:
-    """(source index, frame) of every decoded frame (or of ``wanted``, ascending: the others are decoded but not
-    converted, and decoding stops after the last), appending each frame's time to ``times``."""
-    count, want = 0, iter(wanted) if wanted is not None else None
-    next_wanted = next(want, None) if want is not None else 0
+                 pts: Optional[List[Optional[int]]] = None) -> Iterator[Tuple[int, np.ndarray]]:
+    """(source index, frame) of every decoded frame, appending each frame's time (seconds, as PyAV gives it) to
+    ``times`` and its pts to ``pts``."""
+    count = 0
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -213,13 +219,9 @@ def _frames_pyav(path: Path, max_frames: int = 0, times: Optional[List[float]] =
             for frame in container.decode(stream):
                 if times is not None:
                     times.append(float(frame.time) if frame.time is not None else float("nan"))
-                if want is None:
-                    yield count, frame.to_ndarray(format="rgb24")
-                elif count == next_wanted:
-                    yield count, frame.to_ndarray(format="rgb24")
-                    next_wanted = next(want, None)
-                    if next_wanted is None:
-                        return
+                if pts is not None:
+                    pts.append(frame.pts)
+                yield count, frame.to_ndarray(format="rgb24")
                 count += 1
                 if max_frames and count >= max_frames:
                     break
@@ -253,12 +255,13 @@ def to_constant_rate(times: np.ndarray, fps: float) -> Tuple[np.ndarray, bool]:
 @dataclass
 class PacketIndex:
     """What a demux-only read of a video stream learns, in presentation order: ``pts`` [N] (stream time base),
-    ``times`` [N] (seconds since the stream's start, as decord gives them: float32 values) and ``keyframes`` [K] (the
-    frame indices of key packets). ``seekable``: every packet has a distinct pts, so a decoded frame's pts names its
-    index (``frame_of``)."""
+    ``times`` [N] (seconds since the stream's start, as decord gives them: float32 values), ``keyframes`` [K] (the
+    frame indices of key packets) and ``start_s`` (the stream's start time, seconds). ``seekable``: every packet has
+    a distinct pts, so a decoded frame's pts names its index (``frame_of``)."""
     pts: np.ndarray
     times: np.ndarray
     keyframes: np.ndarray
+    start_s: float
     seekable: bool
 
     def frame_of(self, pts: Optional[int]) -> int:
@@ -274,14 +277,17 @@ class PacketIndex:
         return int(self.keyframes[i]) if i >= 0 else 0
 
 
-def index_packets(path: Path) -> Optional[PacketIndex]:
-    """The packet index of ``path``'s first video stream, or None when it cannot be read whole (a packet without a
-    pts, a demuxer error): the decoded frames then give the times, and later passes decode from the start."""
+def index_packets(path: Path, max_packets: int = 0) -> Optional[PacketIndex]:
+    """The packet index of ``path``'s first video stream (its first ``max_packets``; 0 = all), or None when it cannot
+    be read (a packet without a pts, no time base, a demuxer error): the decoded frames then give the times, and
+    later passes decode from the start."""
     pts: List[int] = []
     keys: List[bool] = []
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
+            if not stream.time_base:
+                return None
             for packet in container.demux(stream):
                 if packet.size == 0:   # the demuxer's end-of-stream flush packet
                     continue
@@ -289,8 +295,9 @@ def index_packets(path: Path) -> Optional[PacketIndex]:
                     return None
                 pts.append(int(packet.pts))
                 keys.append(bool(packet.is_keyframe))
-            start = int(stream.start_time or 0)
-            time_base = float(stream.time_base) if stream.time_base else 0.0
+                if max_packets and len(pts) >= max_packets:
+                    break
+            start, time_base = int(stream.start_time or 0), float(stream.time_base)
     except av.error.FFmpegError:
         return None
     if not pts:
@@ -300,14 +307,15 @@ def index_packets(path: Path) -> Optional[PacketIndex]:
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
     times_N = ((pts_N - start) * time_base).astype(np.float32).astype(np.float64)
-    return PacketIndex(pts_N, times_N, np.sort(rank[np.asarray(keys, bool)]),
-                       seekable=bool(len(pts_N) < 2 or np.all(np.diff(pts_N) > 0)))
+    return PacketIndex(pts_N, times_N, np.sort(rank[np.asarray(keys, bool)]), start * time_base,
+                       seekable=bool(np.all(np.diff(pts_N) > 0)))
 
 
-def _chunks_pyav(path: Path, max_frames: int, times: List[float]) -> Iterator[List[np.ndarray]]:
-    """The frames of ``path`` in lists of up to ``CHUNK_FRAMES`` (their times appended to ``times``)."""
+def _chunks_pyav(path: Path, max_frames: int, times: List[float], pts: List[Optional[int]],
+                 ) -> Iterator[List[np.ndarray]]:
+    """The frames of ``path`` in lists of up to ``CHUNK_FRAMES`` (their times and pts appended to ``times``/``pts``)."""
     chunk: List[np.ndarray] = []
-    for _, frame_HWC in _frames_pyav(path, max_frames, times):
+    for _, frame_HWC in _frames_pyav(path, max_frames, times, pts):
         chunk.append(frame_HWC)
         if len(chunk) == CHUNK_FRAMES:
             yield chunk
@@ -317,22 +325,31 @@ def _chunks_pyav(path: Path, max_frames: int, times: List[float]) -> Iterator[Li
 
 
 def _scan_pyav(path: Path, start: Callable[[float], FrameSink], max_frames: int, fps: float,
-               index: Optional[PacketIndex], on_timestamps: Optional[Callable[[np.ndarray, float], None]] = None,
-               ) -> Tuple[int, np.ndarray, Tuple[int, int]]:
-    """(frames passed to the sink, timestamps, (H, W)) of a PyAV pass, decoded on a background thread."""
+               on_timestamps: Optional[Callable[[np.ndarray, float], None]] = None,
+               ) -> Tuple[int, np.ndarray, Tuple[int, int], Optional[PacketIndex]]:
+    """(frames passed to the sink, timestamps, (H, W), the packet index when the decoded frames are its frames in
+    order) of a PyAV pass, decoded on a background thread. When the decoder drops packets (a stream starting on a
+    non-key frame, discarded or hidden frames), the frames are numbered as decoded and timed by their own pts."""
+    index = index_packets(path, max_frames + REORDER_MARGIN if max_frames else 0)
     if on_timestamps is not None and index is not None:
         on_timestamps(index.times[:max_frames] if max_frames else index.times, fps)
     sink = start(fps)
     n, shape = 0, (0, 0)
     frame_times: List[float] = []
-    with contextlib.closing(prefetched(_chunks_pyav(path, max_frames, frame_times))) as chunks:
+    frame_pts: List[Optional[int]] = []
+    with contextlib.closing(prefetched(_chunks_pyav(path, max_frames, frame_times, frame_pts))) as chunks:
         for chunk in chunks:
             for frame_HWC in chunk:
                 sink(frame_HWC)
             n, shape = n + len(chunk), (int(chunk[0].shape[0]), int(chunk[0].shape[1]))
-    if index is not None and len(index.times) >= n and (max_frames or len(index.times) == n):
-        return n, index.times[:n], shape
-    return n, np.asarray(frame_times, np.float64), shape
+    if index is None:
+        return n, np.asarray(frame_times, np.float64), shape, None
+    if len(index.pts) >= n and frame_pts == index.pts[:n].tolist():   # one frame per packet, in presentation order
+        return n, index.times[:n], shape, index
+    at = np.asarray([index.frame_of(p) for p in frame_pts], np.int64)
+    if len(at) and at.min() >= 0:
+        return n, index.times[at], shape, None
+    return n, np.asarray(frame_times, np.float64) - index.start_s, shape, None
 
 
 def _scan_decord(path: Path, start: Callable[[float], FrameSink], max_frames: int,
@@ -383,8 +400,8 @@ def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels
         raise ValueError(f"scan_video: backend must be one of {BACKENDS} (curate.decoder), got {backend!r}")
     path = Path(path)
     meta = _probe(path, max_pixels)
-    index = index_packets(path)
     fallback, times, n, shape, fps = "", np.zeros(0), 0, (0, 0), meta["fps"]
+    index: Optional[PacketIndex] = None
     if backend == "decord":
         if meta["width"] % 32:
             fallback = f"width {meta['width']} % 32 != 0 (decord bug)"
@@ -394,7 +411,7 @@ def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels
             fallback = fallback or "decord returned no frames"
             fps = meta["fps"]
     if n == 0:
-        n, times, shape = _scan_pyav(path, start, max_frames, fps, index, on_timestamps)
+        n, times, shape, index = _scan_pyav(path, start, max_frames, fps, on_timestamps)
     if n == 0:
         raise DecodeError(DecodeError.NO_FRAMES, f"stream declares {meta['declared_frames']} frames")
     expected = min(meta["declared_frames"], max_frames) if max_frames else meta["declared_frames"]
@@ -407,8 +424,7 @@ def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels
     idx, vfr = to_constant_rate(times, fps)
     meta.update(timestamps=times[idx], vfr=vfr, num_frames=len(idx), backend="pyav" if fallback else backend,
                 fallback=fallback, height=int(shape[0]), width=int(shape[1]))
-    matches = index is not None and len(index.times) >= n and np.array_equal(index.times[:n], times)
-    return VideoInfo(path, float(fps), meta, idx, index if matches else None)
+    return VideoInfo(path, float(fps), meta, idx, index)
 
 
 def read_windows(info: VideoInfo, windows: Sequence[Sequence[int]]) -> Generator[np.ndarray, None, None]:
@@ -435,35 +451,47 @@ def _windows(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndarray]:
 def _windows_pyav(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndarray]:
     """The frames of each window of source indices (ascending), decoded by PyAV and converted only when wanted:
     straight on from the last window, or from the key frame before a window that starts past the next key frame
-    (``VideoInfo.index``, when its pts name the frames). A seek that lands past the window decodes from the start."""
+    (``VideoInfo.index``, when its pts name the frames). A seek that fails or lands past its window ends seeking for
+    the pass: decoding starts over from the file's start."""
     index = info.index if info.index is not None and info.index.seekable else None
-    container = av.open(str(info.path))
+    seeking = index is not None and len(index.keyframes) > 1
+    container: Any = None
+
+    def decoded(key: int) -> Iterator[Tuple[int, Any]]:
+        """(frame index, av.VideoFrame) from key frame ``key`` on; 0: from the start, the file opened afresh. The
+        seek or the opening happens now, the decoding as the frames are asked for."""
+        nonlocal container, seeking
+        if key and index is not None:
+            try:
+                container.seek(int(index.pts[key]), stream=container.streams.video[0], backward=True)
+            except av.error.FFmpegError:
+                seeking, key = False, 0
+        if not key:
+            if container is not None:
+                container.close()
+            container = av.open(str(info.path))
+            container.streams.video[0].thread_type = "AUTO"
+        stream_frames = container.decode(container.streams.video[0])
+        return ((index.frame_of(frame.pts) if index is not None else count, frame)
+                for count, frame in enumerate(stream_frames, start=key))
+
     try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-
-        def decoded(key: int, seek: bool) -> Iterator[Tuple[int, Any]]:
-            """(frame index, av.VideoFrame) from key frame ``key`` on; ``seek``: move there first."""
-            if seek and index is not None:
-                container.seek(int(index.pts[key]), stream=stream, backward=True)
-            for count, frame in enumerate(container.decode(stream), start=key):
-                yield (index.frame_of(frame.pts) if index is not None else count), frame
-
-        frames, at, seeked = decoded(0, seek=False), -1, False   # seeked: no frame at or past the key frame yet
+        frames, at, seeked = decoded(0), -1, False   # seeked: no frame at or past the key frame yet
         rgb_at, rgb = -1, np.empty((0, 0, 3), np.uint8)
         frame: Any = None
         for w in sources:
-            key = index.key_before(w[0]) if index is not None else 0
+            key = index.key_before(w[0]) if index is not None and seeking else 0
             if key > at + 1:
-                frames, at, seeked = decoded(key, seek=True), -1, True
+                frames, at, seeked = decoded(key), -1, True
             out = []
             for i in w:
                 while at < i:
                     step = next(frames, None)
                     if step is None:   # the first pass decoded further: the file changed, or the decoder disagrees
                         raise DecodeError(DecodeError.CORRUPT, f"a later pass ended before source frame {i} (at {at})")
-                    if seeked and step[0] > i:   # the seek landed past the window: from the start
-                        frames, at, seeked = decoded(0, seek=True), -1, False
+                    if seeked and step[0] > i:   # the seek landed past the window: from the start, without seeking
+                        seeking = False
+                        frames, at, seeked = decoded(0), -1, False
                         continue
                     seeked = seeked and step[0] < key
                     if step[0] > at:   # frames shown before the key frame (open GOP) are not the window's
@@ -477,7 +505,8 @@ def _windows_pyav(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndar
     except av.error.FFmpegError as e:
         raise DecodeError(DecodeError.CORRUPT, f"a later pass failed: ffmpeg: {e}") from None
     finally:
-        container.close()
+        if container is not None:
+            container.close()
 
 
 def read_frames(info: VideoInfo) -> Iterator[Tuple[int, np.ndarray]]:
