@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Seq
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 # A file is "truncated" when fewer than this fraction of the frames its stream declares can be decoded.
 MIN_DECODED_FRACTION = 0.9
@@ -211,7 +212,7 @@ def _frames_pyav(path: Path, max_frames: int = 0, times: Optional[List[float]] =
                  pts: Optional[List[Optional[int]]] = None) -> Iterator[Tuple[int, np.ndarray]]:
     """(source index, frame) of every decoded frame, appending each frame's time (seconds, as PyAV gives it) to
     ``times`` and its pts to ``pts``."""
-    count = 0
+    count, rgb = 0, VideoReformatter()   # one converter for the stream: to_ndarray(format=) sets one up per frame
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -221,7 +222,7 @@ def _frames_pyav(path: Path, max_frames: int = 0, times: Optional[List[float]] =
                     times.append(float(frame.time) if frame.time is not None else float("nan"))
                 if pts is not None:
                     pts.append(frame.pts)
-                yield count, frame.to_ndarray(format="rgb24")
+                yield count, rgb.reformat(frame, format="rgb24").to_ndarray()
                 count += 1
                 if max_frames and count >= max_frames:
                     break
@@ -477,7 +478,8 @@ def _windows_pyav(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndar
 
     try:
         frames, at, seeked = decoded(0), -1, False   # seeked: no frame at or past the key frame yet
-        rgb_at, rgb = -1, np.empty((0, 0, 3), np.uint8)
+        rgb_at, converter = -1, VideoReformatter()
+        rgb: np.ndarray = np.empty((0, 0, 3), np.uint8)
         frame: Any = None
         for w in sources:
             key = index.key_before(w[0]) if index is not None and seeking else 0
@@ -499,7 +501,7 @@ def _windows_pyav(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndar
                 if at != i:
                     raise DecodeError(DecodeError.CORRUPT, f"a later pass did not decode source frame {i} (next: {at})")
                 if rgb_at != i:
-                    rgb_at, rgb = i, frame.to_ndarray(format="rgb24")
+                    rgb_at, rgb = i, converter.reformat(frame, format="rgb24").to_ndarray()
                 out.append(rgb)
             yield np.stack(out)
     except av.error.FFmpegError as e:
