@@ -220,12 +220,14 @@ def _short_gop_video(path: Path, frames_THWC: np.ndarray, gop: int, pts: list | 
 
     import av
 
-    opts = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "2", "threads": "1"}
+    opts: dict[str, object] = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "bf": "2", "threads": "1"}
+    if open_gop:
+        opts["x264-params"] = "open-gop=1"
     target = path.with_suffix(".full.mp4") if drop_packets else path
     with av.open(str(target), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=24 if pts else 8)
         stream.width, stream.height, stream.pix_fmt = frames_THWC.shape[2], frames_THWC.shape[1], "yuv420p"
-        stream.options = {**opts, "x264-params": "open-gop=1"} if open_gop else opts
+        stream.options = opts
         if pts:
             stream.codec_context.time_base = Fraction(1, 24)
         for k, frame_HWC in enumerate(frames_THWC):
