@@ -430,8 +430,9 @@ def scan_video(path: str | Path, start: Callable[[float], FrameSink], max_pixels
 
 def read_windows(info: VideoInfo, windows: Sequence[Sequence[int]]) -> Generator[np.ndarray, None, None]:
     """The frames uint8 RGB [T,H,W,3] of each window of constant-rate output indices (ascending within and across
-    windows) of a scanned video, in order: a later pass, with the first pass's backend, that decodes from the start
-    (decord skips from key frame to key frame between windows) and stops after the last window. At most
+    windows) of a scanned video, in order: a later pass, with the first pass's backend, that decodes from the start,
+    skips to the key frame before a window that lies past the next key frame (decord always; PyAV when the first
+    pass's frames were the packet index's, ``VideoInfo.index``) and stops after the last window. At most
     ``PREFETCH_DEPTH`` + 1 windows are held."""
     flat = np.asarray([i for w in windows for i in w], np.int64)
     if len(flat) and (np.any(np.diff(flat) < 0) or flat[0] < 0 or flat[-1] >= info.num_frames):
