@@ -224,7 +224,7 @@ def _short_gop_video(path: Path, frames_THWC: np.ndarray, gop: int, pts: list | 
     if open_gop:
         opts["x264-params"] = "open-gop=1"
     target = path.with_suffix(".full.mp4") if drop_packets else path
-    with av.open(str(target), mode="w", format="mp4") as container:
+    with av.open(str(target), mode="w", format="mpegts" if path.suffix == ".ts" else "mp4") as container:
         stream = container.add_stream("libx264", rate=24 if pts else 8)
         stream.width, stream.height, stream.pix_fmt = frames_THWC.shape[2], frames_THWC.shape[1], "yuv420p"
         stream.options = opts
@@ -286,12 +286,14 @@ def test_later_passes_through_open_gops_variable_rate_and_dropped_packets(tmp_pa
     """Seeking later passes give the first pass's frames with open GOPs (frames shown before a key frame need the
     GOP before it) and in a variable-rate stream (output frames repeat source frames after a seek); a stream whose
     first packets the decoder drops numbers its frames as decoded, times them by their own pts from the stream's
-    start, and is read without seeking, with or without ``max_frames``."""
+    start, and is read without seeking, with or without ``max_frames``; on MPEG-TS, where a seek can land after its
+    key frame (the decoder then drops frames up to the next one), the pass decodes from the start."""
     frames_THWC, _, _ = render_video([SceneSpec("texture", 40), SceneSpec("shaky", 40, seed=1)], width=64, height=48)
     _short_gop_video(tmp_path / "open.mp4", frames_THWC, gop=10, open_gop=True)
     _short_gop_video(tmp_path / "vfr.mp4", frames_THWC, gop=10, pts=np.cumsum([0] + [2, 3, 4] * 27)[:80].tolist())
     _short_gop_video(tmp_path / "cut.mp4", frames_THWC, gop=5, drop_packets=1)
-    for name in ("open.mp4", "vfr.mp4", "cut.mp4"):
+    _short_gop_video(tmp_path / "ts.ts", frames_THWC, gop=10)   # MPEG-TS: a seek lands after its key frame
+    for name in ("open.mp4", "vfr.mp4", "cut.mp4", "ts.ts"):
         for max_frames in (0, 20000):
             whole_THWC, _, meta = read_video(tmp_path / name, max_frames=max_frames)
             info = scan_video(tmp_path / name, lambda fps: lambda frame_HWC: None, max_frames=max_frames)
@@ -300,6 +302,8 @@ def test_later_passes_through_open_gops_variable_rate_and_dropped_packets(tmp_pa
             windows = [[1, 2], [n // 3, n // 3 + 1, n // 3 + 1], [n // 2 + 7], [n - 3, n - 2, n - 1]]
             assert [f.tolist() for f in read_windows(info, windows)] == [whole_THWC[w].tolist() for w in windows], \
                 (name, max_frames)
+            # a pass whose first window is in the last GOP: a seek to its key frame (on MPEG-TS one that lands after it)
+            assert np.array_equal(next(read_windows(info, [[n - 3]])), whole_THWC[[n - 3]]), (name, max_frames)
             if name == "open.mp4":
                 assert info.index is not None and len(info.index.keyframes) == 8 and not meta["vfr"]
             if name == "vfr.mp4":   # an output frame repeated (a longer source interval), read after a seek

@@ -209,8 +209,8 @@ class _DecordShape(Exception):
 
 
 def _frames_pyav(path: Path, max_frames: int = 0, times: Optional[List[float]] = None,
-                 pts: Optional[List[Optional[int]]] = None) -> Iterator[Tuple[int, np.ndarray]]:
-    """(source index, frame) of every decoded frame, appending each frame's time (seconds, as PyAV gives it) to
+                 pts: Optional[List[Optional[int]]] = None) -> Iterator[np.ndarray]:
+    """Every decoded frame (uint8 RGB [H,W,3]), appending each frame's time (seconds, as PyAV gives it) to
     ``times`` and its pts to ``pts``."""
     count, rgb = 0, VideoReformatter()   # one converter for the stream: to_ndarray(format=) sets one up per frame
     try:
@@ -222,7 +222,7 @@ def _frames_pyav(path: Path, max_frames: int = 0, times: Optional[List[float]] =
                     times.append(float(frame.time) if frame.time is not None else float("nan"))
                 if pts is not None:
                     pts.append(frame.pts)
-                yield count, rgb.reformat(frame, format="rgb24").to_ndarray()
+                yield rgb.reformat(frame, format="rgb24").to_ndarray()
                 count += 1
                 if max_frames and count >= max_frames:
                     break
@@ -234,7 +234,7 @@ def _frames_pyav(path: Path, max_frames: int = 0, times: Optional[List[float]] =
 
 def _decode_pyav(path: Path, max_frames: int = 0, times: list | None = None) -> np.ndarray:
     """Every frame decoded by PyAV as one array [T,H,W,3] (the reference for the decord path's pixels)."""
-    frames = [f for _, f in _frames_pyav(Path(path), max_frames, times)]
+    frames = list(_frames_pyav(Path(path), max_frames, times))
     return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
 
@@ -316,7 +316,7 @@ def _chunks_pyav(path: Path, max_frames: int, times: List[float], pts: List[Opti
                  ) -> Iterator[List[np.ndarray]]:
     """The frames of ``path`` in lists of up to ``CHUNK_FRAMES`` (their times and pts appended to ``times``/``pts``)."""
     chunk: List[np.ndarray] = []
-    for _, frame_HWC in _frames_pyav(path, max_frames, times, pts):
+    for frame_HWC in _frames_pyav(path, max_frames, times, pts):
         chunk.append(frame_HWC)
         if len(chunk) == CHUNK_FRAMES:
             yield chunk
@@ -453,8 +453,9 @@ def _windows(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndarray]:
 def _windows_pyav(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndarray]:
     """The frames of each window of source indices (ascending), decoded by PyAV and converted only when wanted:
     straight on from the last window, or from the key frame before a window that starts past the next key frame
-    (``VideoInfo.index``, when its pts name the frames). A seek that fails or lands past its window ends seeking for
-    the pass: decoding starts over from the file's start."""
+    (``VideoInfo.index``, when its pts name the frames). A seek that fails or misses its key frame (its first frame
+    past the key frame is another, or none comes) ends seeking for the pass: decoding starts over from the file's
+    start."""
     index = info.index if info.index is not None and info.index.seekable else None
     seeking = index is not None and len(index.keyframes) > 1
     container: Any = None
@@ -490,12 +491,12 @@ def _windows_pyav(info: VideoInfo, sources: List[List[int]]) -> Iterator[np.ndar
             for i in w:
                 while at < i:
                     step = next(frames, None)
+                    if seeked and (step is None or step[0] > min(i, key)):   # the seek missed its key frame (landed
+                        seeking = False                                      # after it: MPEG-TS): from the start,
+                        frames, at, seeked = decoded(0), -1, False           # without seeking
+                        continue
                     if step is None:   # the first pass decoded further: the file changed, or the decoder disagrees
                         raise DecodeError(DecodeError.CORRUPT, f"a later pass ended before source frame {i} (at {at})")
-                    if seeked and step[0] > i:   # the seek landed past the window: from the start, without seeking
-                        seeking = False
-                        frames, at, seeked = decoded(0), -1, False
-                        continue
                     seeked = seeked and step[0] < key
                     if step[0] > at:   # frames shown before the key frame (open GOP) are not the window's
                         at, frame = step
