@@ -65,6 +65,11 @@ BACKENDS = ("pyav", "decord")
 # packets read past ``max_frames`` by the packet index of a limited pass: more than any decoder's reordering (H.264
 # holds at most 16 frames back), so the first ``max_frames`` presentation times are all in it
 REORDER_MARGIN = 64
+# x264 settings of every clip written: one thread, and x264's canonical algorithms instead of the ones it picks for
+# the CPU. Without them the same frames give different bytes on another machine (seen: an AMD EPYC against a Xeon),
+# so clip files, their hashes and anything decoded from them would not reproduce across the laptop and the cluster.
+# Cost: within the noise (bench/README.md).
+X264_OPTIONS = {"preset": "medium", "threads": "1", "x264-params": "cpu-independent=1"}
 
 
 class DecodeError(Exception):
@@ -545,7 +550,7 @@ def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0,
 
 
 def write_clip(path: str | Path, frames_THWC: np.ndarray, fps: float, crf: int = 18) -> None:
-    """Encode uint8 RGB frames [T,H,W,3] as H.264 yuv420p MP4 (single-threaded x264, so bytes are reproducible)."""
+    """Encode uint8 RGB frames [T,H,W,3] as H.264 yuv420p MP4 (``X264_OPTIONS``: the same bytes on any machine)."""
     frames_THWC = np.asarray(frames_THWC)
     if frames_THWC.dtype != np.uint8 or frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
         raise ValueError(f"write_clip: need uint8 [T,H,W,3], got {frames_THWC.dtype} {frames_THWC.shape}")
@@ -558,7 +563,7 @@ def write_clip(path: str | Path, frames_THWC: np.ndarray, fps: float, crf: int =
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+        stream.options = {"crf": str(crf), **X264_OPTIONS}
         for frame_HWC in frames_THWC:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame_HWC, format="rgb24")):
                 container.mux(packet)

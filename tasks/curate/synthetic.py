@@ -32,7 +32,7 @@ import av
 import cv2
 import numpy as np
 
-from tasks.curate.decode import write_clip
+from tasks.curate.decode import X264_OPTIONS, write_clip
 
 KINDS = ("texture", "flat", "dark", "static", "shaky")
 SHAKE = 10
@@ -189,6 +189,7 @@ def make_vfr_video(path: str | Path, spec: SceneSpec = VFR_SCENE, size: int = 64
     with av.open(str(path), mode="w", format="mp4") as c:
         s = c.add_stream("libx264", rate=VFR_TICKS_PER_S)
         s.width, s.height, s.pix_fmt, s.codec_context.time_base = size, size, "yuv420p", tb
+        s.options = dict(X264_OPTIONS)
         for p, f in zip(pts, frames_THWC):
             frame = av.VideoFrame.from_ndarray(f, format="rgb24")
             frame.pts, frame.time_base = p, tb
