@@ -73,6 +73,27 @@ def test_filters_reject_flat_and_dark_with_reason():
     assert 0.0 <= flat.score < texture.score <= 1.0 and noise.score == 1.0
 
 
+def test_sharpness_is_the_laplacian_variance_and_brightness_the_mean_luma():
+    """The int16 Laplacian and meanStdDev give the float64 Laplacian's variance (the definition), also at the extreme
+    values (a 0/255 checkerboard); assess shares one grayscale conversion between the two."""
+    import cv2
+
+    from tasks.curate.filters import brightness, sample_indices, sharpness, sharpness_brightness
+
+    rng = np.random.default_rng(1)
+    checker_THWC = np.broadcast_to(((np.indices((48, 64)).sum(0) % 2) * 255).astype(np.uint8)[None, :, :, None],
+                                   (2, 48, 64, 3))
+    for frames_THWC in (render_scene(SceneSpec("texture", 9), 128, 96), checker_THWC,
+                        rng.integers(0, 256, (7, 33, 47, 3), dtype=np.uint8)):
+        grays = [cv2.cvtColor(np.ascontiguousarray(frames_THWC[i]), cv2.COLOR_RGB2GRAY)
+                 for i in sample_indices(len(frames_THWC))]
+        want = (np.mean([cv2.Laplacian(g, cv2.CV_64F).var() for g in grays]), np.mean([g.mean() for g in grays]) / 255)
+        assert sharpness(frames_THWC) == pytest.approx(want[0], rel=1e-12)
+        assert brightness(frames_THWC) == want[1]
+        assert sharpness_brightness(frames_THWC) == (sharpness(frames_THWC), brightness(frames_THWC))
+    assert sharpness(checker_THWC) > 1e5   # |Laplacian| = 4 * 255 inside: no int16 overflow
+
+
 def test_decord_width_fallback(tmp_path):
     narrow, wide = tmp_path / "w48.mp4", tmp_path / "w64.mp4"
     make_scenes_video(narrow, [SceneSpec("texture", 12)], width=48, height=32)
