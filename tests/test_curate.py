@@ -94,6 +94,18 @@ def test_sharpness_is_the_laplacian_variance_and_brightness_the_mean_luma():
     assert sharpness(checker_THWC) > 1e5   # |Laplacian| = 4 * 255 inside: no int16 overflow
 
 
+def test_assess_converts_each_sampled_frame_to_gray_once(monkeypatch):
+    import tasks.curate.filters as filters
+
+    calls = []
+    gray = filters._gray_HW
+    monkeypatch.setattr(filters, "_gray_HW", lambda frame_HWC: calls.append(1) or gray(frame_HWC))
+    frames_THWC = render_scene(SceneSpec("texture", 17), 64, 48)
+    report = assess(frames_THWC, LOOSE)
+    assert len(calls) == len(filters.sample_indices(17)) == filters.NUM_SAMPLED_FRAMES
+    assert (report.sharpness, report.brightness) == (filters.sharpness(frames_THWC), filters.brightness(frames_THWC))
+
+
 def test_decord_width_fallback(tmp_path):
     narrow, wide = tmp_path / "w48.mp4", tmp_path / "w64.mp4"
     make_scenes_video(narrow, [SceneSpec("texture", 12)], width=48, height=32)
@@ -145,10 +157,11 @@ def test_write_clip_roundtrip_is_reproducible(tmp_path):
         write_clip(tmp_path / "c.mp4", frames_THWC[:, :63], 8)
 
 
-def test_write_clip_bytes_do_not_depend_on_the_cpu(tmp_path):
-    """x264 picks some algorithms by CPU: without ``cpu-independent`` these frames (a dissolve
-    into a shaky scene) encode to other bytes with its assembly off than on, as they did on an AMD EPYC against a
-    Xeon. With ``X264_OPTIONS`` the bytes are those of x264's plain C code, which every CPU computes."""
+def test_write_clip_x264_bytes_do_not_depend_on_the_cpu(tmp_path):
+    """x264 picks some algorithms by CPU: without ``cpu-independent`` these frames (a dissolve into a shaky scene)
+    encode to other bytes with its assembly off than on, as they did on an AMD EPYC against a Xeon. With
+    ``X264_OPTIONS`` the bytes are those of x264's plain C code, which every CPU computes. x264's part only: both files
+    go through the same swscale rgb24 -> yuv420p conversion."""
     from fractions import Fraction
 
     import av

@@ -68,7 +68,8 @@ REORDER_MARGIN = 64
 # x264 settings of every clip written: one thread, and x264's canonical algorithms instead of the ones it picks for
 # the CPU. Without them the same frames give different bytes on another machine (seen: an AMD EPYC against a Xeon),
 # so clip files, their hashes and anything decoded from them would not reproduce across the laptop and the cluster.
-# Cost: within the noise (bench/README.md).
+# With them the bytes agree across x86-64 hosts with the same PyAV build (swscale's rgb <-> yuv SIMD rounds unlike
+# its C code, so an ARM host may differ). Cost: within the noise (bench/README.md).
 X264_OPTIONS = {"preset": "medium", "threads": "1", "x264-params": "cpu-independent=1"}
 
 
@@ -550,7 +551,7 @@ def read_video(path: str | Path, max_pixels: int = 0, max_frames: int = 0,
 
 
 def write_clip(path: str | Path, frames_THWC: np.ndarray, fps: float, crf: int = 18) -> None:
-    """Encode uint8 RGB frames [T,H,W,3] as H.264 yuv420p MP4 (``X264_OPTIONS``: the same bytes on any machine)."""
+    """Encode uint8 RGB frames [T,H,W,3] as H.264 yuv420p MP4 (``X264_OPTIONS``: the same bytes on x86-64 hosts)."""
     frames_THWC = np.asarray(frames_THWC)
     if frames_THWC.dtype != np.uint8 or frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
         raise ValueError(f"write_clip: need uint8 [T,H,W,3], got {frames_THWC.dtype} {frames_THWC.shape}")
