@@ -82,18 +82,9 @@ def _laplacian_var(gray_HW: np.ndarray) -> float:
     return float(std[0, 0]) ** 2
 
 
-def sharpness(frames_THWC: np.ndarray) -> float:
-    """Mean Laplacian variance of the grayscale sampled frames (uint8 RGB [T,H,W,3])."""
-    return float(np.mean([_laplacian_var(g) for g in _sampled_gray(frames_THWC)]))
-
-
-def brightness(frames_THWC: np.ndarray) -> float:
-    """Mean luma in [0, 1] of the sampled frames."""
-    return float(np.mean([g.mean() for g in _sampled_gray(frames_THWC)]) / 255.0)
-
-
 def sharpness_brightness(frames_THWC: np.ndarray) -> Tuple[float, float]:
-    """``(sharpness, brightness)`` from one grayscale conversion of the sampled frames."""
+    """(sharpness, brightness) of uint8 RGB frames [T,H,W,3] from one grayscale conversion of the sampled frames:
+    the mean Laplacian variance, and the mean luma in [0, 1]."""
     grays = _sampled_gray(frames_THWC)
     return float(np.mean([_laplacian_var(g) for g in grays])), float(np.mean([g.mean() for g in grays]) / 255.0)
 
